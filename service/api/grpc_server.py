@@ -1,0 +1,162 @@
+"""The gRPC transport: QwenService servicer (wire <-> ChatParams), standard
+health checking, reflection, and server construction."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat
+from ..config import Settings
+from ..engine.types import FinishReason, TokenEvent
+from ..errors import Unavailable
+from ..pb.qwen import qwen_service_pb2 as pb
+from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from .interceptors import ErrorInterceptor
+
+_LOG = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QwenService"].full_name
+# Health is reported for the whole server ("") and for the service by name.
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+_FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _messages(request_messages) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content) for m in request_messages]
+
+
+def chat_params(request: pb.ChatRequest) -> ChatParams:
+    """Wire -> service. Unset optional fields stay None (server defaults);
+    0 on the legacy fields from clients without field presence reads as unset."""
+
+    def present(field: str):
+        return getattr(request, field) if request.HasField(field) else None
+
+    max_tokens = present("max_tokens")
+    return ChatParams(
+        messages=_messages(request.messages),
+        model=request.model,
+        temperature=present("temperature"),
+        max_tokens=max_tokens,
+        top_p=present("top_p"),
+        top_k=present("top_k"),
+        repetition_penalty=present("repetition_penalty"),
+        seed=present("seed"),
+        stop=tuple(request.stop),
+    )
+
+
+def _final_fields(event: TokenEvent) -> dict:
+    usage = event.usage
+    return {
+        "is_final": True,
+        "finish_reason": _FINISH_REASONS[event.finish_reason],
+        "usage": pb.Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        ),
+    }
+
+
+class QwenServicer(pb_grpc.QwenServiceServicer):
+    """Starts without a model (health is NOT_SERVING while it loads); `attach`
+    hands it the ChatService once the engine is up."""
+
+    def __init__(self) -> None:
+        self._chat_service: ChatService | None = None
+
+    def attach(self, chat: ChatService) -> None:
+        self._chat_service = chat
+
+    @property
+    def _chat(self) -> ChatService:
+        if self._chat_service is None:
+            raise Unavailable("the model is still loading")
+        return self._chat_service
+
+    def _prepare(self, request: pb.ChatRequest, context: aio.ServicerContext) -> PreparedChat:
+        return self._chat.prepare(chat_params(request), timeout=context.time_remaining())
+
+    async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
+        prepared = self._prepare(request, context)
+        pieces: list[str] = []
+        async for event in self._chat.generate(prepared):
+            pieces.append(event.text)
+            if event.finished:
+                return pb.ChatResponse(
+                    id=prepared.request.request_id,
+                    content="".join(pieces),
+                    index=0,
+                    model=prepared.model,
+                    **_final_fields(event),
+                )
+        raise RuntimeError("engine ended a request without a final event")
+
+    async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
+        prepared = self._prepare(request, context)
+        request_id = prepared.request.request_id
+        index = 0
+        async for event in self._chat.generate(prepared):
+            if event.finished:
+                yield pb.ChatResponse(
+                    id=request_id, content=event.text, index=index, model=prepared.model, **_final_fields(event)
+                )
+                return
+            if event.text:  # pieces that render as nothing yet are not sent
+                yield pb.ChatResponse(id=request_id, content=event.text, index=index, model=prepared.model)
+                index += 1
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(id=card.id, max_context_tokens=card.max_context_tokens, max_output_tokens=card.max_output_tokens)
+                for card in self._chat.list_models()
+            ]
+        )
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context: aio.ServicerContext) -> pb.CountTokensResponse:
+        count = self._chat.count_tokens(_messages(request.messages), request.model)
+        window = self._chat.list_models()[0].max_context_tokens
+        return pb.CountTokensResponse(prompt_tokens=count, max_context_tokens=window, remaining_tokens=window - count)
+
+
+def server_options(settings: Settings) -> list[tuple[str, object]]:
+    return [
+        ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second listener
+    ]
+
+
+def build_server(settings: Settings, servicer: QwenServicer) -> tuple[aio.Server, health.aio.HealthServicer, int]:
+    """Create the server with every service registered.
+    Returns (server, health servicer, bound gRPC port)."""
+    server = aio.server(interceptors=[ErrorInterceptor()], options=server_options(settings))
+    pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+    return server, health_servicer, port
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, status)

@@ -1,0 +1,197 @@
+"""The service layer between transports and the engine: model names,
+validation (every bad field named), server defaults, admission and drain.
+
+Transports convert their wire format into ChatParams, call ChatService and
+map ServiceError codes to their own statuses. Nothing here knows gRPC/HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from typing import AsyncIterator, Sequence
+
+from .config import LEGACY_MODEL_NAME, Settings
+from .engine.engine import Engine
+from .engine.types import (
+    EngineOverloaded,
+    EngineStopped,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from .errors import InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_BYTES = 256
+# RESOURCE_EXHAUSTED carries this retry hint; a slot frees up within about
+# one short answer's time on a busy replica.
+RETRY_AFTER_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatParams:
+    """A chat request as the transports hand it over; None = unset."""
+
+    messages: Sequence[ChatMessage]
+    model: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    id: str
+    max_context_tokens: int
+    max_output_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedChat:
+    request: GenerationRequest
+    model: str  # the served name that was asked for
+
+
+def _finite(field: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be a finite number, got {value}")
+    return value
+
+
+class ChatService:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._engine = engine
+        self._settings = settings
+        names = settings.served_model_name or [engine.model_name, LEGACY_MODEL_NAME]
+        self.served_model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
+        self._draining = False
+
+    @property
+    def default_model(self) -> str:
+        return self.served_model_names[0]
+
+    def list_models(self) -> list[ModelCard]:
+        return [
+            ModelCard(name, self._settings.max_model_len, self._settings.max_tokens_limit)
+            for name in self.served_model_names
+        ]
+
+    def resolve_model(self, name: str) -> str:
+        if not name:
+            return self.default_model
+        if name not in self.served_model_names:
+            raise ModelNotFound(f"model {name!r} is not served here; available: {', '.join(self.served_model_names)}")
+        return name
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE, so clients retry elsewhere)."""
+        self._draining = True
+
+    # ----- validation -----------------------------------------------------
+    def _validate_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+        if not messages:
+            raise InvalidArgument("messages", "at least one message is required")
+        if len(messages) > self._settings.max_messages:
+            raise InvalidArgument("messages", f"at most {self._settings.max_messages} messages, got {len(messages)}")
+        for index, message in enumerate(messages):
+            if message.role not in ROLES:
+                raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {message.role!r}")
+        last = messages[-1]
+        if last.role == "assistant":
+            raise InvalidArgument(f"messages[{len(messages) - 1}].role", "the last message must not be from the assistant")
+        if not last.content.strip():
+            raise InvalidArgument(f"messages[{len(messages) - 1}].content", "must not be empty")
+        return [{"role": m.role, "content": m.content} for m in messages]
+
+    def _sampling(self, params: ChatParams) -> SamplingParams:
+        s = self._settings
+        temperature = s.temperature_default if params.temperature is None else _finite("temperature", params.temperature)
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
+        max_tokens = s.max_tokens_default if params.max_tokens is None else params.max_tokens
+        if not 1 <= max_tokens <= s.max_tokens_limit:
+            raise InvalidArgument("max_tokens", f"must be between 1 and {s.max_tokens_limit}, got {max_tokens}")
+        top_p = s.top_p_default if params.top_p is None else _finite("top_p", params.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+        top_k = s.top_k_default if params.top_k is None else params.top_k
+        if top_k < 0:
+            raise InvalidArgument("top_k", f"must be >= 0 (0 disables), got {top_k}")
+        penalty = (
+            s.repetition_penalty_default
+            if params.repetition_penalty is None
+            else _finite("repetition_penalty", params.repetition_penalty)
+        )
+        if not 0.0 < penalty <= 2.0:
+            raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {penalty}")
+        if len(params.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop)}")
+        for index, stop in enumerate(params.stop):
+            if not stop or len(stop.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES:
+                raise InvalidArgument(f"stop[{index}]", f"must be 1..{MAX_STOP_BYTES} bytes")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=penalty,
+            seed=params.seed,
+            stop=tuple(params.stop),
+        )
+
+    def count_tokens(self, messages: Sequence[ChatMessage], model: str = "") -> int:
+        self.resolve_model(model)
+        return len(self._engine.encode_chat(self._validate_messages(messages)))
+
+    def prepare(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
+        """Validate and tokenize; raises ServiceError subclasses."""
+        if self._draining:
+            raise Unavailable("server is draining; retry on another replica")
+        model = self.resolve_model(params.model)
+        messages = self._validate_messages(params.messages)
+        sampling = self._sampling(params)
+        prompt = self._engine.encode_chat(messages)
+        if len(prompt) >= self._settings.max_model_len:
+            raise InvalidArgument(
+                "messages",
+                f"prompt is {len(prompt)} tokens; the context window is {self._settings.max_model_len} tokens",
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = GenerationRequest(
+            request_id=f"chat-{uuid.uuid4().hex}",
+            prompt_token_ids=tuple(prompt),
+            sampling=sampling,
+            deadline=deadline,
+        )
+        return PreparedChat(request=request, model=model)
+
+    async def generate(self, prepared: PreparedChat) -> AsyncIterator[TokenEvent]:
+        """The engine's events for a prepared request, with engine failures
+        turned into ServiceErrors. Closing the iterator aborts the request."""
+        events = self._engine.generate(prepared.request)
+        try:
+            async for event in events:
+                if event.finish_reason is FinishReason.ERROR:
+                    raise InternalError(event.error or "generation failed")
+                yield event
+        except EngineOverloaded as exc:
+            raise Overloaded(str(exc), RETRY_AFTER_SECONDS) from exc
+        except EngineStopped as exc:
+            raise Unavailable(str(exc)) from exc
+        finally:
+            await events.aclose()

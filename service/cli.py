@@ -1,0 +1,122 @@
+"""qwen-serve: Settings -> gRPC server (health NOT_SERVING) -> model load ->
+engine + warm-up -> SERVING; SIGTERM/SIGINT drain gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from .config import Settings, load_settings
+
+_LOG = logging.getLogger("qwen_grpc")
+
+
+class Server:
+    """One replica: the gRPC server and the engine behind it."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .api.grpc_server import QwenServicer, build_server
+
+        self.settings = settings
+        self._servicer = QwenServicer()
+        self._grpc, self._health, self.grpc_port = build_server(settings, self._servicer)
+        self.engine = None
+        self.chat = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        from .api.grpc_server import set_serving
+        from .chat import ChatService
+        from .engine.engine import Engine
+        from .engine.loader import load_model
+
+        started = time.monotonic()
+        await set_serving(self._health, False)
+        await self._grpc.start()
+        _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", self.settings.host, self.grpc_port)
+        s = self.settings
+        loaded = await asyncio.to_thread(load_model, s.model, s.dtype, s.quantization)
+        self.engine = Engine(
+            loaded,
+            max_batch_size=s.max_batch_size,
+            max_waiting=s.max_waiting,
+            max_model_len=s.max_model_len,
+            prefill_chunk_size=s.prefill_chunk_size,
+            threads=s.threads,
+        )
+        self.engine.start()
+        self.chat = ChatService(self.engine, s)
+        self._servicer.attach(self.chat)
+        await self.engine.warmup()
+        await set_serving(self._health, True)
+        _LOG.info(
+            "SERVING %s as %s in %.1f s",
+            s.model,
+            ", ".join(self.chat.served_model_names),
+            time.monotonic() - started,
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def drain_and_stop(self) -> None:
+        """NOT_SERVING first (so probes and balancers move away), refuse new
+        calls with UNAVAILABLE, let running requests finish for up to
+        drain_timeout, then stop."""
+        _LOG.info("draining (up to %.0f s)", self.settings.drain_timeout)
+        await self._health.enter_graceful_shutdown()
+        if self.chat is not None:
+            self.chat.begin_drain()
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.engine is not None and time.monotonic() < deadline:
+            stats = self.engine.stats()
+            if stats.running == 0 and stats.waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        # Whatever still runs is cancelled now; a short grace lets the final
+        # messages and trailers reach the clients.
+        if self.engine is not None:
+            await self.engine.shutdown()
+        await self._grpc.stop(grace=1.0)
+        _LOG.info("stopped")
+
+
+async def _serve(settings: Settings) -> None:
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    start = asyncio.create_task(server.start())
+    stop = asyncio.create_task(server.wait_for_stop())
+    done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()  # a failed start (e.g. missing model) raises here
+        await stop
+    else:
+        start.cancel()
+    await server.drain_and_stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except FileNotFoundError as exc:
+        _LOG.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

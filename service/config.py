@@ -1,0 +1,150 @@
+"""Settings: the one typed configuration object, built once from CLI flags and
+QWEN_* environment variables (flags win), then passed down explicitly.
+
+Every field is a flag of `qwen-serve` (`max_tokens_default` -> `--max-tokens-default`)
+and an environment variable (`QWEN_MAX_TOKENS_DEFAULT`); `qwen-serve --help` is
+generated from the field descriptions below, as is the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+# Name that clients already in the field send in ChatRequest.model.
+LEGACY_MODEL_NAME = "Qwen2.5-0.5B-Instruct"
+DEFAULT_MODEL_DIRNAME = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def default_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(os.environ.get("QWEN_CACHE_DIR", os.path.join(base, "qwen-grpc")))
+
+
+def default_model_path() -> str:
+    return str(default_cache_dir() / "models" / DEFAULT_MODEL_DIRNAME)
+
+
+def _split_names(value: Any) -> Any:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QWEN_", extra="forbid", frozen=True)
+
+    # --- model -------------------------------------------------------------
+    model: str = Field(
+        default_factory=default_model_path,
+        description="Local Hugging Face folder, a .gguf file, or a hub id "
+        "(default: the folder made by `make model`).",
+    )
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated names the server answers to; the first is the default "
+        f"for an empty ChatRequest.model. Default: the model's own name and {LEGACY_MODEL_NAME}.",
+    )
+    dtype: Literal["bfloat16", "float32"] = Field(
+        default="bfloat16",
+        description="Compute dtype for weights that are not quantized.",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="Weight quantization: none, or int8 (dynamic int8 for every Linear; computes in float32).",
+    )
+    threads: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)),
+        ge=1,
+        description="Torch compute threads for the engine (default: the CPUs this process may use).",
+    )
+    # --- engine ------------------------------------------------------------
+    max_model_len: int = Field(
+        default=4096, ge=16, description="Context window in tokens (prompt + output) per request."
+    )
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Requests decoded together; each holds one KV-cache slot."
+    )
+    max_waiting: int = Field(
+        default=64,
+        ge=0,
+        description="Requests that may wait for a slot; beyond running + waiting a call gets RESOURCE_EXHAUSTED.",
+    )
+    prefill_chunk_size: int = Field(
+        default=256,
+        ge=16,
+        description="Prompt tokens prefilled per engine step, so running streams keep flowing.",
+    )
+    # --- request defaults and limits --------------------------------------
+    max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request leaves it unset.")
+    max_tokens_limit: int = Field(default=2048, ge=1, description="Largest max_tokens a request may ask for.")
+    temperature_default: float = Field(default=0.7, ge=0.0, le=2.0, description="Temperature when unset.")
+    top_p_default: float = Field(default=0.8, gt=0.0, le=1.0, description="top_p when unset.")
+    top_k_default: int = Field(default=20, ge=0, description="top_k when unset (0 disables).")
+    repetition_penalty_default: float = Field(
+        default=1.05, gt=0.0, le=2.0, description="repetition_penalty when unset (1 disables)."
+    )
+    max_messages: int = Field(default=256, ge=1, description="Most messages one request may carry.")
+    # --- network -----------------------------------------------------------
+    host: str = Field(default="0.0.0.0", description="Bind address for every listener.")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    reflection: bool = Field(default=True, description="Serve gRPC server reflection (for grpcurl).")
+    drain_timeout: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Seconds running requests get to finish after SIGTERM before they are cancelled.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_csv(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "served_model_name" in data:
+            data = {**data, "served_model_name": _split_names(data["served_model_name"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "Settings":
+        if self.max_tokens_default > self.max_tokens_limit:
+            raise ValueError("max_tokens_default must not exceed max_tokens_limit")
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError("max_tokens_limit must be below max_model_len")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "qwen-serve") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per Settings field; unset flags stay absent
+    so that environment variables and defaults apply."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a Qwen2.5 chat model over gRPC. Every flag is also an env var QWEN_<FLAG>.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        env = f"QWEN_{name.upper()}"
+        default = field.default_factory() if field.default_factory else field.default
+        help_text = f"{field.description} [env {env}; default {default!r}]"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(_flag(name), choices=get_args(annotation), help=help_text)
+        else:
+            parser.add_argument(_flag(name), help=help_text, metavar=name.upper())
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Flags override QWEN_* env vars, which override defaults."""
+    args = build_parser().parse_args(argv)
+    return Settings(**vars(args))

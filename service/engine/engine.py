@@ -1,0 +1,105 @@
+"""The engine's asyncio face: `generate(request) -> async iterator of TokenEvent`
+and `abort(request_id)`. Compute happens on the scheduler's own thread;
+events come back to the event loop through one call_soon_threadsafe per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Sequence
+
+from .loader import LoadedModel
+from .scheduler import Emit, Scheduler
+from .types import EngineStats, GenerationRequest, SamplingParams, TokenEvent
+
+_LOG = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_waiting: int,
+        max_model_len: int,
+        prefill_chunk_size: int,
+        threads: int,
+    ) -> None:
+        self.loaded = loaded
+        self.max_model_len = max_model_len
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler = Scheduler(
+            loaded,
+            max_batch_size=max_batch_size,
+            max_waiting=max_waiting,
+            max_model_len=max_model_len,
+            prefill_chunk_size=prefill_chunk_size,
+            threads=threads,
+            deliver=self._deliver,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def start(self) -> None:
+        """Start the compute thread; events are delivered to the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._scheduler.start()
+
+    def _deliver(self, events: list[tuple[Emit, TokenEvent]]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def dispatch() -> None:
+            for emit, event in events:
+                emit(event)
+
+        loop.call_soon_threadsafe(dispatch)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt token ids for a conversation, via the tokenizer's chat template."""
+        encoded = self.loaded.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True
+        )
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue the request and yield its events until the final one.
+
+        Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
+        Leaving the iteration early (the consumer was cancelled or closed it)
+        aborts the request, which frees its slot before the next engine step."""
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._scheduler.submit(request, queue.put_nowait)
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                finished = event.finished
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._scheduler.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats()
+
+    async def warmup(self) -> None:
+        """One short generation, so the first real request does not pay for
+        lazy initialisation (allocator, kernels, tokenizer caches)."""
+        prompt = tuple(self.encode_chat([{"role": "user", "content": "Hello"}]))
+        request = GenerationRequest("warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20))
+        async for _ in self.generate(request):
+            pass
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._scheduler.stop)

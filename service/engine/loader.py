@@ -1,0 +1,107 @@
+"""Load a Qwen2-family causal LM and its tokenizer from a local Hugging Face
+folder, a .gguf file, or a hub id; apply the requested dtype/quantization."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+_LOG = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a *ForCausalLM in eval mode
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # the model's own name (folder / file stem / hub id)
+    eos_token_ids: frozenset[int]
+    dtype: torch.dtype  # activations / KV cache dtype
+
+
+def model_name(source: str) -> str:
+    path = pathlib.Path(source)
+    if path.suffix == ".gguf":
+        return path.stem
+    if path.exists():
+        return path.resolve().name
+    return source  # hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
+
+
+def load_from_gguf(gguf_path: pathlib.Path, dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF into a plain (serializable) transformers model.
+
+    transformers' GGUF path returns a model tagged with a quantizer that refuses
+    save_pretrained(); rebuilding it from the config and its state dict gives an
+    ordinary model."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied or buffer-only keys may legitimately differ; real weights must not.
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    return model, tokenizer
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 for every nn.Linear (lm_head included); activations stay float32."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = model.float()
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def load_model(source: str, dtype: str = "bfloat16", quantization: str = "none") -> LoadedModel:
+    start = time.monotonic()
+    torch_dtype = _DTYPES[dtype]
+    path = pathlib.Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {source}")
+        model, tokenizer = load_from_gguf(path, torch_dtype)
+    else:
+        if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+            raise FileNotFoundError(f"model folder not found: {source} (run `make model`?)")
+        config = AutoConfig.from_pretrained(source)
+        if getattr(config, "model_type", None) != "qwen2":
+            raise ValueError(f"unsupported model type {config.model_type!r}: this server runs Qwen2-family models")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model.eval()
+    if getattr(model.config, "use_sliding_window", False):
+        raise ValueError("sliding-window attention is not supported")
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template")
+    if quantization == "int8":
+        model = quantize_int8(model)
+        torch_dtype = torch.float32
+    elif quantization != "none":
+        raise ValueError(f"unknown quantization {quantization!r}")
+    eos = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    for ids in (gen_eos, tokenizer.eos_token_id, im_end):
+        if isinstance(ids, int):
+            eos.add(ids)
+        elif ids:
+            eos.update(i for i in ids if isinstance(i, int))
+    _LOG.info("loaded %s (%s, quantization=%s) in %.1fs", source, dtype, quantization, time.monotonic() - start)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_name(source),
+        eos_token_ids=frozenset(eos),
+        dtype=torch_dtype,
+    )

@@ -1,0 +1,70 @@
+"""Next-token selection for a batch of requests with their own settings.
+
+Greedy rows (temperature 0) take the argmax in one batched call; sampled rows
+apply repetition penalty, temperature, top-k and top-p, then draw with the
+request's own torch.Generator so a seed reproduces the same text whatever
+else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .types import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """In place, CTRL-style (as in transformers): positive logits of seen tokens
+    are divided by the penalty, negative ones multiplied."""
+    scores = logits[seen]
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p
+        # (so the most likely token always survives).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits: float32 [vocab], penalties already applied."""
+    if params.greedy:
+        return int(logits.argmax())
+    logits = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    seen_tokens: list[torch.Tensor | None],
+) -> list[int]:
+    """logits: float32 [B, vocab] (modified in place). seen_tokens[i] holds the
+    distinct token ids of request i's prompt + output when it uses a
+    repetition penalty, else None."""
+    for row, (p, seen) in enumerate(zip(params, seen_tokens)):
+        if seen is not None and p.repetition_penalty != 1.0:
+            apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
+    if all(p.greedy for p in params):
+        return logits.argmax(-1).tolist()
+    return [sample_one(logits[row], p, g) for row, (p, g) in enumerate(zip(params, generators))]

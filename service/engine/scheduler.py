@@ -1,0 +1,306 @@
+"""Continuous batching on a dedicated compute thread.
+
+Each iteration of the loop: apply aborts and expired deadlines (their slots
+are freed before any further compute), admit waiting requests FIFO into free
+KV-cache slots, prefill one chunk of the oldest admitted prompt, then run one
+decode step for every request that is past prefill. Requests therefore join
+and leave between steps, and a long prompt is spread over several iterations
+instead of stalling the running streams.
+
+Slots are kept compact: decoding requests occupy slots 0..B-1 and the request
+being prefilled sits in slot B. When a request leaves, the last one moves
+into its slot (a copy of only its cached positions).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .loader import LoadedModel
+from .model_runner import ModelRunner
+from .sampling import make_generator, select_tokens
+from .types import EngineOverloaded, EngineStats, EngineStopped, FinishReason, GenerationRequest, TokenEvent, Usage
+
+_LOG = logging.getLogger(__name__)
+
+Emit = Callable[[TokenEvent], None]
+# Called on the compute thread with every event of one iteration, in order;
+# it hands them to the consumers' event loop.
+Deliver = Callable[[list[tuple[Emit, TokenEvent]]], None]
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    emit: Emit
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator
+    seen: torch.Tensor | None  # bool [vocab] of prompt+output ids, for repetition penalty
+    cached: int = 0  # KV positions written
+    next_token: int = -1  # sampled, not yet in the cache
+    generated: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_waiting: int,
+        max_model_len: int,
+        prefill_chunk_size: int,
+        threads: int,
+        deliver: Deliver,
+    ) -> None:
+        self._loaded = loaded
+        self._runner = ModelRunner(loaded, max_batch_size, max_model_len)
+        self._max_batch = max_batch_size
+        self._max_waiting = max_waiting
+        self._max_model_len = max_model_len
+        self._chunk = prefill_chunk_size
+        self._threads = threads
+        self._deliver = deliver
+        self._eos = loaded.eos_token_ids
+        self._cond = threading.Condition()
+        # Shared with other threads, guarded by _cond:
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._aborts: set[str] = set()
+        self._active_count = 0
+        self._stopping = False
+        # Owned by the compute thread:
+        self._decoding: list[_Sequence] = []  # index == slot
+        self._prefilling: collections.deque[_Sequence] = collections.deque()  # admitted, prompt not done
+        self._outbox: list[tuple[Emit, TokenEvent]] = []
+        self._generated_total = 0
+        self._kv_used = 0
+        self._thread = threading.Thread(target=self._run, name="qwen-engine", daemon=True)
+
+    # ----- called from other threads ------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, emit: Emit) -> None:
+        sampling = request.sampling
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(self._runner.vocab_size, dtype=torch.bool)
+            seen[list(request.prompt_token_ids)] = True
+        sequence = _Sequence(
+            request=request,
+            emit=emit,
+            detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, sampling.stop),
+            generator=make_generator(sampling.seed),
+            seen=seen,
+        )
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("engine is shutting down")
+            if self._active_count + len(self._waiting) >= self._max_batch + self._max_waiting:
+                raise EngineOverloaded(self._active_count, len(self._waiting))
+            self._waiting.append(sequence)
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            running, waiting = self._active_count, len(self._waiting)
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_cache_used_tokens=self._kv_used,
+            kv_cache_capacity_tokens=self._max_batch * self._max_model_len,
+            generated_tokens_total=self._generated_total,
+        )
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel everything still queued or running and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ----- the compute thread -------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._aborts or self._waiting or self._decoding or self._prefilling):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                aborts, self._aborts = self._aborts, set()
+                self._admit_locked()
+            try:
+                self._drop_aborted_and_expired(aborts)
+                self._prefill_step()
+                self._decode_step()
+            except Exception:  # the engine must outlive any bug in one step
+                _LOG.exception("engine step failed; failing the requests in flight")
+                for seq in list(self._prefilling) + list(self._decoding):
+                    self._release(seq, FinishReason.ERROR, error="internal engine error")
+            finally:
+                self._publish()
+        self._cancel_everything()
+
+    def _admit_locked(self) -> None:
+        while self._waiting and self._active_count < self._max_batch:
+            self._prefilling.append(self._waiting.popleft())
+            self._active_count += 1
+
+    def _drop_aborted_and_expired(self, aborts: set[str]) -> None:
+        now = time.monotonic()
+
+        def doomed(seq: _Sequence) -> bool:
+            deadline = seq.request.deadline
+            return seq.request.request_id in aborts or (deadline is not None and now >= deadline)
+
+        with self._cond:
+            for seq in [s for s in self._waiting if doomed(s)]:
+                self._waiting.remove(seq)
+                self._finish(seq, FinishReason.CANCELLED)
+        for seq in [s for s in self._prefilling if doomed(s)]:
+            self._release(seq, FinishReason.CANCELLED)
+        for seq in [s for s in self._decoding if doomed(s)]:
+            self._release(seq, FinishReason.CANCELLED)
+
+    def _prefill_step(self) -> None:
+        if not self._prefilling:
+            return
+        seq = self._prefilling[0]
+        slot = len(self._decoding)  # the first prefilling request sits right after the decoders
+        prompt = seq.request.prompt_token_ids
+        chunk = list(prompt[seq.cached : seq.cached + self._chunk])
+        try:
+            logits = self._runner.prefill(slot, chunk, seq.cached)
+        except Exception:  # one bad request must not take the engine down
+            _LOG.exception("prefill failed for %s", seq.request.request_id)
+            self._release(seq, FinishReason.ERROR, error="internal error during prefill")
+            return
+        seq.cached += len(chunk)
+        self._kv_used += len(chunk)
+        if seq.cached < len(prompt):
+            return
+        self._prefilling.popleft()
+        self._decoding.append(seq)
+        token = self._select_alone(seq, logits)
+        if token is None:
+            self._release(seq, FinishReason.ERROR, error="internal error while sampling")
+        else:
+            self._accept(seq, token)
+
+    def _decode_step(self) -> None:
+        batch = self._decoding
+        if not batch:
+            return
+        tokens = torch.tensor([seq.next_token for seq in batch], dtype=torch.long)
+        positions = torch.tensor([seq.cached for seq in batch], dtype=torch.long)
+        try:
+            logits = self._runner.decode(tokens, positions)
+        except Exception:
+            _LOG.exception("decode step failed for a batch of %d", len(batch))
+            for seq in list(batch):
+                self._release(seq, FinishReason.ERROR, error="internal error during decoding")
+            return
+        for seq in batch:
+            seq.cached += 1
+        self._kv_used += len(batch)
+        try:
+            chosen = select_tokens(
+                logits,
+                [seq.request.sampling for seq in batch],
+                [seq.generator for seq in batch],
+                [seq.seen for seq in batch],
+            )
+        except Exception:
+            chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
+        for seq, token in zip(list(batch), chosen):
+            if token is None:
+                self._release(seq, FinishReason.ERROR, error="internal error while sampling")
+            else:
+                self._accept(seq, token)
+
+    @staticmethod
+    def _select_alone(seq: _Sequence, logits: torch.Tensor) -> int | None:
+        """Sample one row on its own, so a failure stays with its request."""
+        try:
+            (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
+            return token
+        except Exception:
+            _LOG.exception("sampling failed for %s", seq.request.request_id)
+            return None
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Record one sampled token: emit its text, finish the request if done."""
+        seq.generated += 1
+        self._generated_total += 1
+        seq.next_token = token
+        if seq.seen is not None:
+            seq.seen[token] = True
+        if token in self._eos:
+            self._release(seq, FinishReason.STOP, text=seq.detokenizer.flush())
+            return
+        text = seq.detokenizer.add_token(token)
+        if seq.detokenizer.stopped:
+            self._release(seq, FinishReason.STOP, text=text)
+        elif seq.generated >= seq.request.sampling.max_tokens or seq.cached + 1 >= self._max_model_len:
+            self._release(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush())
+        else:
+            self._outbox.append((seq.emit, TokenEvent(text=text)))
+
+    def _release(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+        """Free the slot of an admitted request and send its final event."""
+        self._kv_used -= seq.cached
+        if seq in self._prefilling:
+            # Only the head of the prefill queue has written cache rows (in
+            # slot B); when it leaves, the next head starts from nothing.
+            self._prefilling.remove(seq)
+        else:
+            slot = self._decoding.index(seq)
+            last = self._decoding.pop()
+            if last is not seq:
+                self._runner.move_slot(len(self._decoding), slot, last.cached)
+                self._decoding[slot] = last
+            if self._prefilling and self._prefilling[0].cached:
+                self._runner.move_slot(len(self._decoding) + 1, len(self._decoding), self._prefilling[0].cached)
+        with self._cond:
+            self._active_count -= 1
+        self._finish(seq, reason, text=text, error=error)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+        usage = Usage(prompt_tokens=seq.prompt_len, completion_tokens=seq.generated)
+        self._outbox.append((seq.emit, TokenEvent(text=text, finish_reason=reason, usage=usage, error=error)))
+
+    def _publish(self) -> None:
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            self._deliver(events)
+
+    def _cancel_everything(self) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting:
+            self._finish(seq, FinishReason.CANCELLED)
+        for seq in list(self._prefilling) + list(self._decoding):
+            self._release(seq, FinishReason.CANCELLED)
+        self._publish()

@@ -1,0 +1,88 @@
+"""Engine-facing types. Nothing here knows about gRPC, HTTP or torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached or the context window is full
+    CANCELLED = "cancelled"  # aborted (client cancel, deadline, shutdown)
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Fully resolved sampling settings (server defaults already applied)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    # time.monotonic() after which the request is aborted; None = no deadline.
+    deadline: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token's worth of output (the final event may carry no
+    token). `text` may be empty: a token can end inside a multi-byte character,
+    or its text is held back because it may start a stop string. The last event
+    has `finish_reason` and `usage` set."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None  # set when finish_reason is ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineOverloaded(Exception):
+    """Running and waiting requests are at their configured limits."""
+
+    def __init__(self, running: int, waiting: int) -> None:
+        super().__init__(f"server is at capacity ({running} running, {waiting} waiting); retry later")
+        self.running = running
+        self.waiting = waiting
+
+
+class EngineStopped(Exception):
+    """The engine no longer accepts requests (shutting down)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_used_tokens: int
+    kv_cache_capacity_tokens: int
+    generated_tokens_total: int

@@ -1,0 +1,70 @@
+"""qwen-chat: stream an answer to the terminal.
+
+    qwen-chat "What is the capital of France?"
+    echo "Explain gRPC" | qwen-chat --target localhost:50051 --temperature 0 --max-tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from . import QwenClient, finish_reason_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen-chat", description="Stream a chat answer from a qwen-grpc server.")
+    parser.add_argument("prompt", nargs="?", help="the question (default: read standard input)")
+    parser.add_argument("--target", default="localhost:50051", help="host:port or dns:///name:port (default %(default)s)")
+    parser.add_argument("--model", default="", help="served model name (default: the server's default)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: server default)")
+    parser.add_argument("--max-tokens", type=int, help="(default: server default)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default %(default)s)")
+    parser.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
+    args = parser.parse_args(argv)
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    params = dict(
+        model=args.model,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    with QwenClient(args.target, timeout=args.timeout) as client:
+        try:
+            for response in client.stream(messages, **params):
+                sys.stdout.write(response.content)
+                sys.stdout.flush()
+                if response.is_final:
+                    sys.stdout.write("\n")
+                    if args.usage:
+                        usage = response.usage
+                        reason = finish_reason_name(response)
+                        print(
+                            f"[finish={reason} prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
+                            f"total={usage.total_tokens}]",
+                            file=sys.stderr,
+                        )
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Run the real server as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def health_status(target: str, service: str = "", timeout: float = 1.0) -> int | None:
+    """The health status, or None if the server does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+        return reply.status
+
+
+class ServerProcess:
+    """`python -m service.cli` with the given flags; logs go to a file that
+    tests (and failure messages) can read."""
+
+    def __init__(self, model: str | os.PathLike, *args: str, host: str = "127.0.0.1", env: dict | None = None) -> None:
+        self.host = host
+        self.grpc_port = free_port(host)
+        self.target = f"{host}:{self.grpc_port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="qwen-serve-", suffix=".log", delete=False)
+        self.argv = [
+            sys.executable, "-m", "service.cli",
+            "--model", str(model),
+            "--host", host,
+            "--grpc-port", str(self.grpc_port),
+            *args,
+        ]  # fmt: skip
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return pathlib.Path(self._log.name).read_text(errors="replace")
+
+    def wait_serving(self, timeout: float = 60.0) -> float:
+        """Block until health says SERVING; returns seconds since launch."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
+            if health_status(self.target, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+                return time.monotonic() - self.started_at
+            time.sleep(0.05)
+        raise TimeoutError(f"server not SERVING after {timeout} s:\n{self.log}")
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def close(self) -> None:
+        self.terminate()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+
+@contextlib.contextmanager
+def running_server(model: str | os.PathLike, *args: str, timeout: float = 60.0, **kwargs) -> Iterator[ServerProcess]:
+    server = ServerProcess(model, *args, **kwargs)
+    try:
+        server.wait_serving(timeout)
+        yield server
+    finally:
+        server.close()

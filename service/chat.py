@@ -23,7 +23,7 @@ from .engine.types import (
     SamplingParams,
     TokenEvent,
 )
-from .errors import InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
+from .errors import DeadlineExceeded, InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
@@ -180,6 +180,10 @@ class ChatService:
         )
         return PreparedChat(request=request, model=model)
 
+    @staticmethod
+    def _expired(request: GenerationRequest) -> bool:
+        return request.deadline is not None and time.monotonic() >= request.deadline
+
     async def generate(self, prepared: PreparedChat) -> AsyncIterator[TokenEvent]:
         """The engine's events for a prepared request, with engine failures
         turned into ServiceErrors. Closing the iterator aborts the request."""
@@ -188,6 +192,8 @@ class ChatService:
             async for event in events:
                 if event.finish_reason is FinishReason.ERROR:
                     raise InternalError(event.error or "generation failed")
+                if event.finish_reason is FinishReason.CANCELLED and self._expired(prepared.request):
+                    raise DeadlineExceeded("deadline exceeded")
                 yield event
         except EngineOverloaded as exc:
             raise Overloaded(str(exc), RETRY_AFTER_SECONDS) from exc

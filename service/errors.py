@@ -11,6 +11,7 @@ class ErrorCode(enum.Enum):
     NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
 
 
@@ -44,6 +45,10 @@ class Overloaded(ServiceError):
 
 class Unavailable(ServiceError):
     code = ErrorCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class InternalError(ServiceError):

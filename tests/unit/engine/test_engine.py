@@ -1,0 +1,250 @@
+"""The engine's contract: generate() -> events, abort(), bounded admission,
+continuous batching that does not change greedy results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.engine.engine import Engine
+from service.engine.loader import load_model
+from service.engine.types import EngineOverloaded, FinishReason, GenerationRequest, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+PROMPTS = [
+    "What is the capital of France?",
+    "def add(a, b):",
+    "法国的首都是哪里？",
+    "Hello, world!",
+    "The quick brown fox",
+    "Stream tokens over gRPC to the edge.",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype="float32")
+
+
+def make_engine(loaded, **overrides) -> Engine:
+    options = dict(max_batch_size=4, max_waiting=8, max_model_len=512, prefill_chunk_size=16, threads=1)
+    options.update(overrides)
+    engine = Engine(loaded, **options)
+    engine.start()
+    return engine
+
+
+def request(engine: Engine, text: str, sampling: SamplingParams = GREEDY, rid: str | None = None, **kw):
+    ids = tuple(engine.encode_chat([{"role": "user", "content": text}]))
+    return GenerationRequest(rid or f"r-{text[:8]}-{time.monotonic_ns()}", ids, sampling, **kw)
+
+
+async def collect(engine: Engine, req: GenerationRequest):
+    events = [event async for event in engine.generate(req)]
+    return "".join(e.text for e in events), events[-1]
+
+
+async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.running == 0 and stats.waiting == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+async def test_concurrent_greedy_equals_sequential_greedy(loaded):
+    engine = make_engine(loaded, max_batch_size=3)
+    try:
+        sequential = [await collect(engine, request(engine, p)) for p in PROMPTS]
+        # Six requests on three slots: they join and leave mid-flight, with
+        # different prompt lengths and chunked prefill.
+        concurrent = await asyncio.gather(*(collect(engine, request(engine, p)) for p in PROMPTS))
+        assert [text for text, _ in concurrent] == [text for text, _ in sequential]
+        assert len({text for text, _ in sequential}) == len(PROMPTS)
+        for _, final in concurrent:
+            assert final.finish_reason is FinishReason.LENGTH
+            assert final.usage.completion_tokens == GREEDY.max_tokens
+    finally:
+        await engine.shutdown()
+
+
+async def test_usage_counts_prompt_and_completion(loaded):
+    engine = make_engine(loaded)
+    try:
+        req = request(engine, PROMPTS[0], SamplingParams(max_tokens=5, temperature=0.0))
+        _, final = await collect(engine, req)
+        assert final.usage.prompt_tokens == len(req.prompt_token_ids)
+        assert final.usage.completion_tokens == 5
+        assert final.usage.total_tokens == len(req.prompt_token_ids) + 5
+    finally:
+        await engine.shutdown()
+
+
+async def test_abort_frees_the_slot_before_the_next_step(loaded):
+    engine = make_engine(loaded, max_batch_size=1, max_waiting=0)
+    try:
+        long = request(engine, PROMPTS[0], SamplingParams(max_tokens=400, temperature=0.0))
+        stream = engine.generate(long)
+        await stream.__anext__()
+        await stream.__anext__()
+        before = engine.stats().generated_tokens_total
+        await stream.aclose()  # what a cancelled RPC does
+        await wait_idle(engine)
+        after_abort = engine.stats().generated_tokens_total
+        assert after_abort - before <= 2, "at most the step in flight may finish"
+        await asyncio.sleep(0.2)
+        assert engine.stats().generated_tokens_total == after_abort, "the aborted request kept generating"
+        # The single slot is free again: a new request is admitted, not refused.
+        text, final = await collect(engine, request(engine, PROMPTS[1], SamplingParams(max_tokens=3, temperature=0)))
+        assert final.usage.completion_tokens == 3
+    finally:
+        await engine.shutdown()
+
+
+async def test_cancelling_the_consumer_task_aborts(loaded):
+    engine = make_engine(loaded, max_batch_size=1, max_waiting=0)
+    try:
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(request(engine, PROMPTS[0], SamplingParams(max_tokens=400, temperature=0))):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_overflow_is_refused_at_once(loaded):
+    engine = make_engine(loaded, max_batch_size=1, max_waiting=1)
+    try:
+        slow = SamplingParams(max_tokens=300, temperature=0.0)
+        first = engine.generate(request(engine, PROMPTS[0], slow))
+        await first.__anext__()
+        second = engine.generate(request(engine, PROMPTS[1], slow))
+        second_task = asyncio.create_task(second.__anext__())
+        await asyncio.sleep(0.05)
+        third = engine.generate(request(engine, PROMPTS[2], slow))
+        with pytest.raises(EngineOverloaded):
+            await third.__anext__()
+        await first.aclose()
+        await second_task  # the waiting request is admitted when the slot frees
+        await second.aclose()
+        await wait_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_admission_is_fifo(loaded):
+    engine = make_engine(loaded, max_batch_size=1, max_waiting=8)
+    try:
+        order: list[int] = []
+
+        async def run(index: int):
+            async for event in engine.generate(request(engine, PROMPTS[index], SamplingParams(max_tokens=2, temperature=0))):
+                if event.finished:
+                    order.append(index)
+
+        tasks = []
+        for index in range(5):
+            tasks.append(asyncio.create_task(run(index)))
+            await asyncio.sleep(0.01)  # submit in a known order
+        await asyncio.gather(*tasks)
+        assert order == list(range(5))
+    finally:
+        await engine.shutdown()
+
+
+async def test_deadline_cancels_waiting_and_running_requests(loaded):
+    engine = make_engine(loaded, max_batch_size=1, max_waiting=4, max_model_len=4096)
+    try:
+        long = SamplingParams(max_tokens=4000, temperature=0.0)
+        running = request(engine, PROMPTS[1], long, deadline=time.monotonic() + 0.3)
+        waiting = request(engine, PROMPTS[0], long, deadline=time.monotonic() + 0.1)
+        (_, running_final), (_, waiting_final) = await asyncio.gather(
+            collect(engine, running), collect(engine, waiting)
+        )
+        assert running_final.finish_reason is FinishReason.CANCELLED
+        assert 0 < running_final.usage.completion_tokens < 4000
+        # Its deadline passed while it waited for the only slot.
+        assert waiting_final.finish_reason is FinishReason.CANCELLED
+        assert waiting_final.usage.completion_tokens == 0
+        await wait_idle(engine)
+    finally:
+        await engine.shutdown()
+
+
+async def test_stop_string_finishes_with_stop(loaded):
+    engine = make_engine(loaded)
+    try:
+        text, _ = await collect(engine, request(engine, PROMPTS[0], SamplingParams(max_tokens=24, temperature=0)))
+        stop = text[5:9]
+        assert stop.strip(), "the tiny model should produce some text"
+        stopped_text, final = await collect(
+            engine, request(engine, PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, stop=(stop,)))
+        )
+        assert final.finish_reason is FinishReason.STOP
+        assert stopped_text == text[: text.index(stop)]
+    finally:
+        await engine.shutdown()
+
+
+async def test_context_window_ends_generation_with_length(loaded):
+    engine = make_engine(loaded, max_model_len=64)
+    try:
+        req = request(engine, PROMPTS[0], SamplingParams(max_tokens=1000, temperature=0))
+        _, final = await collect(engine, req)
+        assert final.finish_reason is FinishReason.LENGTH
+        assert final.usage.total_tokens == 64
+    finally:
+        await engine.shutdown()
+
+
+async def test_seeded_sampling_is_reproducible_in_any_batch(loaded):
+    engine = make_engine(loaded)
+    try:
+        sampled = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+        alone, _ = await collect(engine, request(engine, PROMPTS[0], sampled))
+        crowd = await asyncio.gather(
+            collect(engine, request(engine, PROMPTS[0], sampled)),
+            *(collect(engine, request(engine, p, SamplingParams(max_tokens=16, temperature=1.0))) for p in PROMPTS[1:4]),
+        )
+        assert crowd[0][0] == alone
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_failing_request_does_not_hurt_the_others(loaded, monkeypatch):
+    from service.engine import scheduler as scheduler_module
+
+    real_select = scheduler_module.select_tokens
+
+    def flaky_select(logits, params, generators, seen):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return real_select(logits, params, generators, seen)
+
+    monkeypatch.setattr(scheduler_module, "select_tokens", flaky_select)
+    engine = make_engine(loaded)
+    try:
+        good = SamplingParams(max_tokens=20, temperature=0.0)
+        bad = SamplingParams(max_tokens=20, temperature=0.5, seed=666)
+        results = await asyncio.gather(
+            collect(engine, request(engine, PROMPTS[0], good)),
+            collect(engine, request(engine, PROMPTS[1], bad)),
+            collect(engine, request(engine, PROMPTS[2], good)),
+        )
+        reasons = [final.finish_reason for _, final in results]
+        assert reasons == [FinishReason.LENGTH, FinishReason.ERROR, FinishReason.LENGTH]
+        await wait_idle(engine)
+    finally:
+        await engine.shutdown()

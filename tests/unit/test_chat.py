@@ -1,0 +1,107 @@
+"""Service layer: model names, server defaults, and one named error per bad field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.chat import ChatMessage, ChatParams, ChatService
+from service.config import LEGACY_MODEL_NAME, Settings
+from service.engine.engine import Engine
+from service.engine.loader import load_model
+from service.errors import InvalidArgument, ModelNotFound, Unavailable
+
+USER = (ChatMessage("user", "Hello"),)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    # Never started: these tests only validate and tokenize.
+    return Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=256, prefill_chunk_size=64, threads=1)
+
+
+def service(engine, **overrides) -> ChatService:
+    base = dict(model="unused", max_model_len=256, max_tokens_default=32, max_tokens_limit=128, max_messages=8)
+    return ChatService(engine, Settings(**{**base, **overrides}))
+
+
+def test_default_names_are_the_model_and_the_legacy_name(engine):
+    chat = service(engine)
+    assert chat.served_model_names == (engine.model_name, LEGACY_MODEL_NAME)
+    assert chat.resolve_model("") == engine.model_name
+    assert chat.resolve_model(LEGACY_MODEL_NAME) == LEGACY_MODEL_NAME
+    with pytest.raises(ModelNotFound):
+        chat.resolve_model("gpt-4")
+
+
+def test_configured_names_replace_the_defaults(engine):
+    chat = service(engine, served_model_name=["edge", "edge-v2"])
+    assert chat.resolve_model("") == "edge"
+    with pytest.raises(ModelNotFound):
+        chat.resolve_model(LEGACY_MODEL_NAME)
+
+
+def test_unset_fields_take_server_defaults_and_zero_temperature_is_greedy(engine):
+    chat = service(engine, temperature_default=0.6, top_p_default=0.9, top_k_default=7, repetition_penalty_default=1.1)
+    sampling = chat.prepare(ChatParams(messages=USER)).request.sampling
+    assert (sampling.temperature, sampling.max_tokens, sampling.top_p, sampling.top_k) == (0.6, 32, 0.9, 7)
+    assert sampling.repetition_penalty == 1.1 and sampling.seed is None
+    explicit = chat.prepare(ChatParams(messages=USER, temperature=0.0, max_tokens=5, seed=3, stop=("x",)))
+    assert explicit.request.sampling.greedy and explicit.request.sampling.max_tokens == 5
+    assert explicit.request.sampling.seed == 3 and explicit.request.sampling.stop == ("x",)
+
+
+def test_the_prompt_is_the_chat_template_applied(engine):
+    chat = service(engine)
+    prepared = chat.prepare(ChatParams(messages=(ChatMessage("system", "Be brief."), *USER)))
+    text = engine.loaded.tokenizer.decode(prepared.request.prompt_token_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (ChatParams(messages=()), "messages"),
+        (ChatParams(messages=USER * 9), "messages"),
+        (ChatParams(messages=(ChatMessage("robot", "hi"),)), "messages[0].role"),
+        (ChatParams(messages=(ChatMessage("user", "hi"), ChatMessage("assistant", "ok"))), "messages[1].role"),
+        (ChatParams(messages=(ChatMessage("user", "  \n"),)), "messages[0].content"),
+        (ChatParams(messages=USER, max_tokens=-1), "max_tokens"),
+        (ChatParams(messages=USER, max_tokens=0), "max_tokens"),
+        (ChatParams(messages=USER, max_tokens=129), "max_tokens"),
+        (ChatParams(messages=USER, temperature=-0.1), "temperature"),
+        (ChatParams(messages=USER, temperature=math.nan), "temperature"),
+        (ChatParams(messages=USER, temperature=math.inf), "temperature"),
+        (ChatParams(messages=USER, temperature=2.5), "temperature"),
+        (ChatParams(messages=USER, top_p=0.0), "top_p"),
+        (ChatParams(messages=USER, top_p=1.5), "top_p"),
+        (ChatParams(messages=USER, top_p=math.nan), "top_p"),
+        (ChatParams(messages=USER, top_k=-1), "top_k"),
+        (ChatParams(messages=USER, repetition_penalty=0.0), "repetition_penalty"),
+        (ChatParams(messages=USER, repetition_penalty=math.inf), "repetition_penalty"),
+        (ChatParams(messages=USER, stop=("",)), "stop[0]"),
+        (ChatParams(messages=USER, stop=("ok", "x" * 300)), "stop[1]"),
+        (ChatParams(messages=USER, stop=tuple("abcdefghijklmnopq")), "stop"),
+        (ChatParams(messages=(ChatMessage("user", "word " * 400),)), "messages"),
+    ],
+)
+def test_each_bad_field_is_named(engine, params, field):
+    with pytest.raises(InvalidArgument) as error:
+        service(engine).prepare(params)
+    assert error.value.field == field
+    assert error.value.message.startswith(field + ":")
+
+
+def test_count_tokens_matches_the_prompt(engine):
+    chat = service(engine)
+    assert chat.count_tokens(USER) == len(chat.prepare(ChatParams(messages=USER)).request.prompt_token_ids)
+
+
+def test_draining_refuses_new_requests(engine):
+    chat = service(engine)
+    chat.begin_drain()
+    with pytest.raises(Unavailable):
+        chat.prepare(ChatParams(messages=USER))

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import LEGACY_MODEL_NAME, Settings, build_parser, load_settings
+
+
+def test_defaults_match_the_documented_ports():
+    settings = Settings()
+    assert settings.grpc_port == 50051
+    assert settings.reflection is True
+    assert settings.model.endswith("Qwen2.5-Coder-0.5B-Instruct")
+
+
+def test_every_setting_is_a_flag_with_help_naming_its_env_var():
+    help_text = build_parser().format_help()
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+        assert f"QWEN_{name.upper()}" in help_text
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("QWEN_GRPC_PORT", "6000")
+    monkeypatch.setenv("QWEN_MAX_TOKENS_DEFAULT", "99")
+    settings = load_settings(["--grpc-port", "7000"])
+    assert settings.grpc_port == 7000
+    assert settings.max_tokens_default == 99
+
+
+def test_served_model_names_from_csv(monkeypatch):
+    monkeypatch.setenv("QWEN_SERVED_MODEL_NAME", f"edge-qwen, {LEGACY_MODEL_NAME}")
+    assert load_settings([]).served_model_name == ["edge-qwen", LEGACY_MODEL_NAME]
+    assert load_settings(["--served-model-name", "a,b"]).served_model_name == ["a", "b"]
+
+
+def test_boolean_flags(monkeypatch):
+    assert load_settings(["--no-reflection"]).reflection is False
+    monkeypatch.setenv("QWEN_REFLECTION", "false")
+    assert load_settings([]).reflection is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--grpc-port", "70000"],
+        ["--max-tokens-default", "5000", "--max-tokens-limit", "100"],
+        ["--max-tokens-limit", "9000", "--max-model-len", "4096"],
+        ["--quantization", "int3"],
+        ["--temperature-default", "-1"],
+    ],
+)
+def test_invalid_settings_are_rejected(argv):
+    with pytest.raises((ValidationError, SystemExit)):
+        load_settings(argv)

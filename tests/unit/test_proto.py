@@ -1,0 +1,88 @@
+"""The wire contract: committed stubs are generated, and clients built on
+the original four-field definition interoperate byte for byte."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from service.pb.qwen import qwen_service_pb2 as pb
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+LEGACY_PROTO = """
+syntax = "proto3";
+package qwen;
+service QwenService {
+  rpc Chat (ChatRequest) returns (ChatResponse);
+  rpc ChatStream (ChatRequest) returns (stream ChatResponse);
+}
+message ChatRequest  { repeated Message messages = 1; string model = 2; float temperature = 3; int32 max_tokens = 4; }
+message ChatResponse { string id = 1; string content = 2; bool is_final = 3; int32 index = 4; }
+message Message      { string role = 1; string content = 2; }
+"""
+
+
+def test_committed_stubs_match_the_generator(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
+    committed = REPO / "service" / "pb"
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*") if "__pycache__" not in p.parts)
+    assert generated, "the generator wrote nothing"
+    for rel in generated:
+        assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{rel} is stale: run `make proto`"
+
+
+def _legacy_messages(tmp_path):
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "legacy.proto").write_text(LEGACY_PROTO)
+    out = tmp_path / "legacy.desc"
+    from grpc_tools import protoc
+
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"--descriptor_set_out={out}", "qwen/legacy.proto"]) == 0
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for proto in file_set.file:
+        pool.Add(proto)
+    get = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))  # noqa: E731
+    return get("qwen.ChatRequest"), get("qwen.ChatResponse"), get("qwen.Message")
+
+
+def test_old_clients_and_new_server_agree_on_bytes(tmp_path):
+    OldRequest, OldResponse, OldMessage = _legacy_messages(tmp_path)
+    old = OldRequest(
+        messages=[OldMessage(role="user", content="héllo")], model="Qwen2.5-0.5B-Instruct", temperature=0.5, max_tokens=64
+    )
+    new = pb.ChatRequest.FromString(old.SerializeToString())
+    assert new.temperature == 0.5 and new.max_tokens == 64 and new.messages[0].content == "héllo"
+    assert new.HasField("temperature") and not new.HasField("top_p")
+    assert new.SerializeToString() == old.SerializeToString()
+
+    # An old client that leaves temperature at 0 sends nothing: the server sees "unset".
+    assert not pb.ChatRequest.FromString(OldRequest(temperature=0.0).SerializeToString()).HasField("temperature")
+
+    response = pb.ChatResponse(
+        id="chat-1", content="Paris", is_final=True, index=3,
+        finish_reason=pb.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        model="Qwen2.5-0.5B-Instruct",
+    )  # fmt: skip
+    seen_by_old = OldResponse.FromString(response.SerializeToString())
+    assert (seen_by_old.id, seen_by_old.content, seen_by_old.is_final, seen_by_old.index) == ("chat-1", "Paris", True, 3)
+    legacy_only = pb.ChatResponse(id="chat-1", content="Paris", is_final=True, index=3)
+    assert OldResponse(id="chat-1", content="Paris", is_final=True, index=3).SerializeToString() == (
+        legacy_only.SerializeToString()
+    )
+
+
+def test_legacy_field_numbers_and_types_are_frozen():
+    fields = {f.name: (f.number, f.type) for f in pb.ChatRequest.DESCRIPTOR.fields}
+    F = descriptor_pb2.FieldDescriptorProto
+    assert fields["messages"] == (1, F.TYPE_MESSAGE)
+    assert fields["model"] == (2, F.TYPE_STRING)
+    assert fields["temperature"] == (3, F.TYPE_FLOAT)
+    assert fields["max_tokens"] == (4, F.TYPE_INT32)
+    out = {f.name: (f.number, f.type) for f in pb.ChatResponse.DESCRIPTOR.fields}
+    assert out["id"] == (1, F.TYPE_STRING) and out["content"] == (2, F.TYPE_STRING)
+    assert out["is_final"] == (3, F.TYPE_BOOL) and out["index"] == (4, F.TYPE_INT32)

@@ -72,6 +72,12 @@ class ServerProcess:
             time.sleep(0.05)
         raise TimeoutError(f"server not SERVING after {timeout} s:\n{self.log}")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all threads)."""
+        fields = pathlib.Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
     def terminate(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -59,7 +60,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream:
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: aio.ServicerContext) -> Any:
@@ -74,4 +75,6 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
+        # Other shapes (e.g. health Watch, which writes with context.write())
+        # pass through untouched.
         return handler

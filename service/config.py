@@ -45,11 +45,13 @@ class Settings(BaseSettings):
         default_factory=default_model_path,
         description="Local Hugging Face folder, a .gguf file, or a hub id "
         "(default: the folder made by `make model`).",
+        json_schema_extra={"doc_default": "`~/.cache/qwen-grpc/models/Qwen2.5-Coder-0.5B-Instruct`"},
     )
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated names the server answers to; the first is the default "
         f"for an empty ChatRequest.model. Default: the model's own name and {LEGACY_MODEL_NAME}.",
+        json_schema_extra={"doc_default": f"model's own name, `{LEGACY_MODEL_NAME}`"},
     )
     dtype: Literal["bfloat16", "float32"] = Field(
         default="bfloat16",
@@ -63,6 +65,7 @@ class Settings(BaseSettings):
         default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
         description="Torch compute threads for the engine (default: the CPUs this process may use).",
+        json_schema_extra={"doc_default": "CPUs available"},
     )
     # --- engine ------------------------------------------------------------
     max_model_len: int = Field(
@@ -148,3 +151,17 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     """Flags override QWEN_* env vars, which override defaults."""
     args = build_parser().parse_args(argv)
     return Settings(**vars(args))
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields."""
+    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = extra.get("doc_default") or f"`{field.default}`"
+        rows.append(f"| `{_flag(name)}` | `QWEN_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -53,3 +53,18 @@ def test_boolean_flags(monkeypatch):
 def test_invalid_settings_are_rejected(argv):
     with pytest.raises((ValidationError, SystemExit)):
         load_settings(argv)
+
+
+def test_readme_configuration_table_is_current():
+    import pathlib
+
+    from service.config import settings_table
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README table is stale: paste `python -m service.config` into README.md"
+
+
+def test_factory_defaults_are_documented():
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            assert (field.json_schema_extra or {}).get("doc_default"), f"{name} needs doc_default"

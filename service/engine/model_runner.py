@@ -95,7 +95,7 @@ class ModelRunner:
                 q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
             hidden = self._finish_layer(layer, hidden, out)
-        return self._logits(hidden[0, -1])
+        return self._logits(hidden[:, -1])[0]
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -38,14 +38,16 @@ class Server:
         await self._grpc.start()
         _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", self.settings.host, self.grpc_port)
         s = self.settings
-        loaded = await asyncio.to_thread(load_model, s.model, s.dtype, s.quantization)
-        self.engine = Engine(
+        loaded = await asyncio.to_thread(load_model, s.model, s.dtype)
+        self.engine = await asyncio.to_thread(
+            Engine,
             loaded,
             max_batch_size=s.max_batch_size,
             max_waiting=s.max_waiting,
             max_model_len=s.max_model_len,
             prefill_chunk_size=s.prefill_chunk_size,
             threads=s.threads,
+            quantization=s.quantization,
         )
         self.engine.start()
         self.chat = ChatService(self.engine, s)

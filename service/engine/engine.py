@@ -26,7 +26,9 @@ class Engine:
         max_model_len: int,
         prefill_chunk_size: int,
         threads: int,
+        quantization: str = "none",
     ) -> None:
+        """Takes ownership of `loaded`: the runner repacks its weights in place."""
         self.loaded = loaded
         self.max_model_len = max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -38,6 +40,7 @@ class Engine:
             prefill_chunk_size=prefill_chunk_size,
             threads=threads,
             deliver=self._deliver,
+            quantization=quantization,
         )
 
     @property

@@ -1,5 +1,5 @@
 """Load a Qwen2-family causal LM and its tokenizer from a local Hugging Face
-folder, a .gguf file, or a hub id; apply the requested dtype/quantization."""
+folder, a .gguf file, or a hub id, in the requested dtype."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 @dataclasses.dataclass
 class LoadedModel:
-    model: torch.nn.Module  # a *ForCausalLM in eval mode
+    model: torch.nn.Module  # a *ForCausalLM in eval mode (the engine repacks it in place)
     tokenizer: PreTrainedTokenizerBase
     name: str  # the model's own name (folder / file stem / hub id)
     eos_token_ids: frozenset[int]
-    dtype: torch.dtype  # activations / KV cache dtype
+    dtype: torch.dtype  # of the loaded weights
 
 
 def model_name(source: str) -> str:
@@ -55,15 +55,7 @@ def load_from_gguf(gguf_path: pathlib.Path, dtype: torch.dtype) -> tuple[torch.n
     return model, tokenizer
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 for every nn.Linear (lm_head included); activations stay float32."""
-    from torch.ao.quantization import quantize_dynamic
-
-    model = model.float()
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def load_model(source: str, dtype: str = "bfloat16", quantization: str = "none") -> LoadedModel:
+def load_model(source: str, dtype: str = "bfloat16") -> LoadedModel:
     start = time.monotonic()
     torch_dtype = _DTYPES[dtype]
     path = pathlib.Path(source)
@@ -84,11 +76,6 @@ def load_model(source: str, dtype: str = "bfloat16", quantization: str = "none")
         raise ValueError("sliding-window attention is not supported")
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template")
-    if quantization == "int8":
-        model = quantize_int8(model)
-        torch_dtype = torch.float32
-    elif quantization != "none":
-        raise ValueError(f"unknown quantization {quantization!r}")
     eos = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     im_end = tokenizer.get_vocab().get("<|im_end|>")
@@ -97,7 +84,7 @@ def load_model(source: str, dtype: str = "bfloat16", quantization: str = "none")
             eos.add(ids)
         elif ids:
             eos.update(i for i in ids if isinstance(i, int))
-    _LOG.info("loaded %s (%s, quantization=%s) in %.1fs", source, dtype, quantization, time.monotonic() - start)
+    _LOG.info("loaded %s (%s) in %.1fs", source, dtype, time.monotonic() - start)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -64,9 +64,10 @@ class Scheduler:
         prefill_chunk_size: int,
         threads: int,
         deliver: Deliver,
+        quantization: str = "none",
     ) -> None:
         self._loaded = loaded
-        self._runner = ModelRunner(loaded, max_batch_size, max_model_len)
+        self._runner = ModelRunner(loaded, max_batch_size, max_model_len, quantization)
         self._max_batch = max_batch_size
         self._max_waiting = max_waiting
         self._max_model_len = max_model_len

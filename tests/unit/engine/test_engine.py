@@ -23,8 +23,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loaded(tiny_model_dir):
+    """A fresh model per test: an engine takes ownership of (repacks) its model."""
     return load_model(str(tiny_model_dir), dtype="float32")
 
 

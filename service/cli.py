@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(_serve(settings))
-    except FileNotFoundError as exc:
-        _LOG.error("%s", exc)
+    except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
+        _LOG.error("cannot start: %s", exc)
         return 2
     return 0
 

@@ -133,3 +133,13 @@ def test_sigterm_drains_running_streams_and_refuses_new_calls(tiny_model_dir):
         assert received[-1].is_final and received[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert received[-1].usage.completion_tokens == 1500, "the running stream was cut short"
         assert server.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("model", ["{tmp}/no-such-model", "Qwen/no-such-model"], ids=["folder", "hub-id-offline"])
+def test_a_missing_model_fails_fast_with_a_clear_error(tmp_path, model):
+    server = ServerProcess(model.format(tmp=tmp_path))  # the harness sets HF_HUB_OFFLINE=1
+    try:
+        assert server.process.wait(60) == 2
+        assert "cannot start" in server.log and "no-such-model" in server.log
+    finally:
+        server.close()

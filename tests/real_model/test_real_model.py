@@ -81,3 +81,16 @@ def test_system_prompt_and_legacy_model_name(stub):
     reply = stub.Chat(request, timeout=120)
     assert "Rome" in reply.content
     assert reply.model == "Qwen2.5-0.5B-Instruct"
+
+
+def test_serves_straight_from_the_gguf_file(real_model_dir):
+    from service.config import default_cache_dir
+    from service.model_fetch import GGUF_NAME
+
+    gguf = default_cache_dir() / "gguf" / GGUF_NAME
+    assert gguf.is_file(), "make model keeps the verified GGUF next to the converted folder"
+    with running_server(gguf, "--max-batch-size", "2", timeout=300) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.QwenServiceStub(channel)
+            assert "Paris" in ask(stub, "What is the capital of France?").content
+            assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].id == gguf.stem

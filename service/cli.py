@@ -97,12 +97,14 @@ async def _serve(settings: Settings) -> None:
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server.wait_for_stop())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
-    if start in done:
-        start.result()  # a failed start (e.g. missing model) raises here
-        await stop
-    else:
-        start.cancel()
-    await server.drain_and_stop()
+    try:
+        if start in done:
+            start.result()  # a failed start (e.g. missing model) raises here
+            await stop
+        else:
+            start.cancel()
+    finally:
+        await server.drain_and_stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(_serve(settings))
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
-        _LOG.error("cannot start: %s", exc)
+        _LOG.error("cannot start with --model %s: %s", settings.model, exc)
         return 2
     return 0
 

@@ -29,28 +29,28 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def _candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (at most top_k) best logits in descending order, with their token ids.
+    top_k keeps this O(vocab) instead of a full sort; 0 means all tokens."""
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p
-        # (so the most likely token always survives).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        return torch.topk(logits, top_k)
+    return torch.sort(logits, descending=True)
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: float32 [vocab], penalties already applied."""
+    """logits: float32 [vocab], penalties already applied. Order as in
+    transformers: temperature, then top-k, then top-p."""
     if params.greedy:
         return int(logits.argmax())
-    logits = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    values, token_ids = _candidates(logits, params.top_k)
+    probs = (values / params.temperature).softmax(-1)
+    if params.top_p < 1.0:
+        # Keep a candidate while the mass before it is below top_p (so the
+        # most likely token always stays).
+        keep = (probs.cumsum(-1) - probs) < params.top_p
+        probs = probs * keep
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(token_ids[choice])
 
 
 def select_tokens(

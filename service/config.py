@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import socket
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, model_validator
@@ -102,6 +103,52 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0.0,
         description="Seconds running requests get to finish after SIGTERM before they are cancelled.",
+    )
+    replica_name: str = Field(
+        default_factory=socket.gethostname,
+        description="Name sent to clients in the `qwen-replica` response header, so they can tell "
+        "which replica served a call (default: the host name, i.e. the pod name on Kubernetes).",
+    )
+    # --- connection management for client-side load balancing ------------
+    # Clients of a headless Service balance per call over the addresses they
+    # resolved, but gRPC re-resolves DNS only when a connection closes. A
+    # bounded connection age makes every client reconnect (and re-resolve)
+    # regularly, so replicas added by a scale-up get traffic. The defaults
+    # are explained in clients/python/README.md ("Server settings").
+    max_connection_age: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="Seconds after which the server asks a client connection to close (GOAWAY, with up to "
+        "10 percent random jitter), so clients re-resolve DNS and find new replicas. 0 = never.",
+    )
+    max_connection_age_grace: float = Field(
+        default=600.0,
+        ge=0.0,
+        description="Seconds calls still running on an aged connection may take before it is closed hard. "
+        "Must exceed the longest allowed stream (max-tokens-limit at the slowest token rate under "
+        "full load), or long streams are cut.",
+    )
+    keepalive_time: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Seconds between the server's own keepalive pings, so generations for dead clients "
+        "are cancelled instead of occupying a slot.",
+    )
+    keepalive_timeout: float = Field(
+        default=20.0,
+        gt=0.0,
+        description="Seconds the server waits for a keepalive ping ack before it closes the connection.",
+    )
+    keepalive_min_ping_interval: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="Shortest interval between client pings the server accepts; faster pings are answered "
+        "with GOAWAY too_many_pings. The client SDKs ping every 30 s by default.",
+    )
+    keepalive_permit_without_calls: bool = Field(
+        default=True,
+        description="Accept client keepalive pings on connections with no running call (the SDKs send "
+        "them so an idle channel notices a dead replica before the next call).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 

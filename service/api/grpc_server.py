@@ -18,6 +18,7 @@ from ..errors import Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from .interceptors import ErrorInterceptor
+from .replica import ReplicaNameInterceptor
 
 _LOG = logging.getLogger(__name__)
 
@@ -132,16 +133,39 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         return pb.CountTokensResponse(prompt_tokens=count, max_context_tokens=window, remaining_tokens=window - count)
 
 
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
 def server_options(settings: Settings) -> list[tuple[str, object]]:
-    return [
+    options: list[tuple[str, object]] = [
         ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second listener
+        # Our own pings find dead clients, whose generations would otherwise
+        # hold a batch slot until max_tokens.
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout)),
+        # Ping enforcement: without these, C-core accepts a client ping at most
+        # every 5 minutes (every 2 hours on a connection without calls) and
+        # answers faster ones with GOAWAY too_many_pings, which would make
+        # the SDKs' keepalive tear down healthy connections.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(settings.keepalive_min_ping_interval)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
     ]
+    if settings.max_connection_age > 0:
+        # GOAWAY after this age makes clients reconnect and re-resolve DNS;
+        # calls still running get the grace period before a hard close.
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace)),
+        ]
+    return options
 
 
 def build_server(settings: Settings, servicer: QwenServicer) -> tuple[aio.Server, health.aio.HealthServicer, int]:
     """Create the server with every service registered.
     Returns (server, health servicer, bound gRPC port)."""
-    server = aio.server(interceptors=[ErrorInterceptor()], options=server_options(settings))
+    interceptors = [ErrorInterceptor(), ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/")]
+    server = aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,78 +1,64 @@
 """Python client SDK for qwen-grpc.
 
     from service.client import QwenClient
-    client = QwenClient("dns:///qwen-headless.default.svc.cluster.local:50051")
-    print(client.chat([{"role": "user", "content": "Hi"}]).content)
-    for piece in client.stream([{"role": "user", "content": "Hi"}], temperature=0):
-        print(piece.content, end="", flush=True)
+    with QwenClient("dns:///qwen-headless.default.svc.cluster.local:50051") as client:
+        print(client.chat([{"role": "user", "content": "Hi"}], timeout=30).content)
+        for piece in client.stream([{"role": "user", "content": "Hi"}], temperature=0):
+            print(piece.content, end="", flush=True)
 
 `connect()` returns a channel set up for a fleet of replicas behind a headless
-Service: round_robin over every resolved address, transparent retry of
-UNAVAILABLE (a refused call did no work), keepalive, and faster DNS
-re-resolution.
+Service: round_robin over every resolved address, client-side health checks,
+transparent retry of UNAVAILABLE (a refused call did no work), keepalive,
+faster DNS re-resolution, optional TLS and API key, and W3C `traceparent`
+propagation when OpenTelemetry is active. clients/python/README.md shows an
+example for each capability.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
 from grpc import aio
 
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from .channel import (
+    call_metadata,
+    channel_credentials,
+    channel_options,
+    connect,
+    connect_async,
+    fleet_channel,
+    service_config,
+    target_of,
+)
 
 __all__ = [
+    "AsyncChatStream",
     "AsyncQwenClient",
     "ChatResult",
+    "ChatStream",
     "QwenClient",
     "build_request",
+    "replica_of",
+    "channel_credentials",
     "channel_options",
     "connect",
     "connect_async",
     "finish_reason_name",
+    "fleet_channel",
+    "call_metadata",
+    "service_config",
+    "target_of",
 ]
 
-SERVICE = "qwen.QwenService"
-_RETRY_POLICY = {
-    "maxAttempts": 3,
-    "initialBackoff": "0.1s",
-    "maxBackoff": "1s",
-    "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
-}
+REPLICA_METADATA_KEY = "qwen-replica"  # set by service/api/replica.py
 
-
-def channel_options(*, keepalive_seconds: float = 30.0, dns_refresh_seconds: float = 5.0) -> list[tuple[str, Any]]:
-    service_config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": _RETRY_POLICY}],
-    }
-    return [
-        ("grpc.service_config", json.dumps(service_config)),
-        ("grpc.enable_retries", 1),
-        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.dns_min_time_between_resolutions_ms", int(dns_refresh_seconds * 1000)),
-    ]
-
-
-def _target(target: str) -> str:
-    # A bare host:port would use pick_first semantics on one address list;
-    # dns:/// makes every A record a round_robin backend.
-    return target if "://" in target or target.startswith(("unix:", "dns:")) else f"dns:///{target}"
-
-
-def connect(target: str, **options: Any) -> grpc.Channel:
-    return grpc.insecure_channel(_target(target), options=channel_options(**options))
-
-
-def connect_async(target: str, **options: Any) -> aio.Channel:
-    return aio.insecure_channel(_target(target), options=channel_options(**options))
+# A generation of max_tokens on a busy CPU replica can take minutes; callers
+# that want less pass timeout= per call.
+DEFAULT_TIMEOUT_SECONDS = 120.0
 
 
 def _messages(messages: Iterable[Mapping[str, str] | tuple[str, str]]) -> list[pb.Message]:
@@ -125,9 +111,12 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    # The replica that answered (its `qwen-replica` header: the pod name on
+    # Kubernetes); "" from servers that do not send it.
+    replica: str = ""
 
     @classmethod
-    def from_response(cls, response: pb.ChatResponse) -> "ChatResult":
+    def from_response(cls, response: pb.ChatResponse, replica: str = "") -> "ChatResult":
         return cls(
             id=response.id,
             content=response.content,
@@ -135,37 +124,121 @@ class ChatResult:
             prompt_tokens=response.usage.prompt_tokens,
             completion_tokens=response.usage.completion_tokens,
             model=response.model,
+            replica=replica,
         )
 
 
-class QwenClient:
-    """Blocking client. `timeout` is the per-call deadline in seconds."""
+class ChatStream:
+    """The messages of one ChatStream call, as an iterator. The last message
+    has is_final, finish_reason and usage. cancel() (or leaving a `with`
+    block, or close()) cancels the generation on the server; a caller that
+    stops iterating early should do one of these."""
 
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None, timeout: float | None = 120.0) -> None:
-        self.channel = channel or connect(target)
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> pb.ChatResponse:
+        return next(self._call)
+
+    def cancel(self) -> bool:
+        """True if the call was still running and is now cancelled."""
+        return self._call.cancel()
+
+    close = cancel
+
+    def replica(self) -> str:
+        """The replica serving this stream; waits for the first message."""
+        return replica_of(self._call.initial_metadata())
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class AsyncChatStream:
+    """ChatStream for asyncio: `async for`; cancel() or cancelling the task
+    that iterates cancels the generation on the server."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._responses: AsyncIterator[pb.ChatResponse] = call.__aiter__()
+
+    def __aiter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __anext__(self) -> pb.ChatResponse:
+        return await self._responses.__anext__()
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    close = cancel
+
+    async def replica(self) -> str:
+        """The replica serving this stream; waits for the first message."""
+        return replica_of(await self._call.initial_metadata())
+
+    async def __aenter__(self) -> "AsyncChatStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+def replica_of(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The `qwen-replica` response header: which replica served a call."""
+    return next((str(value) for key, value in metadata or () if key == REPLICA_METADATA_KEY), "")
+
+
+def _timeout(timeout: float | None, default: float | None) -> float | None:
+    return default if timeout is None else timeout
+
+
+class QwenClient:
+    """Blocking client. `timeout` (seconds) is the default deadline of every
+    call; each method takes its own `timeout=` too. Keyword options are those
+    of connect(): api_key, tls, root_certificates, client_certificate_chain,
+    client_private_key, keepalive_seconds, dns_refresh_seconds, ...
+    With `channel=` the caller owns the channel (and its metadata)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        api_key: str | None = None,
+        **connect_options: Any,
+    ) -> None:
+        if channel is not None and (connect_options or api_key):
+            raise TypeError("pass connect options or a channel, not both")
+        self.channel = channel or fleet_channel(target, **connect_options)
+        self._metadata = call_metadata(api_key)
         self._stub = pb_grpc.QwenServiceStub(self.channel)
         self.timeout = timeout
 
+    def _call_args(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": _timeout(timeout, self.timeout), "metadata": self._metadata()}
+
     def chat(self, messages, *, timeout: float | None = None, **params: Any) -> ChatResult:
-        response = self._stub.Chat(build_request(messages, **params), timeout=timeout or self.timeout)
-        return ChatResult.from_response(response)
+        response, call = self._stub.Chat.with_call(build_request(messages, **params), **self._call_args(timeout))
+        return ChatResult.from_response(response, replica=replica_of(call.initial_metadata()))
 
-    def stream(self, messages, *, timeout: float | None = None, **params: Any) -> Iterator[pb.ChatResponse]:
-        """Yields ChatResponse messages; the last has is_final, finish_reason and usage.
-        Breaking out of the loop (or calling .cancel() on the returned call) cancels
-        the generation on the server."""
-        call = self._stub.ChatStream(build_request(messages, **params), timeout=timeout or self.timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+    def stream(self, messages, *, timeout: float | None = None, **params: Any) -> ChatStream:
+        return ChatStream(self._stub.ChatStream(build_request(messages, **params), **self._call_args(timeout)))
 
-    def list_models(self) -> list[str]:
-        return [m.id for m in self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models]
+    def list_models(self, *, timeout: float | None = None) -> list[str]:
+        reply = self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout))
+        return [m.id for m in reply.models]
 
-    def count_tokens(self, messages, model: str = "") -> int:
+    def count_tokens(self, messages, model: str = "", *, timeout: float | None = None) -> int:
         request = pb.CountTokensRequest(messages=_messages(messages), model=model)
-        return self._stub.CountTokens(request, timeout=self.timeout).prompt_tokens
+        return self._stub.CountTokens(request, **self._call_args(timeout)).prompt_tokens
 
     def close(self) -> None:
         self.channel.close()
@@ -178,24 +251,39 @@ class QwenClient:
 
 
 class AsyncQwenClient:
-    """asyncio client; cancelling the task that iterates `stream` cancels the RPC."""
+    """asyncio client with the same options as QwenClient."""
 
-    def __init__(self, target: str, *, channel: aio.Channel | None = None, timeout: float | None = 120.0) -> None:
-        self.channel = channel or connect_async(target)
+    def __init__(
+        self,
+        target: str,
+        *,
+        channel: aio.Channel | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        **connect_options: Any,
+    ) -> None:
+        if channel is not None and connect_options:
+            raise TypeError("pass connect options or a channel, not both")
+        self.channel = channel or connect_async(target, **connect_options)
         self._stub = pb_grpc.QwenServiceStub(self.channel)
         self.timeout = timeout
 
     async def chat(self, messages, *, timeout: float | None = None, **params: Any) -> ChatResult:
-        response = await self._stub.Chat(build_request(messages, **params), timeout=timeout or self.timeout)
-        return ChatResult.from_response(response)
+        call = self._stub.Chat(build_request(messages, **params), timeout=_timeout(timeout, self.timeout))
+        response = await call
+        return ChatResult.from_response(response, replica=replica_of(await call.initial_metadata()))
 
-    async def stream(self, messages, *, timeout: float | None = None, **params: Any):
-        call = self._stub.ChatStream(build_request(messages, **params), timeout=timeout or self.timeout)
-        try:
-            async for response in call:
-                yield response
-        finally:
-            call.cancel()
+    def stream(self, messages, *, timeout: float | None = None, **params: Any) -> AsyncChatStream:
+        call = self._stub.ChatStream(build_request(messages, **params), timeout=_timeout(timeout, self.timeout))
+        return AsyncChatStream(call)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        reply = await self._stub.ListModels(pb.ListModelsRequest(), timeout=_timeout(timeout, self.timeout))
+        return [m.id for m in reply.models]
+
+    async def count_tokens(self, messages, model: str = "", *, timeout: float | None = None) -> int:
+        request = pb.CountTokensRequest(messages=_messages(messages), model=model)
+        reply = await self._stub.CountTokens(request, timeout=_timeout(timeout, self.timeout))
+        return reply.prompt_tokens
 
     async def close(self) -> None:
         await self.channel.close()

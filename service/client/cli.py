@@ -2,11 +2,16 @@
 
     qwen-chat "What is the capital of France?"
     echo "Explain gRPC" | qwen-chat --target localhost:50051 --temperature 0 --max-tokens 200
+    qwen-chat --target dns:///qwen-headless.default.svc.cluster.local:50051 --tls --root-certificates ca.pem "Hi"
+
+The API key comes from --api-key or QWEN_API_KEY (the environment keeps it
+out of shell history and `ps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -28,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default %(default)s)")
     parser.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
+    parser.add_argument("--api-key", default=os.environ.get("QWEN_API_KEY"), help="sent as `authorization: Bearer KEY` (default: $QWEN_API_KEY)")
+    parser.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate flags)")
+    parser.add_argument("--root-certificates", help="PEM file of the CA(s) to trust (default: system trust store)")
+    parser.add_argument("--client-cert", help="PEM client certificate chain for mutual TLS")
+    parser.add_argument("--client-key", help="PEM private key of --client-cert")
+    parser.add_argument("--tls-server-name", help="name to verify in the server certificate (default: the target host)")
     args = parser.parse_args(argv)
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -43,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    with QwenClient(args.target, timeout=args.timeout) as client:
+    connect_options = dict(
+        api_key=args.api_key,
+        tls=args.tls,
+        root_certificates=args.root_certificates,
+        client_certificate_chain=args.client_cert,
+        client_private_key=args.client_key,
+        tls_server_name=args.tls_server_name,
+    )
+    with QwenClient(args.target, timeout=args.timeout, **connect_options) as client:
         try:
             for response in client.stream(messages, **params):
                 sys.stdout.write(response.content)

@@ -1,0 +1,47 @@
+package main
+
+import "testing"
+
+func TestDialTargetAddsDNSScheme(t *testing.T) {
+	cases := map[string]string{
+		"localhost:50051":                        "dns:///localhost:50051",
+		"dns:///svc.ns.svc.cluster.local:50051":  "dns:///svc.ns.svc.cluster.local:50051",
+		"dns://127.0.0.1:53/svc.cluster.local:1": "dns://127.0.0.1:53/svc.cluster.local:1",
+		"unix:/run/qwen.sock":                    "unix:/run/qwen.sock",
+	}
+	for in, want := range cases {
+		if got := dialTarget(in); got != want {
+			t.Errorf("dialTarget(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestOnlyGivenFlagsAreSent(t *testing.T) {
+	o, rest, err := parseFlags([]string{"-temperature", "0", "-max-tokens", "7", "-stop", "a", "-stop", "b", "hello", "world"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	request := buildRequest(o, "hello world")
+	if len(rest) != 2 || request.GetMessages()[0].GetContent() != "hello world" {
+		t.Fatalf("prompt not taken from the arguments: %v %v", rest, request.GetMessages())
+	}
+	// An explicit 0 must be sent (greedy), not dropped as "unset".
+	if request.Temperature == nil || *request.Temperature != 0 {
+		t.Errorf("temperature = %v, want explicit 0", request.Temperature)
+	}
+	if request.MaxTokens == nil || *request.MaxTokens != 7 {
+		t.Errorf("max_tokens = %v, want 7", request.MaxTokens)
+	}
+	if request.TopP != nil || request.TopK != nil || request.Seed != nil {
+		t.Errorf("flags not given were sent: top_p=%v top_k=%v seed=%v", request.TopP, request.TopK, request.Seed)
+	}
+	if len(request.GetStop()) != 2 {
+		t.Errorf("stop = %v, want [a b]", request.GetStop())
+	}
+}
+
+func TestClientCertNeedsKey(t *testing.T) {
+	if _, _, err := parseFlags([]string{"-client-cert", "c.pem", "x"}); err == nil {
+		t.Fatal("a client certificate without its key was accepted")
+	}
+}

@@ -76,16 +76,23 @@ class Server:
         if self.chat is not None:
             self.chat.begin_drain()
         deadline = time.monotonic() + self.settings.drain_timeout
+        idle = False
         while self.engine is not None and time.monotonic() < deadline:
             stats = self.engine.stats()
             if stats.running == 0 and stats.waiting == 0:
+                idle = True
                 break
             await asyncio.sleep(0.05)
-        # Whatever still runs is cancelled now; a short grace lets the final
-        # messages and trailers reach the clients.
-        if self.engine is not None:
+        if self.engine is not None and not idle:
+            # Whatever still runs is cancelled now (with a final message).
             await self.engine.shutdown()
-        await self._grpc.stop(grace=1.0)
+        # Generation is over, but streams to slow clients may still be
+        # delivering their last messages (HTTP/2 flow control holds them
+        # back): they get the rest of the drain time, at least a second for
+        # final messages and trailers.
+        await self._grpc.stop(grace=max(1.0, deadline - time.monotonic()))
+        if self.engine is not None and idle:
+            await self.engine.shutdown()
         _LOG.info("stopped")
 
 

@@ -65,6 +65,7 @@ def channel_options(
     dns_refresh_seconds: float = 5.0,
     health_check: bool = True,
     tls_server_name: str | None = None,
+    extra_options: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments for a fleet channel. keepalive_seconds must not be
     below the server's --keepalive-min-ping-interval (10 s by default), or the
@@ -84,7 +85,8 @@ def channel_options(
     ]
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
-    return options
+    # Any other gRPC channel argument (e.g. flow-control or message-size limits).
+    return options + list(extra_options)
 
 
 def target_of(target: str) -> str:

@@ -165,17 +165,27 @@ class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClie
         return continuation(_with_metadata(client_call_details, self._metadata(), _SyncCallDetails), request)
 
 
-class AsyncMetadataInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor):
-    """Adds call_metadata() to every call of an asyncio channel."""
-
+class _AsyncUnaryMetadataInterceptor(aio.UnaryUnaryClientInterceptor):
     def __init__(self, metadata: Callable[[], list[tuple[str, str]]]) -> None:
         self._metadata = metadata
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(_with_metadata(client_call_details, self._metadata(), aio.ClientCallDetails), request)
 
+
+class _AsyncStreamMetadataInterceptor(aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: Callable[[], list[tuple[str, str]]]) -> None:
+        self._metadata = metadata
+
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(_with_metadata(client_call_details, self._metadata(), aio.ClientCallDetails), request)
+
+
+def async_metadata_interceptors(metadata: Callable[[], list[tuple[str, str]]]) -> list[aio.ClientInterceptor]:
+    """call_metadata() on every call of an asyncio channel. One object per
+    call kind: grpc.aio files an interceptor under the first kind it
+    implements only, so one class for both would skip streaming calls."""
+    return [_AsyncUnaryMetadataInterceptor(metadata), _AsyncStreamMetadataInterceptor(metadata)]
 
 
 def _credentials(tls: bool, root_certificates, client_certificate_chain, client_private_key):
@@ -228,7 +238,7 @@ def connect_async(
     """connect() for asyncio (grpc.aio)."""
     credentials = _credentials(tls, root_certificates, client_certificate_chain, client_private_key)
     args = channel_options(**options)
-    interceptors = [AsyncMetadataInterceptor(call_metadata(api_key))]
+    interceptors = async_metadata_interceptors(call_metadata(api_key))
     if credentials:
         return aio.secure_channel(target_of(target), credentials, options=args, interceptors=interceptors)
     return aio.insecure_channel(target_of(target), options=args, interceptors=interceptors)

@@ -148,7 +148,10 @@ def server_options(settings: Settings) -> list[tuple[str, object]]:
         # every 5 minutes (every 2 hours on a connection without calls) and
         # answers faster ones with GOAWAY too_many_pings, which would make
         # the SDKs' keepalive tear down healthy connections.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(settings.keepalive_min_ping_interval)),
+        # The C macro is GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS but
+        # its string has no "recv": "grpc.http2.min_recv_ping_..." (seen in
+        # public server code) is silently ignored (checked with grpcio 1.85).
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.keepalive_min_ping_interval)),
         ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
     ]
     if settings.max_connection_age > 0:

@@ -1,6 +1,9 @@
 # qwen-grpc — every entry point a user or CI needs.
 #   make run    set up, fetch the model, serve on :50051
 #   make test   set up, fetch the model, run every test
+#   make test-lb    client-side load-balancing tests (3 replicas in network namespaces + dnsmasq)
+#   make lb-demo    the same fleet scenarios, narrated with their measurements
+#   make go-client  Go qwen-chat for linux/amd64 and linux/arm64 (clients/go/bin/)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +13,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-fast proto lock clean
+.PHONY: help setup model run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,11 +36,31 @@ model: setup  ## fetch + verify + convert the default model (idempotent, cached 
 run: model  ## serve the default model (gRPC :50051); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model  ## every test (unit, integration, real model)
+test: model fleet-deps go-client  ## every test (unit, integration, real model, fleet)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## tests that need no real model
+test-fast: setup fleet-deps go-client  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
+
+# The fleet tests need root (network namespaces), dnsmasq and openssl;
+# CI is a fresh Debian machine where apt works after an update.
+FLEET_DEBIAN_PACKAGES := dnsmasq-base iproute2 openssl
+fleet-deps:  ## Debian packages for tests/fleet (installed only if missing)
+	@missing=$$(for p in $(FLEET_DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+go-client:  ## Go qwen-chat, static, linux/amd64 + linux/arm64 (offline from Debian's Go packages)
+	$(MAKE) -C clients/go build
+
+test-lb: setup fleet-deps go-client  ## client-side load-balancing tests: SDK, Go client, 3 replicas over real DNS
+	$(BIN)/pytest tests/fleet $(PYTEST_ARGS)
+
+lb-demo: setup fleet-deps go-client  ## run the multi-replica scenarios and print what they measure
+	$(BIN)/pytest tests/fleet/test_multi_replica.py -s -v -p no:cacheprovider
 
 proto: setup  ## regenerate service/pb from proto/ (committed; a test checks they match)
 	$(PY) proto/generate.py

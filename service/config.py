@@ -108,6 +108,7 @@ class Settings(BaseSettings):
         default_factory=socket.gethostname,
         description="Name sent to clients in the `qwen-replica` response header, so they can tell "
         "which replica served a call (default: the host name, i.e. the pod name on Kubernetes).",
+        json_schema_extra={"doc_default": "host name"},
     )
     # --- connection management for client-side load balancing ------------
     # Clients of a headless Service balance per call over the addresses they

@@ -58,9 +58,11 @@ class Settings(BaseSettings):
         default="bfloat16",
         description="Compute dtype for weights that are not quantized.",
     )
-    quantization: Literal["none", "int8"] = Field(
+    quantization: Literal["none", "int8", "int8-dynamic"] = Field(
         default="none",
-        description="Weight quantization: none, or int8 (dynamic int8 for every Linear; computes in float32).",
+        description="Weight quantization of every Linear incl. the output layer: none; int8 (weight-only, "
+        "per-channel scales, activations keep --dtype); int8-dynamic (torch.ao dynamic int8, computes in "
+        "float32, costs accuracy).",
     )
     threads: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),

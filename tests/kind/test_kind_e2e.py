@@ -32,6 +32,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "deploy"))
 from chart_render import CHART, REPO_ROOT, tool  # noqa: E402
 from lb_assertions import assert_no_failures, assert_spread  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from kind_manifests import client_job  # noqa: E402
+
 MISSING = [name for name in ("kind", "docker") if shutil.which(name) is None]
 pytestmark = [
     pytest.mark.kind,
@@ -126,32 +129,7 @@ def grpcurl(*args: str) -> dict:
 def run_client_job(name: str, *client_args: str, on_started=None, timeout: float = 600) -> dict:
     """Run in_cluster_client.py in a Job with the server image; returns its RESULT."""
     kubectl("create", "configmap", f"{name}-script", f"--from-file=client.py={CLIENT_SCRIPT}")
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "client",
-                        "image": IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["python", "/client/client.py", *client_args],
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "script", "mountPath": "/client"}, {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
-                    "volumes": [{"name": "script", "configMap": {"name": f"{name}-script"}},
-                                {"name": "tmp", "emptyDir": {}}],
-                },
-            },
-        },
-    }  # fmt: skip
+    job = client_job(name, IMAGE, list(client_args))
     kubectl("apply", "-f", "-", input=json.dumps(job))
     try:
         if on_started is not None:

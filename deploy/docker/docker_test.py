@@ -305,6 +305,20 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, on_t
     raise TimeoutError(f"{what} not reached after {timeout:.0f} s\n{on_timeout()}")
 
 
+def helm_test_hook() -> tuple[str, dict[str, str]] | None:
+    """(script, env) of the Helm chart's test pod, or None without helm."""
+    helm = shutil.which("helm", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("helm")
+    if helm is None:
+        return None
+    import yaml
+
+    rendered = run(helm, "template", "qwen-grpc", REPO_ROOT / "deploy/helm/qwen-grpc",
+                   "--show-only", "templates/tests/test-grpc.yaml", capture=True).stdout  # fmt: skip
+    container = yaml.safe_load(rendered)["spec"]["containers"][0]
+    assert container["command"][:2] == ["sh", "-ec"], container["command"]
+    return container["command"][2], {e["name"]: e["value"] for e in container["env"]}
+
+
 def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -368,6 +382,17 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         ).stdout.strip() == "healthy"
         wait_until(health, 60, "docker HEALTHCHECK healthy", interval=1.0, on_timeout=logs)
         say("docker HEALTHCHECK healthy; uid 10001; root filesystem read-only")
+
+        # The chart's `helm test` hook script, run in this container against this server.
+        hook = helm_test_hook()
+        if hook is None:
+            say("helm not found (`make tools`): skipped running the helm test hook script")
+        else:
+            script, env = hook
+            result = docker.docker("exec", "-e", f"TARGET={target}", "-e", f"CHAT_REQUEST={env['CHAT_REQUEST']}",
+                                   name, "sh", "-ec", script, capture=True, check=False)  # fmt: skip
+            assert result.returncode == 0, f"helm test hook script failed:\n{result.stdout}\n{result.stderr}"
+            say("the chart's helm test hook script passes against this container")
 
         # SIGTERM -> drain -> exit 0 (the process is PID 1 and handles it itself).
         docker.docker("stop", "--time", "60", name, capture=True)

@@ -151,7 +151,15 @@ class IsolatedDocker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # dockerd leaves a bind mount of the default network namespace
+        # (exec-root/netns/default) behind; unmount whatever is under our
+        # folder, deepest first, before removing it.
+        mounts = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
+        for mount_point in sorted((m for m in mounts if m.startswith(f"{self.run_dir}/")), key=len, reverse=True):
+            run("umount", "--lazy", mount_point, check=False, capture=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.run_dir.exists():
+            say(f"could not remove {self.run_dir}")
 
 
 def ensure_base_image(docker: IsolatedDocker, cache: pathlib.Path) -> None:

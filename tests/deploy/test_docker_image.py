@@ -33,4 +33,5 @@ def test_image_builds_and_serves_read_only_as_non_root(real_model_dir):
     for check in ("health SERVING", "Chat answered", "uid 10001; root filesystem read-only",
                   "helm test hook script passes", "exited 0", "passed"):
         assert check in result.stdout, f"{check!r} missing:\n{report}"
+    assert "could not remove" not in result.stdout, report
     print(f"docker-test took {time.monotonic() - started:.0f} s\n{result.stdout[-3000:]}")

@@ -23,7 +23,7 @@ def test_every_optional_feature_has_a_ci_values_file():
     names = {p.name for p in CI_VALUES}
     assert {
         "monitoring-values.yaml", "autoscaling-values.yaml", "pvc-model-values.yaml",
-        "fetch-model-values.yaml", "security-otel-values.yaml",
+        "fetch-model-values.yaml", "security-otel-values.yaml", "all-features-values.yaml",
     } <= names  # fmt: skip
 
 

@@ -131,3 +131,14 @@ def test_every_value_is_documented_and_typed():
     text = (CHART / "values.yaml").read_text()
     missing = _undocumented(yaml.compose(text), schema, text.splitlines(), "", False)
     assert not missing, f"values without a comment or schema: {missing}"
+
+
+def test_chart_packages(tmp_path):
+    import tarfile
+
+    result = helm("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("qwen-grpc-*.tgz")
+    names = tarfile.open(archive).getnames()
+    for needed in ("Chart.yaml", "values.yaml", "values.schema.json", "templates/deployment.yaml",
+                   "templates/tests/test-grpc.yaml", "templates/NOTES.txt"):  # fmt: skip
+        assert f"qwen-grpc/{needed}" in names, (needed, result.stdout)

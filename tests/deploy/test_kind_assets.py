@@ -59,6 +59,19 @@ def test_in_cluster_client_streams_mode_against_a_real_server(tiny_model_dir):
     assert_no_failures(outcomes)
 
 
+def test_in_cluster_client_spread_mode_names_the_replica(tiny_model_dir):
+    with running_server(tiny_model_dir, "--threads", "1", "--replica-name", "pod-a") as server:
+        result = subprocess.run(
+            [sys.executable, str(KIND_DIR / "in_cluster_client.py"), "spread", server.target, "5"],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    replicas = json.loads(line.removeprefix("RESULT "))["replicas"]
+    assert replicas == ["pod-a"] * 5
+    assert_spread(replicas, {"pod-a"})
+
+
 def test_spread_assertion():
     assert_spread(["a", "b", "c"] * 20, {"a", "b", "c"})
     with pytest.raises(AssertionError, match="below 20%"):

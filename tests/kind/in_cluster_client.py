@@ -2,14 +2,14 @@
 JSON line with what happened, for tests/kind/test_kind_e2e.py to assert on.
 
     python in_cluster_client.py spread  TARGET CALLS
-        sequential unary calls; records which replica answered each
-        (the `qwen-replica` response header)
+        sequential unary calls; records which replica answered each (the
+        SDK reads the `qwen-replica` response header: the pod name)
     python in_cluster_client.py streams TARGET STREAMS SECONDS
         concurrent streams plus a unary loop for SECONDS while the test
         deletes a pod; records every call's final status
 
-Uses the project's SDK channel (round_robin over the headless Service's A
-records, retry of UNAVAILABLE), as a real in-cluster client would.
+Uses the project's SDK (round_robin over the headless Service's A records,
+retry of UNAVAILABLE), as a real in-cluster client would.
 """
 
 from __future__ import annotations
@@ -21,27 +21,22 @@ import time
 
 import grpc
 
-from service.client import build_request, connect
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from service.client import QwenClient
 
 PROMPT = [{"role": "user", "content": "Write a haiku about gRPC."}]
-REPLICA_HEADER = "qwen-replica"
+# Re-resolve DNS quickly so a replaced pod's address is picked up within the test.
+CLIENT_OPTIONS = {"dns_refresh_seconds": 1.0}
 
 
 def spread(target: str, calls: int) -> dict:
-    stub = pb_grpc.QwenServiceStub(connect(target, dns_refresh_seconds=1.0))
-    replicas = []
-    for _ in range(calls):
-        _, call = stub.Chat.with_call(build_request(PROMPT, max_tokens=2, temperature=0), timeout=60)
-        metadata = dict(call.initial_metadata())
-        if REPLICA_HEADER not in metadata:
-            raise SystemExit(f"the server sent no {REPLICA_HEADER} header: {metadata}")
-        replicas.append(metadata[REPLICA_HEADER])
+    with QwenClient(target, timeout=60, **CLIENT_OPTIONS) as client:
+        replicas = [client.chat(PROMPT, max_tokens=2, temperature=0).replica for _ in range(calls)]
+    if not all(replicas):
+        raise SystemExit(f"some answers named no replica (no qwen-replica header): {replicas}")
     return {"replicas": replicas}
 
 
 def streams(target: str, count: int, seconds: float) -> dict:
-    stub = pb_grpc.QwenServiceStub(connect(target, dns_refresh_seconds=1.0))
     outcomes: list[tuple[str, str]] = []
     lock = threading.Lock()
 
@@ -49,34 +44,35 @@ def streams(target: str, count: int, seconds: float) -> dict:
         with lock:
             outcomes.append((what, status))
 
-    def one_stream(index: int) -> None:
-        try:
-            final = None
-            for response in stub.ChatStream(build_request(PROMPT, max_tokens=200, temperature=0), timeout=300):
-                final = response
-            ok = final is not None and final.is_final
-            record(f"stream-{index}", "OK" if ok else "NO_FINAL_MESSAGE")
-        except grpc.RpcError as error:
-            record(f"stream-{index}", error.code().name)
+    with QwenClient(target, timeout=300, **CLIENT_OPTIONS) as client:
 
-    def unary_loop() -> None:
-        deadline = time.monotonic() + seconds
-        number = 0
-        while time.monotonic() < deadline:
+        def one_stream(index: int) -> None:
             try:
-                stub.Chat(build_request(PROMPT, max_tokens=2, temperature=0), timeout=60)
-                record(f"unary-{number}", "OK")
+                final = None
+                for response in client.stream(PROMPT, max_tokens=200, temperature=0):
+                    final = response
+                record(f"stream-{index}", "OK" if final is not None and final.is_final else "NO_FINAL_MESSAGE")
             except grpc.RpcError as error:
-                record(f"unary-{number}", error.code().name)
-            number += 1
+                record(f"stream-{index}", error.code().name)
 
-    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(count)]
-    threads.append(threading.Thread(target=unary_loop))
-    for thread in threads:
-        thread.start()
-    print("STARTED", flush=True)  # the test deletes a pod after this line
-    for thread in threads:
-        thread.join()
+        def unary_loop() -> None:
+            deadline = time.monotonic() + seconds
+            number = 0
+            while time.monotonic() < deadline:
+                try:
+                    client.chat(PROMPT, max_tokens=2, temperature=0, timeout=60)
+                    record(f"unary-{number}", "OK")
+                except grpc.RpcError as error:
+                    record(f"unary-{number}", error.code().name)
+                number += 1
+
+        threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(count)]
+        threads.append(threading.Thread(target=unary_loop))
+        for thread in threads:
+            thread.start()
+        print("STARTED", flush=True)  # the test deletes a pod after this line
+        for thread in threads:
+            thread.join()
     return {"outcomes": outcomes}
 
 

@@ -138,6 +138,10 @@ Checks that no template can express with the schema alone.
 {{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.keys) }}
 {{- fail "apiKeys.enabled needs apiKeys.existingSecret or apiKeys.keys" }}
 {{- end }}
+{{- $grace := .Values.settings.max_connection_age_grace | default 600 }}
+{{- if lt (float64 .Values.drain.timeoutSeconds) (float64 $grace) }}
+{{- fail (printf "drain.timeoutSeconds (%v) is shorter than settings.max_connection_age_grace (%v): rollouts would cut streams the server lets run that long; raise the drain or lower the grace" .Values.drain.timeoutSeconds $grace) }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.waitingRequests.enabled) }}
 {{- fail "autoscaling.enabled needs a metric: targetCPUUtilizationPercentage or waitingRequests.enabled" }}
 {{- end }}

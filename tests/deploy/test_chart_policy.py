@@ -192,6 +192,23 @@ def test_settings_schema_knows_only_real_non_managed_settings():
     assert not keys & managed, "settings the chart derives itself must not be settable twice"
 
 
+def test_settings_schema_types_follow_the_server():
+    """Enums and types in values.schema.json match the Settings fields, so a
+    value the server would reject is rejected by helm first (and a value the
+    server accepts is not refused)."""
+    import json
+    import typing
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["settings"]["properties"]
+    json_types = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    for key, prop in schema.items():
+        annotation = Settings.model_fields[key].annotation
+        if typing.get_origin(annotation) is typing.Literal:
+            assert prop.get("enum") == list(typing.get_args(annotation)), key
+        elif annotation in json_types:
+            assert prop["type"] == json_types[annotation], key
+
+
 def test_threads_follow_the_cpu_limit(case):
     _, docs, values = case
     cpu = str(values["resources"]["limits"]["cpu"])

@@ -13,7 +13,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo
+.PHONY: help setup model prometheus run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,13 +33,22 @@ setup: $(VENV)/.installed  ## create .venv/ with pinned deps and the package (ed
 model: setup  ## fetch + verify + convert the default model (idempotent, cached in ~/.cache/qwen-grpc)
 	$(BIN)/qwen-fetch-model
 
+# The observability tests run a real Prometheus and promtool (Debian's package).
+prometheus:  ## install prometheus + promtool with apt if missing
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+	@prometheus --version 2>&1 | head -1
+
 run: model  ## serve the default model (gRPC :50051); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client  ## every test (unit, integration, real model, fleet)
+test: model fleet-deps go-client prometheus  ## every test (unit, integration, real model, fleet, observability)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client  ## tests that need no real model
+test-fast: setup fleet-deps go-client prometheus  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;

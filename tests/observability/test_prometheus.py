@@ -22,7 +22,10 @@ ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "qwen-grpc-alerts.yaml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "qwen-grpc-dashboard.json"
 JOB, NAMESPACE, POD = "qwen-grpc", "test", "qwen-grpc-0"
 # Limits small enough to fill: 2 running + 1 waiting, the 4th call is refused.
-SERVER_FLAGS = ("--max-batch-size", "2", "--max-waiting", "1", "--max-model-len", "16384", "--max-tokens-limit", "16000")
+SERVER_FLAGS = (
+    "--max-batch-size", "2", "--max-waiting", "1", "--max-model-len", "16384", "--max-tokens-limit", "16000",
+    "--threads", "1",
+)  # fmt: skip
 LONG = {"max_tokens": 16000, "temperature": 0.0}  # far longer than any check takes
 
 
@@ -74,42 +77,49 @@ def prometheus(server):
 @pytest.fixture(scope="module")
 def traffic(server, prometheus):
     """Known traffic in two phases. Phase 1: 3 unary chats and 2 streams that
-    complete, 1 invalid request, a burst that fills the server (2 running,
-    1 waiting, 1 refused) and then is cancelled. Phase 2: a call whose deadline
-    passes mid-generation. Returns what the client saw, and `phase1_at`: a time
-    at which Prometheus had scraped all of phase 1 and nothing of phase 2."""
+    complete, 1 invalid request, then a burst that fills the server: A and B
+    take both slots, C waits (and completes once A is cancelled), D is refused,
+    B is cancelled. Phase 2: a call whose deadline passes mid-generation.
+    Returns what the client saw, and `phase1_at`: a time at which Prometheus
+    had scraped all of phase 1 and nothing of phase 2."""
     client = QwenClient(server.target)
-    seen: dict = {"completed": [], "burst_prompt_tokens": 0}
+    seen: dict = {"completed": []}
+
+    def completed_stream(call) -> int:
+        messages = list(call)
+        final = messages[-1]
+        assert final.is_final
+        seen["completed"].append((final.usage.prompt_tokens, final.usage.completion_tokens))
+        return len(messages)
+
     for i in range(3):
         result = client.chat(_user(f"Count to {i + 3}."), max_tokens=8, temperature=0.0)
         seen["completed"].append((result.prompt_tokens, result.completion_tokens))
     for i in range(2):
-        final = list(client.stream(_user(f"Write {i + 2} words."), max_tokens=16, temperature=0.0))[-1]
-        assert final.is_final
-        seen["completed"].append((final.usage.prompt_tokens, final.usage.completion_tokens))
+        completed_stream(client.stream(_user(f"Write {i + 2} words."), max_tokens=16, temperature=0.0))
     with pytest.raises(grpc.RpcError) as invalid:
         client.chat(_user("   "))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    # The burst: A and B take both KV slots, C waits, D is refused.
     stub = client._stub
-    burst = [_user(f"Tell a long story number {i}.") for i in range(3)]
-    seen["burst_prompt_tokens"] = sum(client.count_tokens(messages) for messages in burst[:2])  # A and B prefill
-    a, b = (stub.ChatStream(build_request(messages, **LONG)) for messages in burst[:2])
+    long_prompts = [_user(f"Tell a long story number {i}.") for i in range(2)]
+    seen["burst_prompt_tokens"] = sum(client.count_tokens(messages) for messages in long_prompts)
+    a, b = (stub.ChatStream(build_request(messages, **LONG)) for messages in long_prompts)
     next(a), next(b)  # both are decoding
-    c = stub.ChatStream(build_request(burst[2], **LONG))
+    c = stub.ChatStream(build_request(_user("Short answer, please."), max_tokens=8, temperature=0.0))
     _wait_server(server.metrics_url, "qwen_requests_waiting", 1)
+    queued_at = time.monotonic()
     with pytest.raises(grpc.RpcError) as refused:
         next(stub.ChatStream(build_request(_user("One more?"), **LONG)))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    # Hold the burst until Prometheus has seen it, then cancel C (still
-    # waiting, so it never gets a token) and then A and B.
+    # Hold the burst until Prometheus has seen it and C has waited > 0.5 s.
     prometheus.wait_for("qwen_requests_waiting == 1 and on() qwen_requests_running == 2")
-    for call in (c, a, b):
-        call.cancel()
-        time.sleep(0.05)
+    time.sleep(max(0.0, 0.6 - (time.monotonic() - queued_at)))
+    a.cancel()  # frees a slot: C runs to completion
+    seen["c_messages"] = completed_stream(c)
+    b.cancel()
     seen["phase1_at"] = prometheus.wait_for(
-        'sum(qwen_requests_failed_total{reason="cancelled"}) == 3 and on() sum(qwen_requests_running) == 0'
+        'sum(qwen_requests_failed_total{reason="cancelled"}) == 2 and on() sum(qwen_requests_running) == 0'
     )
 
     with pytest.raises(grpc.RpcError) as late:
@@ -132,10 +142,10 @@ def test_exposition_passes_promtool(server, traffic):
 def test_request_outcomes(prometheus, traffic):
     at = traffic["phase1_at"]
     finished = prometheus.values("sum by (finish_reason) (qwen_requests_finished_total)", "finish_reason", at)
-    assert sum(finished.values()) == 5, finished
+    assert sum(finished.values()) == 6, finished
     failed = prometheus.values("sum by (reason) (qwen_requests_failed_total)", "reason", at)
     assert failed == {
-        "validation": 1, "overloaded": 1, "cancelled": 3, "deadline": 0, "unavailable": 0, "internal": 0
+        "validation": 1, "overloaded": 1, "cancelled": 2, "deadline": 0, "unavailable": 0, "internal": 0
     }  # fmt: skip
     assert prometheus.value('sum(qwen_requests_failed_total{reason="deadline"})') == 1
 
@@ -147,20 +157,20 @@ def test_token_counters_match_what_clients_received(prometheus, traffic):
     output_sum = sum(c for _, c in completed)
     q = prometheus.value
     # Length histograms: one sample per completed request.
-    assert q("sum(qwen_request_prompt_tokens_count)", at) == 5
+    assert q("sum(qwen_request_prompt_tokens_count)", at) == 6
     assert q("sum(qwen_request_prompt_tokens_sum)", at) == prompt_sum
     assert q("sum(qwen_request_generation_tokens_sum)", at) == output_sum
-    # Prompt tokens are counted once prefilled: the 5 completed plus A and B.
+    # Prompt tokens are counted once prefilled: the 6 completed plus A and B.
     assert q("sum(qwen_prompt_tokens_total)", at) == prompt_sum + traffic["burst_prompt_tokens"]
     # Every generated token is either a first token or follows one.
     generated = q("sum(qwen_generation_tokens_total)", at)
     first = q("sum(qwen_time_to_first_token_seconds_count)", at)
     gaps = q("sum(qwen_inter_token_latency_seconds_count)", at)
-    assert first == 7  # 5 completed + A + B; C never ran, D was refused
+    assert first == 8  # 6 completed + A + B; D was refused
     assert generated == first + gaps
     assert generated >= output_sum + 2  # A and B each delivered at least one token
     # The deadline request (phase 2) generated tokens too.
-    assert q("sum(qwen_time_to_first_token_seconds_count)") == 8
+    assert q("sum(qwen_time_to_first_token_seconds_count)") == 9
     assert q("sum(qwen_generation_tokens_total)") > generated
 
 
@@ -168,8 +178,11 @@ def test_latency_histograms_are_consistent(prometheus, traffic):
     at = traffic["phase1_at"]
     q = prometheus.value
     for phase in ("queue", "prefill", "decode"):
-        assert q(f"sum(qwen_request_{phase}_time_seconds_count)", at) == 5
-    assert q("sum(qwen_e2e_request_latency_seconds_count)", at) == 5
+        assert q(f"sum(qwen_request_{phase}_time_seconds_count)", at) == 6
+    assert q("sum(qwen_e2e_request_latency_seconds_count)", at) == 6
+    # Only C waited for a slot, and for longer than 0.5 s.
+    assert q('sum(qwen_request_queue_time_seconds_count) - sum(qwen_request_queue_time_seconds_bucket{le="0.3"})', at) == 1
+    assert q("max(qwen_request_queue_time_seconds_sum)", at) >= 0.5
     engine = sum(q(f"sum(qwen_request_{phase}_time_seconds_sum)", at) for phase in ("queue", "prefill", "decode"))
     e2e = q("sum(qwen_e2e_request_latency_seconds_sum)", at)
     assert 0 < engine <= e2e < 60  # the service's view contains the engine's phases
@@ -180,7 +193,7 @@ def test_latency_histograms_are_consistent(prometheus, traffic):
     # Buckets are cumulative and end in +Inf == count.
     buckets = prometheus.values("sum by (le) (qwen_time_to_first_token_seconds_bucket)", "le", at)
     ordered = [buckets[le] for le in sorted(buckets, key=float)]
-    assert ordered == sorted(ordered) and buckets["+Inf"] == 7
+    assert ordered == sorted(ordered) and buckets["+Inf"] == 8
     assert {"0.01", "30.0"} <= set(buckets)  # resolves 10 ms .. 30 s
 
 
@@ -195,9 +208,9 @@ def test_load_gauges_saw_the_burst(prometheus, traffic):
     assert q("qwen_requests_running") == 0 and q("qwen_requests_waiting") == 0
     assert q("qwen_kv_cache_usage_ratio") == 0
     # Some decode steps ran A and B together.
-    together = q('sum(qwen_decode_batch_size_count) - sum(qwen_decode_batch_size_bucket{le="1.0"})')
-    assert together > 0
-    assert q('sum(qwen_decode_batch_size_bucket{le="2.0"}) == sum(qwen_decode_batch_size_count)') >= 0
+    steps = q("sum(qwen_decode_batch_size_count)")
+    assert steps - q('sum(qwen_decode_batch_size_bucket{le="1.0"})') > 0
+    assert q('sum(qwen_decode_batch_size_bucket{le="2.0"})') == steps  # never above --max-batch-size
 
 
 def test_grpc_server_metrics(prometheus, traffic):
@@ -209,8 +222,8 @@ def test_grpc_server_metrics(prometheus, traffic):
         "Chat/OK": 3,
         "Chat/InvalidArgument": 1,
         "Chat/DeadlineExceeded": 1,
-        "ChatStream/OK": 2,
-        "ChatStream/Canceled": 3,
+        "ChatStream/OK": 3,
+        "ChatStream/Canceled": 2,
         "ChatStream/ResourceExhausted": 1,
         "CountTokens/OK": 2,
     }
@@ -223,7 +236,7 @@ def test_grpc_server_metrics(prometheus, traffic):
     # The harness' health checks are counted too, by their own method.
     assert prometheus.value('sum(grpc_server_handled_total{grpc_service="grpc.health.v1.Health", grpc_code="OK"})') > 0
     sent = prometheus.value('sum(grpc_server_msg_sent_total{grpc_method="ChatStream"})')
-    assert sent >= 2 * 2 + 2  # two complete streams (>= 2 messages each) and A, B's first messages
+    assert sent >= 3 * 2 + 2  # three complete streams (>= 2 messages each) and A, B's first messages
 
 
 def test_process_metrics(prometheus, traffic):
@@ -252,9 +265,12 @@ def test_every_dashboard_query_returns_data(prometheus, traffic):
     assert len(targets) >= 25
     empty = [(title, expr) for title, expr in targets if not prometheus.query(_substitute(expr))]
     assert not empty, f"dashboard queries without data: {empty}"
-    # Per-pod panels really split by the pod label.
-    memory = prometheus.values(_substitute('sum by (pod) (process_resident_memory_bytes{job=~"$job", pod=~"$pod"})'), "pod")
-    assert list(memory) == [POD]
+    # Per-pod panels split by the pod label and show real values.
+    panels = {panel["title"]: panel for panel in _dashboard()["panels"]}
+    for title, low, high in (("Memory per pod", 50e6, 16e9), ("CPU per pod", 0, 2.5)):
+        (target,) = panels[title]["targets"]
+        per_pod = prometheus.values(_substitute(target["expr"]), "pod")
+        assert list(per_pod) == [POD] and low < per_pod[POD] < high, (title, per_pod)
 
 
 def test_dashboard_variables_find_this_replica(prometheus, traffic):
@@ -278,7 +294,7 @@ def test_alert_rules_evaluate_on_live_data(prometheus, traffic):
     }  # fmt: skip
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
-    # 1 overloaded + 1 deadline out of 12 requests: the error ratio alert
+    # 1 overloaded + 1 deadline out of 11 requests: the error ratio alert
     # becomes pending (it needs 5 minutes to fire); nothing else is active.
     prometheus.wait_for('ALERTS{alertname="QwenHighErrorRatio", alertstate="pending"}')
     active = {alert["labels"]["alertname"]: alert for alert in prometheus.alerts()}

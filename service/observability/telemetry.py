@@ -66,15 +66,18 @@ class RequestTelemetry:
     """Created when a request arrives; exactly one of `on_event(final)` or
     `fail()` settles it (later calls are ignored)."""
 
-    __slots__ = ("_t", "_m", "_arrival", "_span", "_tokens", "_last_token_at", "_prompt_len", "_deadline", "_done")
+    __slots__ = (
+        "_t", "_m", "_arrival", "_clock", "_span", "_tokens", "_last_token_at", "_prompt_len", "_deadline", "_done"
+    )  # fmt: skip
 
     def __init__(self, telemetry: Telemetry, arrival: float) -> None:
         self._t = telemetry
         self._m = telemetry.metrics
         self._arrival = arrival
+        self._clock = SpanClock()  # one conversion for all of this request's spans
         # Child of the current span (the transport's server span), if any.
         self._span = telemetry.tracer.start_span(
-            "chat", kind=SpanKind.INTERNAL, start_time=SpanClock().epoch_ns(arrival)
+            "chat", kind=SpanKind.INTERNAL, start_time=self._clock.epoch_ns(arrival)
         )
         self._tokens = 0
         self._last_token_at = 0.0
@@ -161,10 +164,10 @@ class RequestTelemetry:
                 self._mark_failed(outcome, None)
             if timing is not None:
                 self._phase_spans(timing)
-            span.end(end_time=SpanClock().epoch_ns(now))
+            span.end(end_time=self._clock.epoch_ns(now))
 
     def _phase_spans(self, timing) -> None:
-        tracer, span, clock = self._t.tracer, self._span, SpanClock()
+        tracer, span, clock = self._t.tracer, self._span, self._clock
         queue_end = timing.admitted if timing.admitted is not None else timing.finished
         add_timed_span(tracer, "queue", span, timing.submitted, queue_end, clock)
         if timing.admitted is None:
@@ -210,4 +213,4 @@ class RequestTelemetry:
         if span.is_recording():
             span.set_attribute("gen_ai.usage.output_tokens", self._tokens)
             self._mark_failed(reason, exc)
-            span.end()
+            span.end(end_time=self._clock.epoch_ns(time.monotonic()))

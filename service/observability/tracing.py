@@ -78,9 +78,10 @@ def disabled() -> Tracing:
     return Tracing(trace.NoOpTracer())
 
 
-def setup_tracing(env: Mapping[str, str] | None = None, *, version: str = "") -> Tracing:
-    """A Tracing from the OTEL_* environment (os.environ by default)."""
-    env = os.environ if env is None else env
+def setup_tracing(*, version: str = "") -> Tracing:
+    """A Tracing from the OTEL_* environment variables (the SDK reads them
+    from os.environ too: sampler, resource, exporter endpoint and options)."""
+    env = os.environ
     if not tracing_requested(env):
         return disabled()
     from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource

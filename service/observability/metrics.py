@@ -271,3 +271,34 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+def _bucket_text(bounds: list[float], unit: str) -> str:
+    finite = [b for b in bounds if b != float("inf")]
+
+    def show(value: float) -> str:
+        if unit == "s" and value < 1:
+            return f"{value * 1000:g} ms"
+        return f"{value:g}{' s' if unit == 's' else ''}"
+
+    return f"{len(finite)} buckets, {show(finite[0])} … {show(finite[-1])}"
+
+
+def metrics_table() -> str:
+    """The README's metric reference, generated from the definitions above
+    (`python -m service.observability.metrics`; a test checks the docs)."""
+    metrics = Metrics(CollectorRegistry())
+    families = [m for m in (*vars(metrics).values(), *vars(metrics.grpc).values()) if hasattr(m, "_labelnames")]
+    rows = ["| metric | type | labels | buckets | meaning |", "|---|---|---|---|---|"]
+    for family in families:
+        kind = family._type
+        name = family._name + ("_total" if kind == "counter" else "")
+        unit = "s" if name.endswith("_seconds") else ""
+        buckets = _bucket_text(family._upper_bounds, unit) if kind == "histogram" else ""
+        labels = ", ".join(f"`{label}`" for label in family._labelnames)
+        rows.append(f"| `{name}` | {kind} | {labels} | {buckets} | {family._documentation} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(metrics_table())

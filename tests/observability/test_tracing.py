@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from harness import running_server
 from otlp_receiver import OtlpTraceReceiver
 from service.client import QwenClient, build_request
+from service.observability import ObservabilityError
 from service.observability.tracing import setup_tracing, tracing_requested
 
 SERVICE_NAME = "qwen-trace-test"
@@ -198,5 +199,5 @@ def test_tracing_is_off_unless_an_exporter_is_configured(env, expected, monkeypa
 def test_unsupported_exporters_fail_loudly(env, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ObservabilityError):
         setup_tracing()

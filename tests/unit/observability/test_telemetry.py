@@ -31,8 +31,9 @@ from service.observability.telemetry import Telemetry, failure_reason
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loaded(tiny_model_dir):
+    """Fresh per test: an Engine takes ownership of the weights it is given."""
     return load_model(str(tiny_model_dir), dtype="float32")
 
 

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..errors import ErrorCode, Overloaded, ServiceError
 from ..observability.metrics import GRPC_CODE_NAMES, GrpcServerMetrics
+from ..observability.telemetry import DEADLINE_SLACK_SECONDS
 from ..observability.tracing import extract_context
 
 _LOG = logging.getLogger(__name__)
@@ -129,11 +130,17 @@ def _peer_attributes(peer: str | None) -> dict[str, object]:
 
 def final_status(context: aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
     """The status an RPC ended with, as the client sees it: past its deadline
-    that is DEADLINE_EXCEEDED whatever the handler returned."""
+    that is DEADLINE_EXCEEDED whatever the handler returned. The client's
+    deadline timer fires a little before the server's (the server counts from
+    when the call arrived) and its cancellation looks like any other, so a
+    cancellation within DEADLINE_SLACK_SECONDS of the deadline counts as the
+    deadline too."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):

@@ -35,8 +35,8 @@ _REASON_BY_CODE = {
 # Failures that are the server's fault mark the chat span as an error;
 # bad requests, overload and client cancellations do not.
 _ERROR_REASONS = frozenset({"unavailable", "deadline", "internal"})
-# The engine and the transport notice an expired deadline at slightly
-# different moments; within this margin an end counts as the deadline.
+# The engine, the transport and the client notice an expired deadline at
+# slightly different moments; within this margin an end counts as the deadline.
 DEADLINE_SLACK_SECONDS = 0.05
 
 

@@ -14,7 +14,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
+.PHONY: help setup model prometheus run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
 	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test
 
 help:  ## list targets
@@ -35,13 +35,22 @@ setup: $(VENV)/.installed  ## create .venv/ with pinned deps and the package (ed
 model: setup  ## fetch + verify + convert the default model (idempotent, cached in ~/.cache/qwen-grpc)
 	$(BIN)/qwen-fetch-model
 
+# The observability tests run a real Prometheus and promtool (Debian's package).
+prometheus:  ## install prometheus + promtool with apt if missing
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+	@prometheus --version 2>&1 | head -1
+
 run: model  ## serve the default model (gRPC :50051); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client tools  ## every test (unit, integration, real model, fleet, deploy incl. the docker image)
+test: model fleet-deps go-client tools prometheus  ## every test (unit, integration, real model, fleet, deploy incl. the docker image, observability)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client tools  ## tests that need no real model
+test-fast: setup fleet-deps go-client tools prometheus  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;

@@ -24,6 +24,7 @@ from .engine.types import (
     TokenEvent,
 )
 from .errors import DeadlineExceeded, InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
+from .observability.telemetry import RequestTelemetry, Telemetry
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
@@ -65,6 +66,7 @@ class ModelCard:
 class PreparedChat:
     request: GenerationRequest
     model: str  # the served name that was asked for
+    telemetry: RequestTelemetry
 
 
 def _finite(field: str, value: float) -> float:
@@ -73,12 +75,21 @@ def _finite(field: str, value: float) -> float:
     return value
 
 
+def served_model_names(settings: Settings, model_name: str) -> tuple[str, ...]:
+    """The names a server answers to; the first is the default (and the
+    `model` label of the metrics)."""
+    return tuple(dict.fromkeys(settings.served_model_name or [model_name, LEGACY_MODEL_NAME]))
+
+
 class ChatService:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    """`telemetry` records the service-level metrics and spans of every chat
+    request (default: a private metrics registry, no tracing)."""
+
+    def __init__(self, engine: Engine, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self._engine = engine
         self._settings = settings
-        names = settings.served_model_name or [engine.model_name, LEGACY_MODEL_NAME]
-        self.served_model_names: tuple[str, ...] = tuple(dict.fromkeys(names))
+        self.served_model_names: tuple[str, ...] = served_model_names(settings, engine.model_name)
+        self._telemetry = telemetry if telemetry is not None else Telemetry.standalone(self.served_model_names[0])
         self._draining = False
 
     @property
@@ -159,7 +170,19 @@ class ChatService:
         return len(self._engine.encode_chat(self._validate_messages(messages)))
 
     def prepare(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
-        """Validate and tokenize; raises ServiceError subclasses."""
+        """Validate and tokenize; raises ServiceError subclasses. The request's
+        telemetry starts here: this is its arrival time."""
+        arrival = time.monotonic()
+        telemetry = self._telemetry.start(arrival)
+        try:
+            prepared = self._prepare(params, timeout, telemetry)
+        except BaseException as exc:
+            telemetry.fail(exc)
+            raise
+        telemetry.prepared(prepared.request, prepared.model)
+        return prepared
+
+    def _prepare(self, params: ChatParams, timeout: float | None, telemetry: RequestTelemetry) -> PreparedChat:
         if self._draining:
             raise Unavailable("server is draining; retry on another replica")
         model = self.resolve_model(params.model)
@@ -178,7 +201,7 @@ class ChatService:
             sampling=sampling,
             deadline=deadline,
         )
-        return PreparedChat(request=request, model=model)
+        return PreparedChat(request=request, model=model, telemetry=telemetry)
 
     @staticmethod
     def _expired(request: GenerationRequest) -> bool:
@@ -186,7 +209,10 @@ class ChatService:
 
     async def generate(self, prepared: PreparedChat) -> AsyncIterator[TokenEvent]:
         """The engine's events for a prepared request, with engine failures
-        turned into ServiceErrors. Closing the iterator aborts the request."""
+        turned into ServiceErrors. Closing the iterator aborts the request.
+        Every event is observed (TTFT, inter-token latency, tokens) before it
+        is handed on; the final one settles the request's metrics and spans."""
+        telemetry = prepared.telemetry
         events = self._engine.generate(prepared.request)
         try:
             async for event in events:
@@ -194,10 +220,19 @@ class ChatService:
                     raise InternalError(event.error or "generation failed")
                 if event.finish_reason is FinishReason.CANCELLED and self._expired(prepared.request):
                     raise DeadlineExceeded("deadline exceeded")
+                telemetry.on_event(event, time.monotonic())
                 yield event
         except EngineOverloaded as exc:
-            raise Overloaded(str(exc), RETRY_AFTER_SECONDS) from exc
+            error = Overloaded(str(exc), RETRY_AFTER_SECONDS)
+            telemetry.fail(error)
+            raise error from exc
         except EngineStopped as exc:
-            raise Unavailable(str(exc)) from exc
+            error = Unavailable(str(exc))
+            telemetry.fail(error)
+            raise error from exc
+        except Exception as exc:  # InternalError above, or a bug
+            telemetry.fail(exc)
+            raise
         finally:
+            telemetry.abandoned()  # no-op unless the consumer left before the final event
             await events.aclose()

@@ -19,26 +19,40 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         from .api.grpc_server import QwenServicer, build_server
+        from .api.interceptors import TelemetryInterceptor
+        from .observability.metrics import Metrics
+        from .observability.tracing import setup_tracing
 
         self.settings = settings
+        self.metrics = Metrics()
+        self.tracing = setup_tracing(version=_version())
+        self.metrics_server = None
         self._servicer = QwenServicer()
-        self._grpc, self._health, self.grpc_port = build_server(settings, self._servicer)
+        telemetry = TelemetryInterceptor(self.metrics.grpc, self.tracing.tracer if self.tracing.enabled else None)
+        self._grpc, self._health, self.grpc_port = build_server(settings, self._servicer, telemetry)
         self.engine = None
         self.chat = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         from .api.grpc_server import set_serving
-        from .chat import ChatService
+        from .chat import ChatService, served_model_names
         from .engine.engine import Engine
         from .engine.loader import load_model
+        from .observability.metrics import MetricsServer
+        from .observability.telemetry import Telemetry
 
         started = time.monotonic()
+        s = self.settings
+        if s.metrics_port:
+            self.metrics_server = MetricsServer(self.metrics.registry, s.host, s.metrics_port)
+            _LOG.info("metrics on http://%s:%d/metrics", s.host, self.metrics_server.port)
         await set_serving(self._health, False)
         await self._grpc.start()
-        _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", self.settings.host, self.grpc_port)
-        s = self.settings
+        _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", s.host, self.grpc_port)
         loaded = await asyncio.to_thread(load_model, s.model, s.dtype)
+        # One bounded `model` label: the default served name.
+        model_metrics = self.metrics.for_model(served_model_names(s, loaded.name)[0])
         self.engine = await asyncio.to_thread(
             Engine,
             loaded,
@@ -48,9 +62,11 @@ class Server:
             prefill_chunk_size=s.prefill_chunk_size,
             threads=s.threads,
             quantization=s.quantization,
+            observer=model_metrics,
         )
+        model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()
-        self.chat = ChatService(self.engine, s)
+        self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
         self._servicer.attach(self.chat)
         await self.engine.warmup()
         await set_serving(self._health, True)
@@ -93,7 +109,19 @@ class Server:
         await self._grpc.stop(grace=max(1.0, deadline - time.monotonic()))
         if self.engine is not None and idle:
             await self.engine.shutdown()
+        self.tracing.shutdown()  # flush buffered spans
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         _LOG.info("stopped")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen-grpc")
+    except PackageNotFoundError:
+        return ""
 
 
 async def _serve(settings: Settings) -> None:
@@ -121,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .observability import ObservabilityError
+
     try:
         asyncio.run(_serve(settings))
+    except ObservabilityError as exc:
+        _LOG.error("cannot start: %s", exc)
+        return 2
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         _LOG.error("cannot start with --model %s: %s", settings.model, exc)
         return 2

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     host: str = Field(default="0.0.0.0", description="Bind address for every listener.")
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     reflection: bool = Field(default=True, description="Serve gRPC server reflection (for grpcurl).")
+    metrics_port: int = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics listener, separate from the API (0 disables it).",
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0.0,

@@ -45,17 +45,24 @@ class ServerProcess:
         self.host = host
         self.grpc_port = free_port(host)
         self.target = f"{host}:{self.grpc_port}"
+        # Never the default 9090: parallel servers (and other test runs) would collide.
+        self.metrics_port = 0 if "--metrics-port" in args else free_port(host)
         self._log = tempfile.NamedTemporaryFile(prefix="qwen-serve-", suffix=".log", delete=False)
         self.argv = [
             sys.executable, "-m", "service.cli",
             "--model", str(model),
             "--host", host,
             "--grpc-port", str(self.grpc_port),
+            *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
             *args,
         ]  # fmt: skip
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
     def log(self) -> str:

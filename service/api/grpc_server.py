@@ -17,7 +17,7 @@ from ..engine.types import FinishReason, TokenEvent
 from ..errors import Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
-from .interceptors import ErrorInterceptor
+from .interceptors import ErrorInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
 
 _LOG = logging.getLogger(__name__)
@@ -164,10 +164,18 @@ def server_options(settings: Settings) -> list[tuple[str, object]]:
     return options
 
 
-def build_server(settings: Settings, servicer: QwenServicer) -> tuple[aio.Server, health.aio.HealthServicer, int]:
-    """Create the server with every service registered.
+def build_server(
+    settings: Settings, servicer: QwenServicer, telemetry: TelemetryInterceptor | None = None
+) -> tuple[aio.Server, health.aio.HealthServicer, int]:
+    """Create the server with every service registered; `telemetry` (metrics
+    and tracing) runs outermost, so it sees the final status code.
     Returns (server, health servicer, bound gRPC port)."""
-    interceptors = [ErrorInterceptor(), ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/")]
+    interceptors: list[aio.ServerInterceptor] = [
+        ErrorInterceptor(),
+        ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/"),
+    ]
+    if telemetry is not None:
+        interceptors.insert(0, telemetry)
     server = aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Sequence
 
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
-from .types import EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from .types import EngineObserver, EngineStats, GenerationRequest, SamplingParams, TokenEvent
 
 _LOG = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Engine:
         prefill_chunk_size: int,
         threads: int,
         quantization: str = "none",
+        observer: EngineObserver | None = None,
     ) -> None:
         """Takes ownership of `loaded`: the runner repacks its weights in place."""
         self.loaded = loaded
@@ -41,6 +42,7 @@ class Engine:
             threads=threads,
             deliver=self._deliver,
             quantization=quantization,
+            observer=observer,
         )
 
     @property

@@ -27,7 +27,17 @@ from .detokenizer import IncrementalDetokenizer
 from .loader import LoadedModel
 from .model_runner import ModelRunner
 from .sampling import make_generator, select_tokens
-from .types import EngineOverloaded, EngineStats, EngineStopped, FinishReason, GenerationRequest, TokenEvent, Usage
+from .types import (
+    EngineObserver,
+    EngineOverloaded,
+    EngineStats,
+    EngineStopped,
+    FinishReason,
+    GenerationRequest,
+    RequestTiming,
+    TokenEvent,
+    Usage,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,6 +54,9 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator
     seen: torch.Tensor | None  # bool [vocab] of prompt+output ids, for repetition penalty
+    submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
+    admitted: float | None = None
+    first_token: float | None = None
     cached: int = 0  # KV positions written
     next_token: int = -1  # sampled, not yet in the cache
     generated: int = 0
@@ -65,6 +78,7 @@ class Scheduler:
         threads: int,
         deliver: Deliver,
         quantization: str = "none",
+        observer: EngineObserver | None = None,
     ) -> None:
         self._loaded = loaded
         self._runner = ModelRunner(loaded, max_batch_size, max_model_len, quantization)
@@ -74,6 +88,7 @@ class Scheduler:
         self._chunk = prefill_chunk_size
         self._threads = threads
         self._deliver = deliver
+        self._observer = observer
         self._eos = loaded.eos_token_ids
         self._cond = threading.Condition()
         # Shared with other threads, guarded by _cond:
@@ -105,6 +120,7 @@ class Scheduler:
             detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, sampling.stop),
             generator=make_generator(sampling.seed),
             seen=seen,
+            submitted=time.monotonic(),
         )
         with self._cond:
             if self._stopping:
@@ -165,8 +181,13 @@ class Scheduler:
         self._cancel_everything()
 
     def _admit_locked(self) -> None:
+        if not self._waiting or self._active_count >= self._max_batch:
+            return
+        now = time.monotonic()
         while self._waiting and self._active_count < self._max_batch:
-            self._prefilling.append(self._waiting.popleft())
+            seq = self._waiting.popleft()
+            seq.admitted = now
+            self._prefilling.append(seq)
             self._active_count += 1
 
     def _drop_aborted_and_expired(self, aborts: set[str]) -> None:
@@ -226,6 +247,11 @@ class Scheduler:
         for seq in batch:
             seq.cached += 1
         self._kv_used += len(batch)
+        if self._observer is not None:
+            try:
+                self._observer.decode_step(len(batch))
+            except Exception:  # an observer bug must not fail requests
+                _LOG.exception("engine observer failed")
         try:
             chosen = select_tokens(
                 logits,
@@ -255,6 +281,8 @@ class Scheduler:
         """Record one sampled token: emit its text, finish the request if done."""
         seq.generated += 1
         self._generated_total += 1
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
         seq.next_token = token
         if seq.seen is not None:
             seq.seen[token] = True
@@ -290,7 +318,9 @@ class Scheduler:
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
         usage = Usage(prompt_tokens=seq.prompt_len, completion_tokens=seq.generated)
-        self._outbox.append((seq.emit, TokenEvent(text=text, finish_reason=reason, usage=usage, error=error)))
+        timing = RequestTiming(seq.submitted, seq.admitted, seq.first_token, time.monotonic())
+        event = TokenEvent(text=text, finish_reason=reason, usage=usage, error=error, timing=timing)
+        self._outbox.append((seq.emit, event))
 
     def _publish(self) -> None:
         if self._outbox:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -50,6 +51,18 @@ class Usage:
 
 
 @dataclasses.dataclass(frozen=True)
+class RequestTiming:
+    """time.monotonic() stamps of one request's life inside the engine, carried
+    by its final event so that callers can derive queue, prefill and decode
+    time without the engine knowing about metrics or tracing."""
+
+    submitted: float  # accepted into the waiting queue
+    admitted: float | None  # given a KV-cache slot (None: ended while waiting)
+    first_token: float | None  # first token sampled, i.e. prefill done (None: no token)
+    finished: float  # final event created
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenEvent:
     """One generated token's worth of output (the final event may carry no
     token). `text` may be empty: a token can end inside a multi-byte character,
@@ -60,6 +73,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set when finish_reason is ERROR
+    timing: RequestTiming | None = None  # set on the final event
 
     @property
     def finished(self) -> bool:
@@ -86,3 +100,11 @@ class EngineStats:
     kv_cache_used_tokens: int
     kv_cache_capacity_tokens: int
     generated_tokens_total: int
+
+
+class EngineObserver(Protocol):
+    """Optional hook the compute thread calls once per engine step. Keep it
+    cheap and non-blocking: it runs between forward passes."""
+
+    def decode_step(self, batch_size: int) -> None:
+        """One decode forward pass ran for `batch_size` requests."""

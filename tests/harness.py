@@ -85,6 +85,19 @@ class ServerProcess:
         ticks = os.sysconf("SC_CLK_TCK")
         return (int(fields[11]) + int(fields[12])) / ticks
 
+    def wait_port_open(self, timeout: float = 60.0) -> None:
+        """Poll TCP until the gRPC port accepts: a gRPC channel created before
+        that would sit in reconnect backoff and miss the first seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
+            with socket.socket() as sock:
+                if sock.connect_ex((self.host, self.grpc_port)) == 0:
+                    return
+            time.sleep(0.005)
+        raise TimeoutError(f"gRPC port not open after {timeout} s:\n{self.log}")
+
     def terminate(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -31,6 +31,7 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
     server = ServerProcess(tiny_model_dir, "--threads", "1")
     try:
         statuses: list[int] = []
+        server.wait_port_open()
         deadline = time.monotonic() + 60
         with grpc.insecure_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -60,8 +61,8 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
 def test_chat_before_the_model_is_loaded_is_unavailable(tiny_model_dir):
     server = ServerProcess(tiny_model_dir, "--threads", "1")
     try:
+        server.wait_port_open()
         with grpc.insecure_channel(server.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
             with pytest.raises(grpc.RpcError) as error:
                 pb_grpc.QwenServiceStub(channel).Chat(ask(), timeout=5)
             # The port opens before the model loads, so the only legal answer is UNAVAILABLE.

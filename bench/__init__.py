@@ -1,0 +1,1 @@
+"""Benchmark tooling: load generator (loadgen), llama-server anchor, /proc accounting."""

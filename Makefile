@@ -110,3 +110,19 @@ kind-test: setup tools  ## end-to-end on a kind cluster (needs docker + kind; sk
 
 clean:  ## remove the venv and caches (not the model cache)
 	rm -rf $(VENV) .pytest_cache
+
+# ---- benchmarks (bench/; see bench/README.md) -------------------------------
+# Benchmarks, not tests: run them on a quiet machine. Results: bench/results/.
+# Pass options with BENCH_ARGS, e.g. BENCH_ARGS='--ours-args "--quantization int8"'.
+BENCH_ARGS ?=
+.PHONY: bench bench-llamacpp llama-server
+
+bench: model  ## load generator against our server (started per level; or BENCH_ARGS=--target host:port)
+	$(PY) bench/loadgen.py $(BENCH_ARGS)
+
+llama-server: setup  ## find or build llama.cpp's llama-server (cached in ~/.cache/qwen-grpc/llama/)
+	$(PY) bench/llama_server.py build
+
+bench-llamacpp: model llama-server  ## the identical load against ours and llama-server, alternating; ratio table
+	$(PY) bench/loadgen.py --compare-llamacpp $(BENCH_ARGS)
+# ---- end of benchmarks ------------------------------------------------------

@@ -339,6 +339,7 @@ class OursServer:
         if self.args.target:
             if self.pid is None:
                 self.pid = _pid_listening_on(self.args.target)
+            _wait_serving(self.args.target, self.args.server_timeout)
             return
         from harness import ServerProcess
 
@@ -405,6 +406,17 @@ class LlamaServer:
         if self.proc is not None:
             self.proc.close()
             self.proc = None
+
+
+def _wait_serving(target: str, timeout: float) -> None:
+    from grpc_health.v1 import health_pb2
+    from harness import health_status
+
+    deadline = time.monotonic() + timeout
+    while (status := health_status(target)) != health_pb2.HealthCheckResponse.SERVING:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{target} is not SERVING (health status {status}) after {timeout} s")
+        time.sleep(0.2)
 
 
 def _free_port() -> int:

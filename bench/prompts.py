@@ -15,24 +15,24 @@ from __future__ import annotations
 
 SYSTEM = "You are a helpful coding assistant."
 
-# ~10 words each: with the system message and the chat template, ~30 tokens.
+# With the system message, "Task <n>." and the chat template: ~30 tokens.
 SHORT_TASKS = [
-    "Write a Python LRU cache class with docstrings and tests.",
-    "Implement quicksort in Python and explain its complexity.",
-    "Write a Go HTTP server with a JSON health endpoint.",
-    "Explain binary search step by step, then implement it.",
-    "Write a bash script that backs up a directory daily.",
-    "Parse a CSV file into dictionaries in Python, handling errors.",
-    "Explain processes versus threads with a Python example each.",
-    "Write a SQL schema for a blog, then example queries.",
-    "Implement a thread-safe queue in Java and explain it.",
-    "Write a Rust function to count words in a file.",
-    "Explain Python decorators with three practical examples.",
-    "Write a JavaScript debounce function and explain how it works.",
-    "Implement Dijkstra's algorithm in Python with a worked example.",
-    "Write a C function reversing a linked list, with tests.",
-    "Explain HTTP caching headers and show an nginx configuration.",
-    "Write a Python asyncio web crawler with a concurrency limit.",
+    "Write a Python LRU cache with tests.",
+    "Implement quicksort in Python, then explain it.",
+    "Write a Go HTTP server with logging.",
+    "Explain binary search, then implement it.",
+    "Write a bash backup script with comments.",
+    "Parse CSV into dictionaries in Python.",
+    "Explain processes versus threads with examples.",
+    "Write a SQL schema for a blog.",
+    "Implement a thread-safe queue in Java.",
+    "Write a Rust word counter with tests.",
+    "Explain Python decorators with examples.",
+    "Write a JavaScript debounce function, explained.",
+    "Implement Dijkstra's algorithm in Python.",
+    "Reverse a linked list in C, explained.",
+    "Explain HTTP caching headers with examples.",
+    "Write an asyncio web crawler in Python.",
 ]
 
 LONG_INSTRUCTION = (

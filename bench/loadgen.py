@@ -703,7 +703,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-llamacpp", action="store_true", help="also run llama-server on the same GGUF, alternating per level")
     p.add_argument("--llama-server", type=pathlib.Path, help="llama-server binary (default: cached build, see bench/llama_server.py)")
     p.add_argument("--gguf", type=pathlib.Path, default=default_cache_dir() / "gguf" / GGUF_NAME, help="default: %(default)s")
-    p.add_argument("--llama-args", default="", help="extra llama-server flags (appended last)")
+    p.add_argument(
+        "--llama-args",
+        default="--cache-ram 0",
+        help="extra llama-server flags, appended last (default: %(default)r: every prompt is distinct, so its "
+        "RAM prompt cache cannot hit and would only grow its RSS with dead entries; pass '' for llama-server's defaults)",
+    )
     p.add_argument("--threads", type=int, default=2, help="compute threads for both servers (default: %(default)s)")
     p.add_argument("--concurrency", default="1,4,8,16,32", help="comma-separated stream counts (default: %(default)s)")
     p.add_argument("--workloads", default="short,long", help="short, long or both (default: %(default)s)")

@@ -722,6 +722,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-interval", type=float, default=0.25, help="RSS/CPU sampling period in seconds (default: %(default)s)")
     p.add_argument("--noise-threshold", type=float, default=0.10, help="others' mean busy cores above which a level is flagged noisy (default: %(default)s)")
     p.add_argument("--label", help="results file label (default: ours or vs-llamacpp)")
+    p.add_argument("--report", type=pathlib.Path, help="print the tables of an earlier results JSON and exit")
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR, help="default: %(default)s")
     args = p.parse_args(argv)
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -826,14 +827,20 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = asyncio.run(main_async(args))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    label = args.label or ("vs-llamacpp" if args.compare_llamacpp else "ours")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.out_dir / f"{stamp}-{label}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    if args.report:
+        result = json.loads(args.report.read_text())
+        path = args.report
+        args.noise_threshold = result["config"]["noise_threshold_cores"]
+        args.compare_llamacpp = result["config"]["compare_llamacpp"]
+    else:
+        result = asyncio.run(main_async(args))
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        label = args.label or ("vs-llamacpp" if args.compare_llamacpp else "ours")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = args.out_dir / f"{stamp}-{label}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
 
     print(f"\n## Load levels ({result['started']}, commit {result['machine']['git_commit'][:10]})\n")
     print(markdown_levels(result["levels"], args.noise_threshold))

@@ -6,16 +6,19 @@ Our server has no way to ignore end-of-sequence, so the tasks are ones that
 make a coding model answer at length (well past 128 tokens) under greedy
 decoding; both servers' actual token counts are reported anyway.
 
-Every request gets a distinct prompt ("Task <n>." in front), so neither server
-can serve a prompt from a prefix cache; both sides receive exactly the same
-messages for the same (level, stream, round).
+Every request gets a distinct prompt: "Request <n>." opens the system message,
+so the prompts share no prefix beyond the chat template's first 3 tokens.
+llama-server reuses a slot's cached prefix for the next request (our engine
+has no prefix cache); a shared system message would let it skip half of a
+short prompt, and the comparison would measure that instead of the engines.
+Both sides receive exactly the same messages for the same (level, stream, round).
 """
 
 from __future__ import annotations
 
 SYSTEM = "You are a helpful coding assistant."
 
-# With the system message, "Task <n>." and the chat template: ~30 tokens.
+# With the system message, "Request <n>." and the chat template: ~30 tokens.
 SHORT_TASKS = [
     "Write a Python LRU cache with tests.",
     "Implement quicksort in Python, then explain it.",
@@ -222,20 +225,18 @@ if __name__ == "__main__":
 '''
 
 
+def _system(request_number: int) -> dict[str, str]:
+    return {"role": "system", "content": f"Request {request_number}. {SYSTEM}"}
+
+
 def short_messages(request_number: int) -> list[dict[str, str]]:
     task = SHORT_TASKS[(request_number - 1) % len(SHORT_TASKS)]
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Task {request_number}. {task}"},
-    ]
+    return [_system(request_number), {"role": "user", "content": task}]
 
 
 def long_messages(request_number: int, document_lines: int) -> list[dict[str, str]]:
     document = "\n".join(LONG_DOCUMENT.splitlines()[:document_lines])
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Task {request_number}. {LONG_INSTRUCTION}\n\n```python\n{document}\n```"},
-    ]
+    return [_system(request_number), {"role": "user", "content": f"{LONG_INSTRUCTION}\n\n```python\n{document}\n```"}]
 
 
 def long_document_lines() -> int:

@@ -761,13 +761,15 @@ async def main_async(args: argparse.Namespace) -> dict:
 
     # Prompts are built once, against our server's tokenizer (CountTokens).
     ours = sides[0]
-    ours.start(None)
-    counter = ours.client()
-    await counter.connect()
-    workloads = await build_workloads(args.workload_names, counter, args.long_tokens)
-    await counter.close()
-    if not args.target:
-        ours.stop()
+    try:
+        ours.start(None)
+        counter = ours.client()
+        await counter.connect()
+        workloads = await build_workloads(args.workload_names, counter, args.long_tokens)
+        await counter.close()
+    finally:
+        if not args.target:
+            ours.stop()
     for workload in workloads.values():
         log(f"workload {workload.name}: {workload.description}; prompt tokens {workload.prompt_tokens}")
 
@@ -779,8 +781,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             plan = LevelPlan(workload, concurrency, per_stream, args.max_tokens, ctx)
             for side in sides:  # ours, llama, ours, llama, ...
                 log(f"{workload.name} C={concurrency}: starting {side.name} ({per_stream} requests per stream)")
-                side.start(plan)
                 try:
+                    side.start(plan)
                     level = await run_level(side, plan, args)
                 finally:
                     if not args.target or side.name != "ours":

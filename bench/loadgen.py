@@ -578,8 +578,9 @@ def markdown_levels(levels: list[dict], noise_threshold: float) -> str:
 
 def _metric(levels: list[dict], server: str, workload: str, key: str, concurrency: int | None):
     candidates = [lv for lv in levels if lv["server"] == server and lv["workload"] == workload]
-    if key == "rss_peak":
-        values = [lv["process"].get("server_rss_peak_bytes") for lv in candidates]
+    if key in ("rss_peak", "rss_anon_peak"):
+        field = "server_rss_peak_bytes" if key == "rss_peak" else "server_rss_anon_peak_sampled_bytes"
+        values = [lv["process"].get(field) for lv in candidates]
         values = [v for v in values if v]
         return max(values) if values else None
     for level in candidates:
@@ -595,6 +596,8 @@ RATIO_ROWS = [
     ("TTFT p95 ms @16", "ttft_p95", 16, 1000, 0),
     ("ITL p95 ms @16", "itl_p95", 16, 1000, 1),
     ("RSS peak MiB (max over levels)", "rss_peak", None, 1 / 2**20, 0),
+    # Without file-backed pages (mapped model files: the GGUF, safetensors).
+    ("anonymous RSS peak MiB (sampled)", "rss_anon_peak", None, 1 / 2**20, 0),
 ]
 
 

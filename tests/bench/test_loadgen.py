@@ -145,3 +145,19 @@ async def test_sse_client_reads_chunked_events_and_reuses_the_connection():
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+def test_ratio_rows_divide_ours_by_llama_and_check_issue_targets():
+    from bench.loadgen import ratio_rows
+
+    def level(server, c, agg, ttft95, rss):
+        summary = {"agg_tok_s": agg, "ttft_p95": ttft95, "ttft_p50": None, "itl_p95": 0.05, "decode_tok_s_median": None}
+        process = {"server_rss_peak_bytes": rss, "server_rss_anon_peak_sampled_bytes": rss // 2}
+        return {"server": server, "workload": "short", "concurrency": c, "summary": summary, "process": process}
+
+    rows = ratio_rows([level("ours", 16, 300.0, 0.5, 1_500_000_000), level("llama", 16, 100.0, 1.0, 800_000_000)])
+    by_metric = {row["metric"]: row for row in rows}
+    assert by_metric["aggregate tok/s @16"]["ratio"] == pytest.approx(3.0) and by_metric["aggregate tok/s @16"]["met"]
+    assert by_metric["TTFT p95 ms @16"]["ratio"] == pytest.approx(0.5) and by_metric["TTFT p95 ms @16"]["met"] is False
+    assert by_metric["ITL p95 ms @16"]["met"] is True  # absolute: ours 50 ms <= 100 ms
+    assert by_metric["RSS peak MiB (max over levels)"]["met"] is True  # 1.5 GB <= 1.6 GB

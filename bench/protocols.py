@@ -64,6 +64,8 @@ PROMPTS = [
 ]
 SYSTEM = "You are a helpful coding assistant. Answer in detail."
 PROTOCOLS = ("grpc", "http", "http-raw")
+# Above this share of the machine used by other processes a run is flagged noisy.
+NOISY_SHARE = 0.05
 
 
 # ------------------------------------------------------------- the proxy
@@ -474,6 +476,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"(mean {results['others_cpu_share_mean'] * 100:.1f}%).",
         "",
     ]
+    if results["others_cpu_share_max"] > NOISY_SHARE:
+        lines += [
+            f"> **Noisy run**: other processes used more than {NOISY_SHARE * 100:.0f}% of the machine in some phase; "
+            "timing and CPU figures below are not a fair comparison. Bytes on the wire do not depend on load.",
+            "",
+        ]
     for key, latency in results["latency"].items():
         concurrency = key.removeprefix("c")
         lines += [f"## {concurrency} concurrent client{'s' if concurrency != '1' else ''}", ""]
@@ -564,7 +572,7 @@ async def amain(args) -> int:
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
-    if results["others_cpu_share_max"] > 0.05:
+    if results["others_cpu_share_max"] > NOISY_SHARE:
         print(f"WARNING: other processes used up to {results['others_cpu_share_max'] * 100:.0f}% of the machine: "
               "these numbers are noisy; rerun on a quiet machine.")  # fmt: skip
     return 0
@@ -580,7 +588,13 @@ def main() -> int:
     parser.add_argument("--bytes-answers", type=int, default=3, help="warm answers per protocol through the proxy (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra qwen-serve flag (repeatable)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--render", metavar="JSON", help="only re-render the markdown table of an earlier run's JSON")
     args = parser.parse_args()
+    if args.render:
+        path = pathlib.Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        print(f"wrote {path.with_suffix('.md')}")
+        return 0
     args.protocols = tuple(p for p in args.protocols.split(",") if p)
     if unknown := set(args.protocols) - set(PROTOCOLS):
         parser.error(f"unknown protocols: {unknown}")

@@ -100,7 +100,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    _LOG.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette re-raises after this response and uvicorn logs the traceback;
+    # the client only learns that it was an internal error.
     return _error_response(500, oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
 
 
@@ -283,6 +284,9 @@ async def _sse_body(
     except ServiceError as exc:  # after the headers: report in-band, as OpenAI does
         _, detail = error_detail(exc)
         yield writer.error(detail)
+    except Exception:  # a bug: log it, tell the client it was internal, end the stream cleanly
+        _LOG.exception("unhandled error while streaming %s", writer.request_id)
+        yield writer.error(oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 

@@ -274,6 +274,7 @@ class ChunkWriter:
     serialised."""
 
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
         self._include_usage = include_usage
         self._base = dict(id=request_id, created=now(), model=model)
 

@@ -328,6 +328,10 @@ class RawStream:
 
 
 LONG = {"messages": HELLO, "max_tokens": 20000, "temperature": 0.8}
+# An aborted request frees its slot before the next engine step (milliseconds);
+# one that is not aborted holds it for the ~minute its 20000 tokens take. The
+# bound is generous for a loaded CI machine and still far from that minute.
+SLOT_FREED_WITHIN = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +391,7 @@ def test_disconnect_mid_stream_frees_the_slot(one_slot_server):
     with pytest.raises(openai.RateLimitError):
         sdk(one_slot_server).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     stream.close()
-    assert admitted_within(one_slot_server, 2.0) < 2.0
+    assert admitted_within(one_slot_server, SLOT_FREED_WITHIN) < SLOT_FREED_WITHIN
 
 
 def test_disconnect_during_non_streaming_request_frees_the_slot(one_slot_server):
@@ -402,7 +406,7 @@ def test_disconnect_during_non_streaming_request_frees_the_slot(one_slot_server)
         time.sleep(0.05)
     assert stream.nothing_for(0.2)
     stream.close()
-    assert admitted_within(one_slot_server, 2.0) < 2.0
+    assert admitted_within(one_slot_server, SLOT_FREED_WITHIN) < SLOT_FREED_WITHIN
 
 
 def test_disconnect_while_queued_leaves_the_queue(tiny_model_dir):
@@ -416,7 +420,7 @@ def test_disconnect_while_queued_leaves_the_queue(tiny_model_dir):
             sdk(server).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
         queued.close()
         # The queue place is free again: this one waits instead of getting 429...
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + SLOT_FREED_WITHIN
         while True:
             waiting = RawStream(server, {"messages": HELLO, "max_tokens": 4, "stream": True})
             if waiting.nothing_for(0.3):

@@ -67,7 +67,7 @@ def test_stop_button_aborts_the_generation(server):
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         page.click("#stop")
-        page.wait_for_selector(".msg.assistant[data-state=stopped]", timeout=5_000)
+        page.wait_for_selector(".msg.assistant[data-state=stopped]", timeout=15_000)
         assert "stopped by you" in page.inner_text(".msg.assistant .stats")
         assert page.is_enabled("#send")
     # ...and is free right after Stop: the browser's abort cancelled it.
@@ -77,7 +77,9 @@ def test_stop_button_aborts_the_generation(server):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
             break
         except openai.RateLimitError:
-            assert time.monotonic() - started < 2.0, "Stop did not free the slot"
+            # Freed within one engine step when aborted; held for the ~minute of
+            # 20000 tokens otherwise. Generous for a loaded CI machine.
+            assert time.monotonic() - started < 10.0, "Stop did not free the slot"
             time.sleep(0.02)
 
 

@@ -429,7 +429,9 @@ async def run_bytes(args, server: ServerProcess) -> dict[str, Any]:
             texts[p] = []
             for i in range(args.bytes_answers + 1):
                 up0, down0, _ = proxy.read(route)
-                sample = await client.ask(PROMPTS[i % len(PROMPTS)])
+                # One prompt, greedy: every answer is the same, so the first
+                # answer's surplus is the new connection's cost alone.
+                sample = await client.ask(PROMPTS[0])
                 await asyncio.sleep(0.3)  # let trailing frames (acks, pings) through
                 up1, down1, conns = proxy.read(route)
                 per_answer.append({"up": up1 - up0, "down": down1 - down0, "completion_tokens": sample.completion_tokens,
@@ -539,7 +541,7 @@ async def amain(args) -> int:
     from service.config import default_model_path
 
     model = args.model or default_model_path()
-    server_args = ["--max-batch-size", str(max(16, max(args.concurrency))), *args.server_arg]
+    server_args = ["--max-batch-size", str(max(16, *args.concurrency, 1)), *args.server_arg]
     results: dict[str, Any] = {
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv),
@@ -557,10 +559,14 @@ async def amain(args) -> int:
             results["latency"][f"c{concurrency}"] = await run_latency(args, server, concurrency)
         if args.bytes_answers > 0:
             print("  bytes on the wire (through the counting proxy) ...", flush=True)
+            watcher = OthersCPU({os.getpid(), server.process.pid})
             results["bytes"] = await run_bytes(args, server)
+            results["bytes"]["others_cpu"] = watcher.result()
     finally:
         server.close()
     shares = [o["share_of_machine"] for lat in results["latency"].values() for r in lat.values() for o in r["others_cpu"]]
+    if "bytes" in results:
+        shares.append(results["bytes"]["others_cpu"]["share_of_machine"])
     results["others_cpu_share_max"] = max(shares)
     results["others_cpu_share_mean"] = statistics.fmean(shares)
     results["machine"]["loadavg_at_end"] = os.getloadavg()
@@ -582,7 +588,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the one `make model` fetches)")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of grpc,http,http-raw")
-    parser.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated client counts ('' = bytes only)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--bytes-answers", type=int, default=3, help="warm answers per protocol through the proxy (0: skip)")
@@ -598,7 +604,7 @@ def main() -> int:
     args.protocols = tuple(p for p in args.protocols.split(",") if p)
     if unknown := set(args.protocols) - set(PROTOCOLS):
         parser.error(f"unknown protocols: {unknown}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]  # empty: bytes only
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (jitter is a standard deviation over rounds)")
     return asyncio.run(amain(args))

@@ -473,7 +473,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"# gRPC vs HTTP SSE — {results['started']}",
         "",
         f"Model `{results['config']['model_name']}`, {results['config']['max_tokens']}-token greedy answers, "
-        f"{results['config']['rounds']} rounds; machine: {results['machine']['cpus']} CPUs, {results['machine']['cpu_model']}.",
+        + (f"{results['config']['rounds']} rounds" if results["latency"] else "bytes only")
+        + f"; machine: {results['machine']['cpus']} CPUs, {results['machine']['cpu_model']}.",
         f"Other processes used {results['others_cpu_share_max'] * 100:.1f}% of the machine in the noisiest phase "
         f"(mean {results['others_cpu_share_mean'] * 100:.1f}%).",
         "",

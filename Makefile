@@ -81,8 +81,7 @@ test-lb: setup fleet-deps go-client  ## client-side load-balancing tests: SDK, G
 lb-demo: setup fleet-deps go-client  ## run the multi-replica scenarios and print what they measure
 	$(BIN)/pytest tests/fleet/test_multi_replica.py -s -v -p no:cacheprovider
 
-# A benchmark, not a test: run it on a quiet machine (see docs/http.md).
-BENCH_ARGS ?=
+# A benchmark, not a test: run it on a quiet machine (see docs/http.md); options via BENCH_ARGS.
 bench-protocols: model  ## gRPC streaming vs HTTP SSE on one server: TTFT, full answer, jitter, bytes, CPU -> bench/results/
 	$(PY) bench/protocols.py $(BENCH_ARGS)
 

@@ -1,10 +1,11 @@
 # qwen-grpc — every entry point a user or CI needs.
-#   make run    set up, fetch the model, serve on :50051
-#   make test   set up, fetch the model, install helm/kubectl, run every test
+#   make run    set up, fetch the model, serve gRPC on :50051 and HTTP on :8000
+#   make test   set up, fetch the model, install helm/kubectl and chromium, run every test
 #   make test-lb    client-side load-balancing tests (3 replicas in network namespaces + dnsmasq)
 #   make lb-demo    the same fleet scenarios, narrated with their measurements
 #   make go-client  Go qwen-chat for linux/amd64 and linux/arm64 (clients/go/bin/)
 #   make chart-check / docker-test / kind-test   deployment checks (see deploy/README.md)
+#   make bench-protocols  gRPC vs HTTP SSE on one server (a benchmark: run it on a quiet machine)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,8 +15,9 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model prometheus run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
-	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test
+.PHONY: help setup model prometheus chromium run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
+	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test \
+	bench-protocols docs-screenshot
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,13 +46,19 @@ prometheus:  ## install prometheus + promtool with apt if missing
 	fi
 	@prometheus --version 2>&1 | head -1
 
-run: model  ## serve the default model (gRPC :50051); pass flags with ARGS="..."
+# Debian's chromium for the web page tests (Playwright drives it; its own browser download is not used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:  ## install Debian's chromium (apt) for the headless browser tests, if missing
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+run: model  ## serve the default model (gRPC :50051, HTTP :8000); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client tools prometheus  ## every test (unit, integration, real model, fleet, deploy incl. the docker image, observability)
+test: model fleet-deps go-client tools prometheus chromium  ## every test (unit, integration, browser, real model, fleet, deploy incl. the docker image, observability)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client tools prometheus  ## tests that need no real model
+test-fast: setup fleet-deps go-client tools prometheus chromium  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;
@@ -72,6 +80,13 @@ test-lb: setup fleet-deps go-client  ## client-side load-balancing tests: SDK, G
 
 lb-demo: setup fleet-deps go-client  ## run the multi-replica scenarios and print what they measure
 	$(BIN)/pytest tests/fleet/test_multi_replica.py -s -v -p no:cacheprovider
+
+# A benchmark, not a test: run it on a quiet machine (see docs/http.md); options via BENCH_ARGS.
+bench-protocols: model  ## gRPC streaming vs HTTP SSE on one server: TTFT, full answer, jitter, bytes, CPU -> bench/results/
+	$(PY) bench/protocols.py $(BENCH_ARGS)
+
+docs-screenshot: model chromium  ## docs/web-chat.png: the web page answering a question with the real model
+	$(PY) bench/web_screenshot.py
 
 proto: setup  ## regenerate service/pb from proto/ (committed; a test checks they match)
 	$(PY) proto/generate.py

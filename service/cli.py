@@ -1,5 +1,6 @@
-"""qwen-serve: Settings -> gRPC server (health NOT_SERVING) -> model load ->
-engine + warm-up -> SERVING; SIGTERM/SIGINT drain gracefully."""
+"""qwen-serve: Settings -> gRPC and HTTP servers (health NOT_SERVING) ->
+model load -> engine + warm-up -> SERVING; SIGTERM/SIGINT drain gracefully.
+Both transports run in one event loop and share one ChatService/engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ _LOG = logging.getLogger("qwen_grpc")
 
 
 class Server:
-    """One replica: the gRPC server and the engine behind it."""
+    """One replica: the gRPC server, the HTTP server (unless --no-http) and
+    the engine behind both."""
 
     def __init__(self, settings: Settings) -> None:
         from .api.grpc_server import QwenServicer, build_server
@@ -30,6 +32,14 @@ class Server:
         self._servicer = QwenServicer()
         telemetry = TelemetryInterceptor(self.metrics.grpc, self.tracing.tracer if self.tracing.enabled else None)
         self._grpc, self._health, self.grpc_port = build_server(settings, self._servicer, telemetry)
+        self._http = None
+        self.http_port: int | None = None
+        if settings.http:
+            from .api.http_server import HttpBackend, HttpServer, create_app
+
+            self._http_backend = HttpBackend()
+            self._http = HttpServer(settings, create_app(self._http_backend))
+            self.http_port = self._http.port
         self.engine = None
         self.chat = None
         self._stop = asyncio.Event()
@@ -50,6 +60,10 @@ class Server:
         await set_serving(self._health, False)
         await self._grpc.start()
         _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", s.host, self.grpc_port)
+        if self._http is not None:
+            await self._http.start()
+            self._http.task.add_done_callback(self._http_ended)
+            _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
         loaded = await asyncio.to_thread(load_model, s.model, s.dtype)
         # One bounded `model` label: the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, loaded.name)[0])
@@ -68,8 +82,12 @@ class Server:
         self.engine.start()
         self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
         self._servicer.attach(self.chat)
+        if self._http is not None:
+            self._http_backend.chat = self.chat
         await self.engine.warmup()
         await set_serving(self._health, True)
+        if self._http is not None:
+            self._http_backend.serving = True
         _LOG.info(
             "SERVING %s as %s in %.1f s",
             s.model,
@@ -80,6 +98,12 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _http_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            _LOG.error("HTTP server failed; stopping", exc_info=task.exception())
+        if not self._stop.is_set():
+            self.request_stop()
+
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
 
@@ -89,6 +113,8 @@ class Server:
         drain_timeout, then stop."""
         _LOG.info("draining (up to %.0f s)", self.settings.drain_timeout)
         await self._health.enter_graceful_shutdown()
+        if self._http is not None:
+            self._http_backend.serving = False
         if self.chat is not None:
             self.chat.begin_drain()
         deadline = time.monotonic() + self.settings.drain_timeout
@@ -106,7 +132,11 @@ class Server:
         # delivering their last messages (HTTP/2 flow control holds them
         # back): they get the rest of the drain time, at least a second for
         # final messages and trailers.
-        await self._grpc.stop(grace=max(1.0, deadline - time.monotonic()))
+        grace = max(1.0, deadline - time.monotonic())
+        stops = [self._grpc.stop(grace=grace)]
+        if self._http is not None:
+            stops.append(self._http.stop(grace=grace))
+        await asyncio.gather(*stops)
         if self.engine is not None and idle:
             await self.engine.shutdown()
         self.tracing.shutdown()  # flush buffered spans

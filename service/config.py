@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Prometheus /metrics listener, separate from the API (0 disables it).",
     )
+    http: bool = Field(
+        default=True,
+        description="Also serve the OpenAI-compatible HTTP API and the web chat page (--no-http: gRPC only).",
+    )
+    http_port: int = Field(
+        default=8000, ge=0, le=65535, description="HTTP port for the OpenAI-compatible API (0 picks a free one)."
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0.0,
@@ -186,7 +193,7 @@ def build_parser(prog: str = "qwen-serve") -> argparse.ArgumentParser:
     so that environment variables and defaults apply."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Serve a Qwen2.5 chat model over gRPC. Every flag is also an env var QWEN_<FLAG>.",
+        description="Serve a Qwen2.5 chat model over gRPC and OpenAI-compatible HTTP. Every flag is also an env var QWEN_<FLAG>.",
         argument_default=argparse.SUPPRESS,
     )
     for name, field in Settings.model_fields.items():

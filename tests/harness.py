@@ -47,6 +47,10 @@ class ServerProcess:
         self.target = f"{host}:{self.grpc_port}"
         # Never the default 9090: parallel servers (and other test runs) would collide.
         self.metrics_port = 0 if "--metrics-port" in args else free_port(host)
+        # HTTP is on by default in qwen-serve: every test server gets its own
+        # free port (never the shared default 8000) unless it passes --no-http.
+        self.http_port: int | None = None if "--no-http" in args else free_port(host)
+        http_args = () if self.http_port is None else ("--http-port", str(self.http_port))
         self._log = tempfile.NamedTemporaryFile(prefix="qwen-serve-", suffix=".log", delete=False)
         self.argv = [
             sys.executable, "-m", "service.cli",
@@ -54,6 +58,7 @@ class ServerProcess:
             "--host", host,
             "--grpc-port", str(self.grpc_port),
             *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
+            *http_args,
             *args,
         ]  # fmt: skip
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
@@ -63,6 +68,13 @@ class ServerProcess:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP API, e.g. http://127.0.0.1:PORT."""
+        if self.http_port is None:
+            raise RuntimeError("this server runs with --no-http")
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def log(self) -> str:

@@ -1,0 +1,321 @@
+"""The OpenAI chat-completions wire format: request validation (strict JSON
+types, every bad field named), the mapping to ChatParams, and the response,
+chunk and error shapes. Nothing here knows about a web framework.
+
+Supported: messages (string or text-part content; "developer" is read as
+"system"), model, temperature, top_p, max_tokens / max_completion_tokens,
+stop, seed, stream, stream_options.include_usage, and the extensions top_k and
+repetition_penalty (as vLLM accepts them). Fields that would change the answer
+in ways this server cannot honour (n > 1, tools, logprobs, JSON mode, non-zero
+presence/frequency penalties, logit_bias) are refused with 400 naming the
+field; fields that change nothing here (user, metadata, store, ...) are
+accepted and ignored; any other field is refused like OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..chat import ChatMessage, ChatParams
+from ..errors import InvalidArgument
+
+# ----------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    # strict: JSON "0.5" is not a number and true is not an integer.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None  # accepted, not used by the chat template
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension; accepted only as false
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Strict):
+    messages: list[Message]
+    model: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extensions (vLLM and TGI accept these too).
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    # Accepted only at the value that means "off" here.
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # Accepted and ignored: they do not change the answer.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+ROLE_ALIASES = {"developer": "system"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """("messages", 0, "content") -> "messages[0].content"; union-member
+    names that pydantic adds to the location are dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[TextPart]", "list[str]", "dict[str,any]", "dict[str,float]") or "[" in str(part):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """Raw request body -> validated request; InvalidArgument names the field."""
+    if not body.strip():
+        raise InvalidArgument("body", "the request body is empty; send a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # For a union (e.g. content: string or parts) the deepest location is
+        # the most specific complaint.
+        error = max(errors, key=lambda e: len(e["loc"]))
+        if error["type"] == "json_invalid":
+            raise InvalidArgument("body", f"not valid JSON: {error['msg']}") from None
+        if error["type"] == "model_type" and not error["loc"]:
+            raise InvalidArgument("body", "the request body must be a JSON object") from None
+        field = _field_path(tuple(error["loc"]))
+        if error["type"] == "extra_forbidden":
+            raise InvalidArgument(field, "unrecognized request argument") from None
+        if error["type"] == "missing":
+            raise InvalidArgument(field, "is required") from None
+        raise InvalidArgument(field, error["msg"]) from None
+
+
+def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+    if request.n not in (None, 1):
+        raise InvalidArgument("n", "only n=1 is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if value not in (None, 0):
+            raise InvalidArgument(name, "is not supported (use repetition_penalty)")
+    if request.logprobs:
+        raise InvalidArgument("logprobs", "is not supported")
+    if request.top_logprobs:
+        raise InvalidArgument("top_logprobs", "is not supported")
+    if request.logit_bias:
+        raise InvalidArgument("logit_bias", "is not supported")
+    if request.tools:
+        raise InvalidArgument("tools", "tool calling is not supported")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise InvalidArgument("tool_choice", "tool calling is not supported")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise InvalidArgument("response_format.type", "only 'text' is supported")
+    if request.stream_options is not None:
+        if not request.stream:
+            raise InvalidArgument("stream_options", "is only allowed when stream is true")
+        if request.stream_options.continuous_usage_stats:
+            raise InvalidArgument("stream_options.continuous_usage_stats", "is not supported")
+
+
+def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
+    """Wire -> service. Range checks (temperature, max_tokens, ...) are the
+    service layer's, so both transports refuse the same things."""
+    _refuse_unsupported(request)
+    max_tokens = request.max_tokens
+    if request.max_completion_tokens is not None:
+        if max_tokens is not None and max_tokens != request.max_completion_tokens:
+            raise InvalidArgument("max_completion_tokens", "conflicts with max_tokens; send one of them")
+        max_tokens = request.max_completion_tokens
+    stop: tuple[str, ...]
+    if request.stop is None:
+        stop = ()
+    elif isinstance(request.stop, str):
+        stop = (request.stop,)
+    else:
+        stop = tuple(request.stop)
+    return ChatParams(
+        messages=[ChatMessage(role=ROLE_ALIASES.get(m.role, m.role), content=m.text()) for m in request.messages],
+        model=request.model,
+        temperature=request.temperature,
+        max_tokens=max_tokens,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        stop=stop,
+    )
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    # {"role": "assistant", "content": ""} first, then {"content": "..."};
+    # {} on the final chunk when it carries no text.
+    delta: dict[str, str]
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    # With stream_options.include_usage every chunk carries "usage": null and
+    # one last chunk (empty choices) carries the totals; otherwise absent.
+    usage: Usage | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwen-grpc"
+    # Not in OpenAI's schema; clients ignore unknown fields.
+    max_context_tokens: int
+    max_output_tokens: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ChunkWriter:
+    """Renders one stream's Server-Sent Events. The fixed part of every chunk
+    (id, created, model) is rendered once; per token only the text is
+    serialised."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self._include_usage = include_usage
+        self._base = dict(id=request_id, created=now(), model=model)
+
+    def _event(self, chunk: ChatCompletionChunk) -> bytes:
+        exclude = None if self._include_usage else {"usage"}
+        return b"data: " + chunk.model_dump_json(exclude=exclude, exclude_none=False).encode() + b"\n\n"
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+        return self._event(
+            ChatCompletionChunk(**self._base, choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        )
+
+    def role(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def content(self, text: str) -> bytes:
+        return self._chunk({"content": text})
+
+    def finish(self, text: str, finish_reason: str) -> bytes:
+        return self._chunk({"content": text} if text else {}, finish_reason)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._event(ChatCompletionChunk(**self._base, choices=[], usage=usage))
+
+    @staticmethod
+    def error(detail: ErrorDetail) -> bytes:
+        return b"data: " + ErrorResponse(error=detail).model_dump_json().encode() + b"\n\n"
+
+    DONE = b"data: [DONE]\n\n"
+
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChunkWriter",
+    "ErrorDetail",
+    "ErrorResponse",
+    "ModelList",
+    "ModelObject",
+    "Usage",
+    "parse_request",
+    "to_chat_params",
+]

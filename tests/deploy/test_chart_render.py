@@ -98,7 +98,6 @@ def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
         ({"autoscaling.enabled": "true", "autoscaling.targetCPUUtilizationPercentage": "null"}, "needs a metric"),
         ({"apiKeys.enabled": "true"}, "apiKeys.enabled needs apiKeys.existingSecret or apiKeys.keys"),
         ({"metrics.enabled": "true", "metrics.prometheusRule.enabled": "true"}, "no rules"),
-        ({"grafanaDashboard.enabled": "true"}, "no files/grafana/*.json"),
         ({"drain.timeoutSeconds": "30"}, "is shorter than settings.max_connection_age_grace"),
     ],
 )

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from .config import Settings, load_settings
+from .config import ConfigError, Settings, load_settings
 
 _LOG = logging.getLogger("qwen_grpc")
 
@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(settings))
     except ObservabilityError as exc:
         _LOG.error("cannot start: %s", exc)
+        return 2
+    except ConfigError as exc:  # keys file, TLS files
+        _LOG.error("invalid configuration: %s", exc)
         return 2
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         _LOG.error("cannot start with --model %s: %s", settings.model, exc)

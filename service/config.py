@@ -32,6 +32,11 @@ def default_model_path() -> str:
     return str(default_cache_dir() / "models" / DEFAULT_MODEL_DIRNAME)
 
 
+class ConfigError(ValueError):
+    """A setting points at something unusable (a missing key file, a bad
+    certificate); qwen-serve exits 2 with this message."""
+
+
 def _split_names(value: Any) -> Any:
     if isinstance(value, str):
         return [name.strip() for name in value.split(",") if name.strip()]
@@ -167,12 +172,56 @@ class Settings(BaseSettings):
         "them so an idle channel notices a dead replica before the next call).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    # --- limits and security (see SECURITY.md) -----------------------------
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request accepted (a gRPC message, an HTTP body); larger ones get "
+        "RESOURCE_EXHAUSTED (gRPC) / 413 (HTTP) before they are parsed.",
+    )
+    rate_limit_per_second: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Per-client request rate (token bucket), keyed by API key when keys are set, else by "
+        "peer address; over it a call gets RESOURCE_EXHAUSTED / 429 with a retry hint. 0 disables.",
+    )
+    rate_limit_burst: int = Field(
+        default=20, ge=1, description="Requests a client may send at once before rate_limit_per_second applies."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated API keys accepted as `authorization: Bearer <key>`; any key set "
+        "(here or in api_keys_file) turns authentication on. Prefer the env var or the file: "
+        "command lines are visible to every local user.",
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="File with one API key per line (blank lines and # comments ignored), "
+        "e.g. a mounted Kubernetes Secret; read once at start.",
+    )
+    auth_public_health: bool = Field(
+        default=True, description="With API keys on, grpc.health.v1 stays callable without a key (for probes)."
+    )
+    auth_public_reflection: bool = Field(
+        default=False, description="With API keys on, server reflection stays callable without a key."
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="PEM certificate chain: serve gRPC over TLS (needs tls_key_file)."
+    )
+    tls_key_file: str | None = Field(default=None, description="PEM private key for tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        default=None,
+        description="PEM CA bundle: require every client to present a certificate signed by it (mutual TLS).",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _names_from_csv(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "served_model_name" in data:
-            data = {**data, "served_model_name": _split_names(data["served_model_name"])}
+        if isinstance(data, dict):
+            for name in ("served_model_name", "api_keys"):
+                if name in data:
+                    data = {**data, name: _split_names(data[name])}
         return data
 
     @model_validator(mode="after")
@@ -181,7 +230,15 @@ class Settings(BaseSettings):
             raise ValueError("max_tokens_default must not exceed max_tokens_limit")
         if self.max_tokens_limit >= self.max_model_len:
             raise ValueError("max_tokens_limit must be below max_model_len")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.api_keys_file)
 
 
 def _flag(name: str) -> str:

@@ -13,6 +13,7 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
 
 
 class ServiceError(Exception):
@@ -41,6 +42,14 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_seconds: float) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class RateLimited(Overloaded):
+    """This client sent more requests than its rate limit allows."""
+
+
+class Unauthenticated(ServiceError):
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class Unavailable(ServiceError):

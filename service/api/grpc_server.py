@@ -4,6 +4,7 @@ health checking, reflection, and server construction."""
 from __future__ import annotations
 
 import logging
+import pathlib
 from typing import AsyncIterator
 
 import grpc
@@ -12,17 +13,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..engine.types import FinishReason, TokenEvent
 from ..errors import Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
-from .interceptors import ErrorInterceptor, TelemetryInterceptor
+from ..auth import ApiKeyAuth
+from ..ratelimit import RateLimiter
+from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
 
 _LOG = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QwenService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# grpcio-reflection serves both the v1alpha and the v1 protocol.
+REFLECTION_SERVICE_NAMES = [reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"]
 # Health is reported for the whole server ("") and for the service by name.
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
@@ -153,6 +159,8 @@ def server_options(settings: Settings) -> list[tuple[str, object]]:
         # public server code) is silently ignored (checked with grpcio 1.85).
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.keepalive_min_ping_interval)),
         ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        # Larger requests get RESOURCE_EXHAUSTED from grpcio before they are parsed.
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
     ]
     if settings.max_connection_age > 0:
         # GOAWAY after this age makes clients reconnect and re-resolve DNS;
@@ -164,28 +172,63 @@ def server_options(settings: Settings) -> list[tuple[str, object]]:
     return options
 
 
+def build_interceptors(
+    settings: Settings, telemetry: TelemetryInterceptor | None = None
+) -> list[aio.ServerInterceptor]:
+    """Outermost first: telemetry (metrics and tracing, so it sees the final
+    status code of every call, refusals included), auth (reject before
+    parsing), error mapping, the replica-name header, rate limit (its
+    RateLimited error is mapped by ErrorInterceptor)."""
+    interceptors: list[aio.ServerInterceptor] = [] if telemetry is None else [telemetry]
+    auth = ApiKeyAuth.from_settings(settings)
+    if auth is not None:
+        public = []
+        if settings.auth_public_health:
+            public.append(HEALTH_SERVICE_NAME)
+        if settings.auth_public_reflection:
+            public += REFLECTION_SERVICE_NAMES
+        interceptors.append(AuthInterceptor(auth, public))
+    interceptors.append(ErrorInterceptor())
+    interceptors.append(ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/"))
+    if settings.rate_limit_per_second > 0:
+        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+        interceptors.append(RateLimitInterceptor(limiter, [SERVICE_NAME], auth))
+    return interceptors
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from mounted PEM files; with a client CA, mutual TLS (a client
+    without a certificate signed by that CA cannot complete the handshake)."""
+    if not settings.tls_cert_file:
+        return None
+    try:
+        cert = pathlib.Path(settings.tls_cert_file).read_bytes()
+        key = pathlib.Path(settings.tls_key_file).read_bytes()
+        client_ca = pathlib.Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read a TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 def build_server(
     settings: Settings, servicer: QwenServicer, telemetry: TelemetryInterceptor | None = None
 ) -> tuple[aio.Server, health.aio.HealthServicer, int]:
-    """Create the server with every service registered; `telemetry` (metrics
-    and tracing) runs outermost, so it sees the final status code.
-    Returns (server, health servicer, bound gRPC port)."""
-    interceptors: list[aio.ServerInterceptor] = [
-        ErrorInterceptor(),
-        ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/"),
-    ]
-    if telemetry is not None:
-        interceptors.insert(0, telemetry)
-    server = aio.server(interceptors=interceptors, options=server_options(settings))
+    """Create the server with every service registered (interceptors: see
+    build_interceptors). Returns (server, health servicer, bound gRPC port)."""
+    credentials = server_credentials(settings)
+    server = aio.server(interceptors=build_interceptors(settings, telemetry), options=server_options(settings))
     pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
             server,
         )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     return server, health_servicer, port

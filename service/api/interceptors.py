@@ -1,7 +1,11 @@
 """gRPC server interceptors for cross-cutting concerns.
 
-Order (outermost first): TelemetryInterceptor, ErrorInterceptor. Telemetry
-therefore sees the final status code that ErrorInterceptor chose.
+Order in build_server (first = outermost):
+  TelemetryInterceptor -> metrics and spans; sees the final status of every call
+  AuthInterceptor      -> UNAUTHENTICATED before the request is even parsed
+  ErrorInterceptor     -> ServiceError -> status; undecodable request -> INVALID_ARGUMENT
+  ReplicaNameInterceptor (api/replica.py) -> qwen-replica initial metadata
+  RateLimitInterceptor -> RateLimited (a ServiceError, so mapped by ErrorInterceptor)
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from grpc import aio
@@ -18,10 +22,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ..auth import ApiKeyAuth
 from ..errors import ErrorCode, Overloaded, ServiceError
 from ..observability.metrics import GRPC_CODE_NAMES, GrpcServerMetrics
 from ..observability.telemetry import DEADLINE_SLACK_SECONDS
 from ..observability.tracing import extract_context
+from ..ratelimit import RateLimiter
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,28 +38,84 @@ STATUS_BY_CODE = {
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
 }
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+# Called with the request and context before the wrapped behavior runs.
+Before = Callable[[Any, aio.ServicerContext], Awaitable[None]]
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 async def _abort_with(context: aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, ServiceError):
         if isinstance(exc, Overloaded):
             # gRPC's retry pushback: clients with a retry policy wait this long.
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(exc.retry_after_seconds * 1000))),))
+            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_seconds * 1000)))),))
         await context.abort(STATUS_BY_CODE[exc.code], exc.message)
     _LOG.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+def _wrap_unary_request(
+    handler: grpc.RpcMethodHandler, before: Before, deserializer: Callable | None = None
+) -> grpc.RpcMethodHandler:
+    """A copy of a unary-request handler (unary-unary or unary-stream) that
+    awaits `before(request, context)` first; other kinds are returned as is."""
+    deserializer = deserializer or handler.request_deserializer
+    if handler.unary_unary:
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            await before(request, context)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Any, context: aio.ServicerContext) -> Any:
+            await before(request, context)
+            async for response in inner_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, deserializer, handler.response_serializer)
+    return handler
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _reject_undecodable(context: aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - reported as INVALID_ARGUMENT
+            return _Undecodable(exc)
+
+    return deserialize
+
+
 class ErrorInterceptor(aio.ServerInterceptor):
     """ServiceError -> its status code; any other exception -> INTERNAL
-    (logged with its traceback, never shown to the client)."""
+    (logged with its traceback, never shown to the client). A request that
+    is not a valid protobuf message (corrupt wire format, bad UTF-8 in a
+    string) -> INVALID_ARGUMENT, instead of grpcio's UNKNOWN with the parser's
+    exception text and an ERROR traceback per call."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -62,6 +124,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _reject_undecodable(context, request)
                 try:
                     return await inner_unary(request, context)
                 except (aio.AbortError, grpc.RpcError):
@@ -70,12 +134,14 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_with(context, exc, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, _lenient(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _reject_undecodable(context, request)
                 try:
                     async for response in inner_stream(request, context):
                         yield response
@@ -85,7 +151,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_with(context, exc, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                stream, _lenient(handler.request_deserializer), handler.response_serializer
             )
         # Other shapes (e.g. health Watch, which writes with context.write())
         # pass through untouched.
@@ -296,3 +362,86 @@ class TelemetryInterceptor(aio.ServerInterceptor):
                 call.end(context, error)
 
         return handle
+
+
+def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for name, value in details.invocation_metadata or ():
+        if name == key:
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails every call with
+    `code` without parsing the request."""
+
+    async def reject(request_or_iterator: Any, context: aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(reject)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(reject)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(reject)
+    return grpc.stream_stream_rpc_method_handler(reject)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Every call must carry `authorization: Bearer <key>` with a configured
+    key, except methods of the services named in `public_services`
+    (e.g. grpc.health.v1.Health for kubelet probes). Wrong or missing key:
+    UNAUTHENTICATED, decided from the metadata before the request is parsed."""
+
+    def __init__(self, auth: ApiKeyAuth, public_services: Iterable[str] = ()) -> None:
+        self._auth = auth
+        self._public_prefixes = tuple(f"/{name}/" for name in public_services)
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method.startswith(self._public_prefixes):
+            return await continuation(details)
+        try:
+            self._auth.authenticate(_metadata_value(details, "authorization"))
+        except ServiceError as exc:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            return _rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        return await continuation(details)
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7'; 'ipv6:[::1]:5' -> 'ipv6:[::1]';
+    other forms (unix sockets) are kept whole."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in address:
+        return f"{kind}:{address.rsplit(':', 1)[0]}"
+    return peer
+
+
+class RateLimitInterceptor(aio.ServerInterceptor):
+    """Token bucket per client for the methods of `services`: the client is its
+    API-key fingerprint when keys are configured (the key was already checked
+    by AuthInterceptor), else its peer address without the port. Over the
+    limit: RateLimited, which ErrorInterceptor maps to RESOURCE_EXHAUSTED with
+    grpc-retry-pushback-ms."""
+
+    def __init__(self, limiter: RateLimiter, services: Iterable[str], auth: ApiKeyAuth | None = None) -> None:
+        self._limiter = limiter
+        self._auth = auth
+        self._prefixes = tuple(f"/{name}/" for name in services)
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefixes):
+            return handler
+        client = None
+        if self._auth is not None:
+            authorization = _metadata_value(details, "authorization") or ""
+            client = self._auth.identify(authorization.strip().partition(" ")[2].strip())
+        limiter = self._limiter
+
+        async def before(request: Any, context: aio.ServicerContext) -> None:
+            limiter.check(client or peer_host(context.peer()))
+
+        return _wrap_unary_request(handler, before)

@@ -26,7 +26,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """In place, CTRL-style (as in transformers): positive logits of seen tokens
     are divided by the penalty, negative ones multiplied."""
     scores = logits[seen]
-    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    # A tiny penalty (down to the smallest float) would turn boosted logits
+    # into +inf, and inf - inf is NaN in the softmax: saturate instead.
+    boosted = (scores / penalty).clamp(max=torch.finfo(logits.dtype).max)
+    logits[seen] = torch.where(scores > 0, boosted, scores * penalty)
 
 
 def _candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +46,9 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.greedy:
         return int(logits.argmax())
     values, token_ids = _candidates(logits, params.top_k)
-    probs = (values / params.temperature).softmax(-1)
+    # Shift so the best logit is 0 before dividing: for a tiny temperature the
+    # others go to -inf (probability 0) instead of overflowing to +inf.
+    probs = ((values - values[0]) / params.temperature).softmax(-1)
     if params.top_p < 1.0:
         # Keep a candidate while the mass before it is below top_p (so the
         # most likely token always stays).

@@ -61,3 +61,36 @@ def test_batch_with_extreme_rows_matches_rows_alone():
     assert batch == alone
     assert batch[0] == int(logits[0].argmax())
     assert batch[2] == int(logits[2].argmax())  # top_p ~ 0 keeps only the best token
+
+
+def test_a_failing_row_leaves_the_other_rows_exactly_as_without_it(monkeypatch):
+    """One request's sampling failure must not change its batch neighbours:
+    their penalty is applied once and their generators drawn from once
+    (previously the scheduler re-ran every row after a batch failure)."""
+    from service.engine import sampling
+
+    real_sample_one = sampling.sample_one
+
+    def sample_one(logits, params, generator):
+        if params.seed == 13:
+            raise RuntimeError("injected sampler fault")
+        return real_sample_one(logits, params, generator)
+
+    monkeypatch.setattr(sampling, "sample_one", sample_one)
+    vocab = 500
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.3, seed=1),
+        SamplingParams(max_tokens=1, temperature=0.9, seed=13),
+        SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=1.5),
+        SamplingParams(max_tokens=1, temperature=1.2, repetition_penalty=0.7, seed=2),
+    ]
+    seen = [torch.rand(vocab, generator=torch.Generator().manual_seed(i)) < 0.3 for i in range(4)]
+    keep = [0, 2, 3]
+    with_fault = [make_generator(p.seed) for p in params]
+    without = [make_generator(params[i].seed) for i in keep]
+    for step in range(4):
+        logits = torch.cat([_logits(10 * step + i, vocab) for i in range(4)])
+        chosen = select_tokens(logits.clone(), params, with_fault, seen)
+        assert isinstance(chosen[1], RuntimeError)
+        reference = select_tokens(logits[keep].clone(), [params[i] for i in keep], without, [seen[i] for i in keep])
+        assert [chosen[i] for i in keep] == reference

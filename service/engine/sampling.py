@@ -63,13 +63,27 @@ def select_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     seen_tokens: list[torch.Tensor | None],
-) -> list[int]:
+) -> list[int | Exception]:
     """logits: float32 [B, vocab] (modified in place). seen_tokens[i] holds the
     distinct token ids of request i's prompt + output when it uses a
-    repetition penalty, else None."""
+    repetition penalty, else None.
+
+    Rows are independent: a row whose selection raises gets the exception in
+    its place, and every other row is computed exactly as without it (its
+    penalty applied once, its generator drawn from once)."""
+    chosen: list[int | Exception | None] = [None] * len(params)
     for row, (p, seen) in enumerate(zip(params, seen_tokens)):
         if seen is not None and p.repetition_penalty != 1.0:
-            apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
-    if all(p.greedy for p in params):
+            try:
+                apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
+            except Exception as exc:  # noqa: BLE001 - reported per row
+                chosen[row] = exc
+    if all(p.greedy for p in params) and not any(chosen):
         return logits.argmax(-1).tolist()
-    return [sample_one(logits[row], p, g) for row, (p, g) in enumerate(zip(params, generators))]
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if chosen[row] is None:
+            try:
+                chosen[row] = int(logits[row].argmax()) if p.greedy else sample_one(logits[row], p, generator)
+            except Exception as exc:  # noqa: BLE001 - reported per row
+                chosen[row] = exc
+    return chosen  # type: ignore[return-value]

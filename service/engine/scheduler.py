@@ -252,30 +252,31 @@ class Scheduler:
                 self._observer.decode_step(len(batch))
             except Exception:  # an observer bug must not fail requests
                 _LOG.exception("engine observer failed")
-        try:
-            chosen = select_tokens(
-                logits,
-                [seq.request.sampling for seq in batch],
-                [seq.generator for seq in batch],
-                [seq.seen for seq in batch],
-            )
-        except Exception:
-            chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
+        # A row that fails comes back as its exception; only its request fails.
+        chosen = select_tokens(
+            logits,
+            [seq.request.sampling for seq in batch],
+            [seq.generator for seq in batch],
+            [seq.seen for seq in batch],
+        )
         for seq, token in zip(list(batch), chosen):
+            token = self._checked(seq, token)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             else:
                 self._accept(seq, token)
 
     @staticmethod
-    def _select_alone(seq: _Sequence, logits: torch.Tensor) -> int | None:
-        """Sample one row on its own, so a failure stays with its request."""
-        try:
-            (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
-            return token
-        except Exception:
-            _LOG.exception("sampling failed for %s", seq.request.request_id)
+    def _checked(seq: _Sequence, token: int | Exception) -> int | None:
+        if isinstance(token, Exception):
+            _LOG.error("sampling failed for %s", seq.request.request_id, exc_info=token)
             return None
+        return token
+
+    def _select_alone(self, seq: _Sequence, logits: torch.Tensor) -> int | None:
+        """Sample the first token after prefill."""
+        (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
+        return self._checked(seq, token)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record one sampled token: emit its text, finish the request if done."""

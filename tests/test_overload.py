@@ -1,0 +1,125 @@
+"""Overload: bounded admission end to end, and the request size limit.
+
+200 concurrent streams against a server that allows 16 running + 32 waiting:
+every call ends with a full answer or RESOURCE_EXHAUSTED (at once, with a
+retry hint, before any message), nothing hangs, and afterwards the server is
+SERVING and admits a full 16 + 32 again — so no slot leaked (running and
+waiting went back to 0; the admission check counts exactly those)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2
+
+from harness import health_status, running_server
+from service.pb.qwen import qwen_service_pb2 as pb
+from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+
+RUNNING, WAITING = 16, 32
+STREAMS = 200
+CONNECTIONS = 10
+MAX_TOKENS = 64
+
+
+def _request(i: int) -> pb.ChatRequest:
+    return pb.ChatRequest(
+        messages=[pb.Message(role="user", content=f"Request {i}: tell me about the fox.")],
+        max_tokens=MAX_TOKENS,
+        temperature=0.7,
+        seed=i,
+    )
+
+
+async def _one(stub, request, timeout: float = 120.0) -> dict:
+    started = time.monotonic()
+    responses = []
+    call = stub.ChatStream(request, timeout=timeout)
+    try:
+        async for response in call:
+            responses.append(response)
+        code, trailing = grpc.StatusCode.OK, ()
+    except aio.AioRpcError as exc:
+        code, trailing = exc.code(), exc.trailing_metadata() or ()
+    return {"code": code, "responses": responses, "seconds": time.monotonic() - started, "trailing": dict(trailing)}
+
+
+async def _storm(target: str, requests: list[pb.ChatRequest]) -> list[dict]:
+    # Several connections, as several clients would have.
+    channels = [aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CONNECTIONS)]
+    try:
+        stubs = [pb_grpc.QwenServiceStub(channel) for channel in channels]
+        for channel in channels:
+            await channel.channel_ready()
+        return await asyncio.gather(*(_one(stubs[i % CONNECTIONS], r) for i, r in enumerate(requests)))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _assert_full_answer(result: dict) -> None:
+    final = result["responses"][-1]
+    assert final.is_final and all(not r.is_final for r in result["responses"][:-1])
+    assert final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    if final.finish_reason == pb.FINISH_REASON_LENGTH:
+        assert final.usage.completion_tokens == MAX_TOKENS
+
+
+def test_200_streams_get_an_answer_or_resource_exhausted(tiny_model_dir):
+    with running_server(
+        tiny_model_dir, "--max-batch-size", str(RUNNING), "--max-waiting", str(WAITING), "--max-tokens-default", "64"
+    ) as server:
+        results = asyncio.run(_storm(server.target, [_request(i) for i in range(STREAMS)]))
+        ok = [r for r in results if r["code"] == grpc.StatusCode.OK]
+        refused = [r for r in results if r["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        others = [(r["code"], r["seconds"]) for r in results if r not in ok and r not in refused]
+        assert not others, others
+        # The first RUNNING + WAITING arrivals always fit; 200 at once cannot all fit.
+        assert len(ok) >= RUNNING + WAITING and refused
+        for result in ok:
+            _assert_full_answer(result)
+        for result in refused:
+            assert result["responses"] == []  # refused before any work, not mid-stream
+            assert int(result["trailing"]["grpc-retry-pushback-ms"]) > 0
+        slowest_refusal = max(r["seconds"] for r in refused)
+        median_answer = sorted(r["seconds"] for r in ok)[len(ok) // 2]
+        print(
+            f"\n{len(ok)} answered, {len(refused)} refused; slowest refusal {slowest_refusal:.2f} s, "
+            f"median answer {median_answer:.2f} s"
+        )
+        # "At once": a refusal never waits for a slot, so it comes back well
+        # before a typical admitted stream has finished.
+        assert slowest_refusal < median_answer
+
+        assert health_status(server.target) == health_pb2.HealthCheckResponse.SERVING
+        # No slot leaked: exactly RUNNING + WAITING concurrent calls are all admitted again.
+        again = asyncio.run(_storm(server.target, [_request(1000 + i) for i in range(RUNNING + WAITING)]))
+        assert [r["code"] for r in again] == [grpc.StatusCode.OK] * (RUNNING + WAITING)
+        for result in again:
+            _assert_full_answer(result)
+        assert "Traceback" not in server.log
+
+
+def test_request_over_the_size_limit_is_refused_before_parsing(tiny_model_dir):
+    limit = 64 * 1024
+    with running_server(tiny_model_dir, "--max-request-bytes", str(limit)) as server:
+        options = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
+        with grpc.insecure_channel(server.target, options=options) as channel:
+            stub = pb_grpc.QwenServiceStub(channel)
+            big = pb.ChatRequest(messages=[pb.Message(role="user", content="x" * limit)], max_tokens=4)
+            assert big.ByteSize() > limit
+            for call in (stub.Chat, lambda r, **kw: list(stub.ChatStream(r, **kw))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(big, timeout=30)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CountTokens(pb.CountTokensRequest(messages=big.messages), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Just under the limit is parsed (and answered: the prompt fits the context or is INVALID_ARGUMENT).
+            fits = pb.ChatRequest(messages=[pb.Message(role="user", content="hello " * 1000)], max_tokens=4)
+            assert fits.ByteSize() < limit
+            assert stub.Chat(fits, timeout=60).is_final

@@ -173,7 +173,11 @@ async def _serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
+    try:
+        settings = load_settings(argv)
+    except ValueError as exc:  # pydantic's ValidationError: names the bad setting
+        print(f"qwen-serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

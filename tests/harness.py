@@ -25,12 +25,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def health_status(target: str, service: str = "", timeout: float = 1.0) -> int | None:
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None, **kwargs) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, **kwargs)
+    return grpc.secure_channel(target, credentials, **kwargs)
+
+
+def health_status(
+    target: str,
+    service: str = "",
+    timeout: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> int | None:
     """The health status, or None if the server does not answer."""
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, credentials) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
             )
         except grpc.RpcError:
             return None
@@ -41,8 +53,20 @@ class ServerProcess:
     """`python -m service.cli` with the given flags; logs go to a file that
     tests (and failure messages) can read."""
 
-    def __init__(self, model: str | os.PathLike, *args: str, host: str = "127.0.0.1", env: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *args: str,
+        host: str = "127.0.0.1",
+        env: dict | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
+        """credentials / metadata: what the health checks of wait_serving send
+        (for servers with TLS, or with API keys and a private health service)."""
         self.host = host
+        self.credentials = credentials
+        self.metadata = metadata
         self.grpc_port = free_port(host)
         self.target = f"{host}:{self.grpc_port}"
         # Never the default 9090: parallel servers (and other test runs) would collide.
@@ -86,7 +110,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
-            if health_status(self.target, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            status = health_status(self.target, timeout=0.5, credentials=self.credentials, metadata=self.metadata)
+            if status == health_pb2.HealthCheckResponse.SERVING:
                 return time.monotonic() - self.started_at
             time.sleep(0.05)
         raise TimeoutError(f"server not SERVING after {timeout} s:\n{self.log}")

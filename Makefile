@@ -15,7 +15,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model prometheus chromium run test test-fast proto lock clean fleet-deps go-client test-lb lb-demo \
+.PHONY: help setup model prometheus chromium run test test-fast soak proto lock clean fleet-deps go-client test-lb lb-demo \
 	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test \
 	bench-protocols docs-screenshot
 
@@ -87,6 +87,10 @@ bench-protocols: model  ## gRPC streaming vs HTTP SSE on one server: TTFT, full 
 
 docs-screenshot: model chromium  ## docs/web-chat.png: the web page answering a question with the real model
 	$(PY) bench/web_screenshot.py
+
+soak: model  ## 10 minutes of mixed load with cancels, deadlines, disconnects; checks leaks (SOAK_ARGS="--duration 60 --tiny")
+	mkdir -p bench/results
+	$(PY) bench/soak.py --duration 600 --report bench/results/soak.json $(SOAK_ARGS)
 
 proto: setup  ## regenerate service/pb from proto/ (committed; a test checks they match)
 	$(PY) proto/generate.py

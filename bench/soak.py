@@ -1,0 +1,360 @@
+"""Soak: mixed load with random cancels, deadlines and disconnects against a
+real `qwen-serve` process, then checks that nothing leaked.
+
+    python bench/soak.py --duration 600                 # the real model (make soak)
+    python bench/soak.py --duration 60 --tiny           # a tiny random model (CI)
+
+Each worker loops over random actions: a stream read to the end, a unary
+call, a stream cancelled after a few messages, a call with a short deadline,
+a stream whose channel is closed mid-way (a disconnect), a client process
+killed with SIGKILL mid-stream, an invalid request, CountTokens/ListModels.
+Every outcome is checked against what that action may legitimately get (e.g.
+RESOURCE_EXHAUSTED when the server is full); anything else is an unexpected
+error.
+
+Pass = zero unexpected errors, no slot leak (afterwards the server admits a
+full max_batch_size + max_waiting at once and is SERVING), no ERROR in the
+server log, and server RSS growth under 5 % from just after warm-up to the
+end. Prints a JSON report (also written with --report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import pathlib
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import psutil
+from grpc import aio
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from harness import ServerProcess, health_status  # noqa: E402
+from service.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
+from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
+
+OK = grpc.StatusCode.OK
+FULL = grpc.StatusCode.RESOURCE_EXHAUSTED
+CANCELLED = grpc.StatusCode.CANCELLED
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a KV cache is in two sentences.",
+    "def fib(n):",
+    "法国的首都是哪里？",
+    "List five prime numbers.",
+    "Tell me a story about a fox.",
+]
+
+_KILLED_CLIENT = """
+import sys, time, grpc
+from service.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+request = pb.ChatRequest(messages=[pb.Message(role="user", content="Tell me a long story.")], max_tokens=int(sys.argv[2]))
+try:
+    stream = pb_grpc.QwenServiceStub(channel).ChatStream(request)
+    next(stream)
+    print("streaming", flush=True)
+except grpc.RpcError as exc:
+    print(exc.code().name, flush=True)
+time.sleep(600)
+"""
+
+
+def _request(rng: random.Random, max_tokens: int) -> pb.ChatRequest:
+    request = pb.ChatRequest(
+        messages=[pb.Message(role="user", content=rng.choice(PROMPTS))], max_tokens=rng.randint(1, max_tokens)
+    )
+    if rng.random() < 0.5:
+        request.temperature = rng.choice([0.0, 0.7, 1.0])
+        request.seed = rng.randrange(2**31)
+    if rng.random() < 0.2:
+        request.stop.append(rng.choice(["\n\n", ".", "the"]))
+    return request
+
+
+class Soak:
+    def __init__(self, target: str, max_tokens: int, rng: random.Random) -> None:
+        self.target = target
+        self.max_tokens = max_tokens
+        self.rng = rng
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.unexpected: list[str] = []
+        self.refused = False
+
+    def record(self, action: str, code: grpc.StatusCode, allowed: set, details: str = "") -> None:
+        self.outcomes[f"{action}:{code.name}"] += 1
+        self.refused = self.refused or code == FULL
+        if code not in allowed:
+            self.unexpected.append(f"{action}: {code.name} {details}"[:500])
+
+    async def _stream(self, stub, request, *, timeout=None, stop_after=None, channel=None):
+        """(code, details, responses) of a stream; stop_after=k cancels (or,
+        with channel, closes the whole connection) after k messages."""
+        responses = []
+        call = stub.ChatStream(request, timeout=timeout)
+        try:
+            async for response in call:
+                responses.append(response)
+                if stop_after is not None and len(responses) >= stop_after and not response.is_final:
+                    if channel is not None:
+                        await channel.close(grace=None)
+                    else:
+                        call.cancel()
+            return OK, "", responses
+        except asyncio.CancelledError:
+            return CANCELLED, "", responses
+        except aio.AioRpcError as exc:
+            return exc.code(), exc.details() or "", responses
+
+    def _check_answer(self, action: str, responses) -> None:
+        final = responses[-1] if responses else None
+        if final is None or not final.is_final or final.finish_reason not in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH):
+            self.unexpected.append(f"{action}: stream ended without a final answer: {final}")
+
+    async def one_action(self, stub) -> None:
+        rng = self.rng
+        action = rng.choices(
+            ["stream", "unary", "cancel", "deadline", "disconnect", "invalid", "small"],
+            weights=[30, 15, 15, 15, 10, 5, 10],
+        )[0]
+        request = _request(rng, self.max_tokens)
+        if action == "stream":
+            code, details, responses = await self._stream(stub, request, timeout=300)
+            self.record(action, code, {OK, FULL}, details)
+            if code == OK:
+                self._check_answer(action, responses)
+        elif action == "unary":
+            try:
+                reply = await stub.Chat(request, timeout=300)
+                self.record(action, OK, {OK})
+                if not reply.is_final:
+                    self.unexpected.append(f"unary: not final: {reply}")
+            except aio.AioRpcError as exc:
+                self.record(action, exc.code(), {FULL}, exc.details() or "")
+        elif action == "cancel":
+            code, details, _ = await self._stream(stub, request, timeout=300, stop_after=rng.randint(1, 4))
+            self.record(action, code, {OK, FULL, CANCELLED}, details)
+        elif action == "deadline":
+            code, details, responses = await self._stream(stub, request, timeout=rng.uniform(0.01, 1.0))
+            self.record(action, code, {OK, FULL, DEADLINE}, details)
+            if code == OK:
+                self._check_answer(action, responses)
+        elif action == "disconnect":
+            channel = aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            try:
+                code, details, _ = await self._stream(
+                    pb_grpc.QwenServiceStub(channel), request, timeout=300, stop_after=rng.randint(1, 4), channel=channel
+                )
+            finally:
+                await channel.close()
+            self.record(action, code, {OK, FULL, CANCELLED}, details)
+        elif action == "invalid":
+            request.max_tokens = -rng.randint(1, 10)
+            try:
+                await stub.Chat(request, timeout=60)
+                self.record(action, OK, {INVALID})
+            except aio.AioRpcError as exc:
+                self.record(action, exc.code(), {INVALID}, exc.details() or "")
+        else:
+            try:
+                if rng.random() < 0.5:
+                    await stub.CountTokens(pb.CountTokensRequest(messages=request.messages), timeout=60)
+                else:
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=60)
+                self.record(action, OK, {OK})
+            except aio.AioRpcError as exc:
+                self.record(action, exc.code(), set(), exc.details() or "")
+
+    async def worker(self, deadline: float) -> None:
+        async with aio.insecure_channel(self.target) as channel:
+            stub = pb_grpc.QwenServiceStub(channel)
+            while time.monotonic() < deadline:
+                self.refused = False
+                await self.one_action(stub)
+                if self.refused:
+                    # Like a client honouring grpc-retry-pushback-ms, but sooner,
+                    # so the server stays at its limit.
+                    await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+
+    async def killer(self, deadline: float, every: float) -> None:
+        """Now and then a separate client process is SIGKILLed mid-stream."""
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        while time.monotonic() + every < deadline:
+            await asyncio.sleep(self.rng.uniform(0.5 * every, 1.5 * every))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _KILLED_CLIENT, self.target, str(self.max_tokens),
+                stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
+            )  # fmt: skip
+            try:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+            code = OK if line == "streaming" else getattr(grpc.StatusCode, line, grpc.StatusCode.UNKNOWN)
+            self.record("sigkill-client", code, {OK, FULL}, line)
+
+
+async def _capacity_check(target: str, count: int, max_tokens: int) -> list[str]:
+    """`count` concurrent calls right after the load: all must be admitted."""
+    channels = [aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    try:
+        stubs = [pb_grpc.QwenServiceStub(c) for c in channels]
+        request = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=min(8, max_tokens))
+
+        async def one(i):
+            try:
+                await stubs[i % 4].Chat(request, timeout=300)
+                return "OK"
+            except aio.AioRpcError as exc:
+                return exc.code().name
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _rss_sampler(pid: int, samples: list, stop: asyncio.Event, interval: float):
+    process = psutil.Process(pid)
+
+    async def run():
+        start = time.monotonic()
+        while not stop.is_set():
+            samples.append((time.monotonic() - start, process.memory_info().rss))
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    return run()
+
+
+async def _soak(args, server: ServerProcess) -> dict:
+    rng = random.Random(args.seed)
+    soak = Soak(server.target, args.max_tokens, rng)
+    samples: list[tuple[float, int]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_rss_sampler(server.process.pid, samples, stop, args.rss_interval))
+    started = time.monotonic()
+    deadline = started + args.duration
+    tasks = [soak.worker(deadline) for _ in range(args.concurrency)]
+    if args.kill_every > 0:
+        tasks.append(soak.killer(deadline, args.kill_every))
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await sampler
+
+    capacity = args.max_batch_size + args.max_waiting
+    admitted = await _capacity_check(server.target, capacity, args.max_tokens)
+    serving = health_status(server.target) == 1
+    log = server.log
+    lines = log.splitlines()
+    error_at = [i for i, line in enumerate(lines) if " ERROR " in line or "Traceback" in line]
+    log_errors = lines[error_at[0] : error_at[0] + 40] if error_at else []
+
+    warmup = args.warmup if args.warmup is not None else 0.2 * args.duration
+    loaded = [(t, rss) for t, rss in samples if t >= warmup]
+    window = max(1, len(loaded) // 10)
+    rss_start = statistics.median(rss for _, rss in loaded[:window]) if loaded else 0
+    rss_end = statistics.median(rss for _, rss in loaded[-window:]) if loaded else 0
+    growth = (rss_end - rss_start) / rss_start if rss_start else float("nan")
+    report = {
+        "duration_s": round(elapsed, 1),
+        "concurrency": args.concurrency,
+        "calls": sum(soak.outcomes.values()),
+        "outcomes": dict(sorted(soak.outcomes.items())),
+        "unexpected_errors": soak.unexpected[:50],
+        "unexpected_count": len(soak.unexpected),
+        "capacity_check": {"concurrent": capacity, "admitted": admitted.count("OK"), "codes": sorted(set(admitted))},
+        "serving_after": serving,
+        "server_log_errors": {"count": len(error_at), "first": log_errors},
+        "rss_mib": {
+            "warmup_s": warmup,
+            "after_warmup": round(rss_start / 2**20, 1),
+            "end": round(rss_end / 2**20, 1),
+            "max": round(max((rss for _, rss in samples), default=0) / 2**20, 1),
+            "growth_pct": round(100 * growth, 2),
+            "samples": len(samples),
+        },
+    }
+    report["passed"] = bool(
+        not soak.unexpected
+        and admitted.count("OK") == capacity
+        and serving
+        and not log_errors
+        and growth < args.max_rss_growth
+        and len(loaded) >= 2
+    )
+    return report
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
+    parser.add_argument("--warmup", type=float, default=None, help="seconds before RSS is tracked (default 20%%)")
+    parser.add_argument("--model", default=None, help="model folder (default: the one `make model` made)")
+    parser.add_argument("--tiny", action="store_true", help="build and serve a tiny random model instead")
+    parser.add_argument("--concurrency", type=int, default=10, help="client workers")
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--max-waiting", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48, help="largest max_tokens a call asks for")
+    parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between SIGKILLed clients (0: never)")
+    parser.add_argument("--rss-interval", type=float, default=1.0)
+    parser.add_argument("--max-rss-growth", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", default=None, help="also write the JSON report here")
+    return parser.parse_args(argv)
+
+
+def run(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.tiny:
+        from tiny_model import build_tiny_model
+
+        model = build_tiny_model(pathlib.Path(tempfile.mkdtemp(prefix="soak-tiny-")))
+    else:
+        from service.config import default_model_path
+
+        model = args.model or default_model_path()
+    server = ServerProcess(
+        model,
+        "--max-batch-size", str(args.max_batch_size),
+        "--max-waiting", str(args.max_waiting),
+        "--max-tokens-limit", str(max(args.max_tokens, 8)),
+        "--max-tokens-default", str(min(args.max_tokens, 8)),
+        "--drain-timeout", "5",
+    )  # fmt: skip
+    try:
+        server.wait_serving(timeout=300)
+        report = asyncio.run(_soak(args, server))
+    finally:
+        report_exit = server.terminate()
+        server.close()
+    report["server_exit_code"] = report_exit
+    report["passed"] = report["passed"] and report_exit == 0
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        pathlib.Path(args.report).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run()["passed"] else 1)

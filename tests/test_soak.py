@@ -1,0 +1,32 @@
+"""The CI-sized soak: 60 s of mixed load (streams, unary calls, cancels,
+short deadlines, dropped connections, SIGKILLed client processes, invalid
+requests) against the tiny model; `make soak` runs the 10-minute version on
+the real model. See bench/soak.py for what passes."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from harness import REPO_ROOT
+
+
+def _soak_module():
+    spec = importlib.util.spec_from_file_location("soak", REPO_ROOT / "bench" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_60_seconds(tiny_model_dir):
+    report = _soak_module().run(["--duration", "60", "--model", str(tiny_model_dir), "--kill-every", "10"])
+    assert report["unexpected_errors"] == []
+    assert report["capacity_check"]["admitted"] == report["capacity_check"]["concurrent"], report["capacity_check"]
+    assert report["serving_after"]
+    assert report["server_log_errors"]["count"] == 0, report["server_log_errors"]
+    assert report["rss_mib"]["growth_pct"] < 5.0, report["rss_mib"]
+    assert report["server_exit_code"] == 0
+    # The mix really happened.
+    outcomes = report["outcomes"]
+    for seen in ("stream:OK", "cancel:CANCELLED", "disconnect:CANCELLED", "deadline:DEADLINE_EXCEEDED", "sigkill-client:OK"):
+        assert outcomes.get(seen, 0) > 0, (seen, outcomes)
+    assert report["passed"]

@@ -191,6 +191,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         repr=False,
+        json_schema_extra={"doc_default": "none"},
         description="Comma-separated API keys accepted as `authorization: Bearer <key>`; any key set "
         "(here or in api_keys_file) turns authentication on. Prefer the env var or the file: "
         "command lines are visible to every local user.",

@@ -72,7 +72,7 @@ def _wrap_unary_request(
             return await inner_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
-    if handler.unary_stream:
+    if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
         inner_stream = handler.unary_stream
 
         async def stream(request: Any, context: aio.ServicerContext) -> Any:
@@ -81,6 +81,14 @@ def _wrap_unary_request(
                 yield response
 
         return grpc.unary_stream_rpc_method_handler(stream, deserializer, handler.response_serializer)
+    if handler.unary_stream:  # write-style (context.write)
+        inner_writer = handler.unary_stream
+
+        async def writer(request: Any, context: aio.ServicerContext) -> Any:
+            await before(request, context)
+            return await inner_writer(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(writer, deserializer, handler.response_serializer)
     return handler
 
 
@@ -153,8 +161,20 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, _lenient(handler.request_deserializer), handler.response_serializer
             )
-        # Other shapes (e.g. health Watch, which writes with context.write())
-        # pass through untouched.
+        if handler.unary_stream:
+            # Write-style streams (health Watch uses context.write()): only the
+            # undecodable-request check; errors pass through untouched.
+            inner_writer = handler.unary_stream
+
+            async def writer(request: Any, context: aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _reject_undecodable(context, request)
+                return await inner_writer(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer, _lenient(handler.request_deserializer), handler.response_serializer
+            )
+        # Streaming requests (reflection) pass through untouched.
         return handler
 
 

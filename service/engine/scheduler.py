@@ -225,7 +225,7 @@ class Scheduler:
             return
         self._prefilling.popleft()
         self._decoding.append(seq)
-        token = self._select_alone(seq, logits)
+        token = self._checked(seq, self._select_alone(seq, logits))
         if token is None:
             self._release(seq, FinishReason.ERROR, error="internal error while sampling")
         else:
@@ -253,12 +253,16 @@ class Scheduler:
             except Exception:  # an observer bug must not fail requests
                 _LOG.exception("engine observer failed")
         # A row that fails comes back as its exception; only its request fails.
-        chosen = select_tokens(
-            logits,
-            [seq.request.sampling for seq in batch],
-            [seq.generator for seq in batch],
-            [seq.seen for seq in batch],
-        )
+        try:
+            chosen = select_tokens(
+                logits,
+                [seq.request.sampling for seq in batch],
+                [seq.generator for seq in batch],
+                [seq.seen for seq in batch],
+            )
+        except Exception:  # a failure of the batch as a whole: try each row alone
+            _LOG.exception("batched token selection failed for a batch of %d", len(batch))
+            chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
         for seq, token in zip(list(batch), chosen):
             token = self._checked(seq, token)
             if token is None:
@@ -273,10 +277,14 @@ class Scheduler:
             return None
         return token
 
-    def _select_alone(self, seq: _Sequence, logits: torch.Tensor) -> int | None:
-        """Sample the first token after prefill."""
-        (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
-        return self._checked(seq, token)
+    @staticmethod
+    def _select_alone(seq: _Sequence, logits: torch.Tensor) -> int | Exception:
+        """Select one row's token on its own."""
+        try:
+            (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
+        except Exception as exc:  # noqa: BLE001 - reported by _checked
+            return exc
+        return token
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record one sampled token: emit its text, finish the request if done."""

@@ -7,6 +7,8 @@ map ServiceError codes to their own statuses. Nothing here knows gRPC/HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import math
 import time
@@ -91,6 +93,12 @@ class ChatService:
         self.served_model_names: tuple[str, ...] = served_model_names(settings, engine.model_name)
         self._telemetry = telemetry if telemetry is not None else Telemetry.standalone(self.served_model_names[0])
         self._draining = False
+        # Tokenizing a prompt near --max-request-bytes is CPU work of a large
+        # fraction of a second; on the event loop it would stall every running
+        # stream. Transports use the *_async methods, which run it here: one
+        # thread, so the tokenizer is never used by two threads at once and
+        # tokenization never takes more than one core.
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen-tokenize")
 
     @property
     def default_model(self) -> str:
@@ -168,6 +176,20 @@ class ChatService:
     def count_tokens(self, messages: Sequence[ChatMessage], model: str = "") -> int:
         self.resolve_model(model)
         return len(self._engine.encode_chat(self._validate_messages(messages)))
+
+    async def count_tokens_async(self, messages: Sequence[ChatMessage], model: str = "") -> int:
+        """count_tokens() on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, self.count_tokens, messages, model)
+
+    async def prepare_async(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
+        """prepare() on the tokenizer thread; the deadline still counts from now."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def prepare() -> PreparedChat:
+            return self.prepare(params, None if deadline is None else deadline - time.monotonic())
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, prepare)
 
     def prepare(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
         """Validate and tokenize; raises ServiceError subclasses. The request's

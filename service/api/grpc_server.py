@@ -93,11 +93,11 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
             raise Unavailable("the model is still loading")
         return self._chat_service
 
-    def _prepare(self, request: pb.ChatRequest, context: aio.ServicerContext) -> PreparedChat:
-        return self._chat.prepare(chat_params(request), timeout=context.time_remaining())
+    async def _prepare(self, request: pb.ChatRequest, context: aio.ServicerContext) -> PreparedChat:
+        return await self._chat.prepare_async(chat_params(request), timeout=context.time_remaining())
 
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
-        prepared = self._prepare(request, context)
+        prepared = await self._prepare(request, context)
         pieces: list[str] = []
         async for event in self._chat.generate(prepared):
             pieces.append(event.text)
@@ -112,7 +112,7 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         raise RuntimeError("engine ended a request without a final event")
 
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
-        prepared = self._prepare(request, context)
+        prepared = await self._prepare(request, context)
         request_id = prepared.request.request_id
         index = 0
         async for event in self._chat.generate(prepared):
@@ -134,7 +134,7 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         )
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: aio.ServicerContext) -> pb.CountTokensResponse:
-        count = self._chat.count_tokens(_messages(request.messages), request.model)
+        count = await self._chat.count_tokens_async(_messages(request.messages), request.model)
         window = self._chat.list_models()[0].max_context_tokens
         return pb.CountTokensResponse(prompt_tokens=count, max_context_tokens=window, remaining_tokens=window - count)
 

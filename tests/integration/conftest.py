@@ -4,6 +4,8 @@ import grpc
 import pytest
 
 from harness import running_server
+from service.cli import Server
+from service.config import Settings
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 
@@ -28,3 +30,19 @@ def single_slot_server(tiny_model_dir):
 def stub(server):
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.QwenServiceStub(channel)
+
+
+@pytest.fixture
+async def inprocess_server(tiny_model_dir):
+    """The whole server (gRPC, ChatService, engine) in this process, on the
+    test's event loop, so a test can monkeypatch its parts."""
+    settings = Settings(
+        model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, max_batch_size=8, max_tokens_limit=200,
+        max_tokens_default=64, dtype="float32"
+    )
+    server = Server(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.drain_and_stop()

@@ -15,8 +15,6 @@ import grpc
 import pytest
 from grpc import aio
 
-from service.cli import Server
-from service.config import Settings
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -36,20 +34,6 @@ async def _collect(stub, request, timeout: float = 120.0):
     except aio.AioRpcError as exc:
         return responses, exc.code(), exc.details()
     return responses, grpc.StatusCode.OK, ""
-
-
-@pytest.fixture
-async def inprocess_server(tiny_model_dir):
-    settings = Settings(
-        model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, max_batch_size=8, max_tokens_limit=200,
-        max_tokens_default=64, dtype="float32"
-    )
-    server = Server(settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.drain_and_stop()
 
 
 async def _run_with_one_poisoned(server: Server, poisoned: pb.ChatRequest, normal_tokens: int = 60):

@@ -22,7 +22,7 @@ from harness import ServerProcess
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
-MAX_REQUEST_BYTES = 256 * 1024
+MAX_REQUEST_BYTES = 64 * 1024
 MAX_MESSAGES = 64
 MAX_TOKENS_LIMIT = 24
 SERVED = ("tiny", "Qwen2.5-0.5B-Instruct")
@@ -120,8 +120,8 @@ messages = st.one_of(
     conversation,
     conversation,
     st.lists(message, max_size=6),
-    # thousands of messages
-    st.builds(lambda m, n: [m] * n, message, st.integers(MAX_MESSAGES - 1, 3_000)),
+    # thousands of (small) messages
+    st.builds(lambda m, n: [m] * n, st.builds(pb.Message, role=role, content=odd_text), st.integers(MAX_MESSAGES - 1, 3_000)),
 )
 float32 = st.one_of(
     st.none(),

@@ -123,3 +123,50 @@ def test_request_over_the_size_limit_is_refused_before_parsing(tiny_model_dir):
             fits = pb.ChatRequest(messages=[pb.Message(role="user", content="hello " * 1000)], max_tokens=4)
             assert fits.ByteSize() < limit
             assert stub.Chat(fits, timeout=60).is_final
+
+
+async def test_slow_tokenization_does_not_stall_running_streams(inprocess_server, monkeypatch):
+    """Tokenizing a prompt near --max-request-bytes takes a good fraction of
+    a second of CPU. It runs on the tokenizer thread, not the event loop, so
+    running streams keep flowing meanwhile (stood in for here by a tokenizer
+    call that takes 1.5 s for one marked prompt)."""
+    import threading
+
+    engine = inprocess_server.engine
+    real_encode = engine.encode_chat
+    threads: list[str] = []
+
+    def encode_chat(messages):
+        threads.append(threading.current_thread().name)
+        if messages[-1]["content"] == "slow to tokenize":
+            time.sleep(1.5)
+        return real_encode(messages)
+
+    monkeypatch.setattr(engine, "encode_chat", encode_chat)
+    async with aio.insecure_channel(f"127.0.0.1:{inprocess_server.grpc_port}") as channel:
+        stub = pb_grpc.QwenServiceStub(channel)
+        slow = pb.ChatRequest(messages=[pb.Message(role="user", content="slow to tokenize")], max_tokens=4)
+        stream_request = pb.ChatRequest(
+            messages=[pb.Message(role="user", content="keep streaming")], max_tokens=200, temperature=0.0
+        )
+        arrivals: list[float] = []
+
+        async def stream():
+            async for _ in stub.ChatStream(stream_request, timeout=60):
+                arrivals.append(time.monotonic())
+
+        streaming = asyncio.create_task(stream())
+        while len(arrivals) < 3:
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        await stub.CountTokens(pb.CountTokensRequest(messages=slow.messages), timeout=60)
+        tokenized = time.monotonic()
+        await streaming
+    during = [t for t in arrivals if started <= t <= tokenized]
+    assert tokenized - started >= 1.5
+    if arrivals[-1] > tokenized:  # the stream outlived the slow call: it must have flowed throughout
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if a >= started and b <= tokenized]
+        assert during and max(gaps, default=0.0) < 0.5, (len(during), max(gaps, default=0.0))
+    else:
+        assert len(during) > 0
+    assert threads and all(name.startswith("qwen-tokenize") for name in threads), threads

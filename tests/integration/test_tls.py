@@ -175,3 +175,33 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(tiny_model_dir, 
         assert server.process.poll() is None
     finally:
         server.close()
+
+
+def test_python_sdk_with_mutual_tls_and_an_api_key(tiny_model_dir, pki, tmp_path):
+    """The client SDK's TLS and API-key options against a server that
+    requires both: what a user of the SDK actually runs."""
+    from service.client import QwenClient
+
+    key = "sdk-key-0123456789abcdef"
+    client_cert = pki.write("client.pem", pki.client.cert_pem())
+    client_key = pki.write("client.key", pki.client.key_pem())
+    ca = pki.write("ca.pem", pki.ca.cert_pem())
+    valid = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert_pem(), private_key=pki.client.key_pem(), certificate_chain=pki.client.cert_pem()
+    )
+    server = ServerProcess(
+        tiny_model_dir, *_server_args(pki, mutual=True), env={"QWEN_API_KEYS": key}, credentials=valid
+    )
+    try:
+        server.wait_serving()
+        tls = {"root_certificates": ca, "client_certificate_chain": client_cert, "client_private_key": client_key}
+        client = QwenClient(server.target, api_key=key, timeout=30, **tls)
+        assert client.chat([{"role": "user", "content": "hi"}], max_tokens=3).finish_reason in ("stop", "length")
+        client.channel.close()
+        keyless = QwenClient(server.target, timeout=30, **tls)
+        with pytest.raises(grpc.RpcError) as info:
+            keyless.chat([{"role": "user", "content": "hi"}], max_tokens=3)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        keyless.channel.close()
+    finally:
+        server.close()

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import pathlib
 import random
@@ -151,7 +152,10 @@ class Soak:
             code, details, _ = await self._stream(stub, request, timeout=300, stop_after=rng.randint(1, 4))
             self.record(action, code, {OK, FULL, CANCELLED}, details)
         elif action == "deadline":
-            code, details, responses = await self._stream(stub, request, timeout=rng.uniform(0.01, 1.0))
+            # Log-uniform from 10 ms to 5 s: some expire in the queue, some
+            # mid-stream, some never (on the tiny and on the real model).
+            timeout = math.exp(rng.uniform(math.log(0.01), math.log(5.0)))
+            code, details, responses = await self._stream(stub, request, timeout=timeout)
             self.record(action, code, {OK, FULL, DEADLINE}, details)
             if code == OK:
                 self._check_answer(action, responses)
@@ -190,7 +194,7 @@ class Soak:
                 if self.refused:
                     # Like a client honouring grpc-retry-pushback-ms, but sooner,
                     # so the server stays at its limit.
-                    await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                    await asyncio.sleep(self.rng.uniform(0.1, 0.6))
 
     async def killer(self, deadline: float, every: float) -> None:
         """Now and then a separate client process is SIGKILLed mid-stream."""

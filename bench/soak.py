@@ -12,8 +12,9 @@ Every outcome is checked against what that action may legitimately get (e.g.
 RESOURCE_EXHAUSTED when the server is full); anything else is an unexpected
 error.
 
-Pass = zero unexpected errors, no slot leak (afterwards the server admits a
-full max_batch_size + max_waiting at once and is SERVING), no ERROR in the
+Pass = zero unexpected errors, no slot leak (afterwards the running and
+waiting gauges read 0 and the server admits a full max_batch_size +
+max_waiting at once), the server is SERVING, no ERROR in the
 server log, and server RSS growth under 5 % from just after warm-up to the
 end. Prints a JSON report (also written with --report).
 """
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -249,6 +251,17 @@ def _rss_sampler(pid: int, samples: list, stop: asyncio.Event, interval: float):
     return run()
 
 
+def _gauges(url: str) -> dict[str, float]:
+    """qwen_requests_running / qwen_requests_waiting from the server's /metrics."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("qwen_requests_running", "qwen_requests_waiting"):
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def _log_errors(log: str) -> tuple[list[list[str]], int]:
     """ERROR records of the server log (each with its traceback lines), and
     the number of grpcio's "ExecuteBatchError raised in core" records: grpcio
@@ -293,6 +306,7 @@ async def _soak(args, server: ServerProcess) -> dict:
     capacity = args.max_batch_size + args.max_waiting
     admitted = await _capacity_check(server.target, capacity, args.max_tokens)
     serving = health_status(server.target) == 1
+    gauges = _gauges(server.metrics_url)
     log = server.log
     log_errors, send_races = _log_errors(log)
 
@@ -311,6 +325,7 @@ async def _soak(args, server: ServerProcess) -> dict:
         "unexpected_count": len(soak.unexpected),
         "capacity_check": {"concurrent": capacity, "admitted": admitted.count("OK"), "codes": sorted(set(admitted))},
         "serving_after": serving,
+        "gauges_after": gauges,
         "server_log_errors": {"count": len(log_errors), "first": log_errors[0][:40] if log_errors else []},
         "grpc_send_to_gone_client": send_races,
         "rss_mib": {
@@ -325,6 +340,7 @@ async def _soak(args, server: ServerProcess) -> dict:
     report["passed"] = bool(
         not soak.unexpected
         and admitted.count("OK") == capacity
+        and gauges == {"qwen_requests_running": 0.0, "qwen_requests_waiting": 0.0}
         and serving
         and not log_errors
         and growth < args.max_rss_growth

@@ -38,7 +38,7 @@ async def inprocess_server(tiny_model_dir):
     test's event loop, so a test can monkeypatch its parts."""
     settings = Settings(
         model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, max_batch_size=8, max_tokens_limit=200,
-        max_tokens_default=64, dtype="float32"
+        max_tokens_default=64, dtype="float32", metrics_port=0,
     )
     server = Server(settings)
     await server.start()

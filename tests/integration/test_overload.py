@@ -3,8 +3,8 @@
 200 concurrent streams against a server that allows 16 running + 32 waiting:
 every call ends with a full answer or RESOURCE_EXHAUSTED (at once, with a
 retry hint, before any message), nothing hangs, and afterwards the server is
-SERVING and admits a full 16 + 32 again — so no slot leaked (running and
-waiting went back to 0; the admission check counts exactly those)."""
+SERVING, its running and waiting gauges (/metrics) read 0, and it admits a
+full 16 + 32 again — so no slot leaked."""
 
 from __future__ import annotations
 
@@ -69,6 +69,19 @@ def _assert_full_answer(result: dict) -> None:
         assert final.usage.completion_tokens == MAX_TOKENS
 
 
+def _gauges(server) -> dict[str, float]:
+    """The running and waiting gauges from the server's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("qwen_requests_running", "qwen_requests_waiting"):
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def test_200_streams_get_an_answer_or_resource_exhausted(tiny_model_dir):
     with running_server(
         tiny_model_dir, "--max-batch-size", str(RUNNING), "--max-waiting", str(WAITING), "--max-tokens-default", "64"
@@ -96,6 +109,7 @@ def test_200_streams_get_an_answer_or_resource_exhausted(tiny_model_dir):
         assert slowest_refusal < median_answer
 
         assert health_status(server.target) == health_pb2.HealthCheckResponse.SERVING
+        assert _gauges(server) == {"qwen_requests_running": 0.0, "qwen_requests_waiting": 0.0}
         # No slot leaked: exactly RUNNING + WAITING concurrent calls are all admitted again.
         again = asyncio.run(_storm(server.target, [_request(1000 + i) for i in range(RUNNING + WAITING)]))
         assert [r["code"] for r in again] == [grpc.StatusCode.OK] * (RUNNING + WAITING)

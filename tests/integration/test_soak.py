@@ -22,6 +22,7 @@ def test_soak_60_seconds(tiny_model_dir):
     assert report["unexpected_errors"] == []
     assert report["capacity_check"]["admitted"] == report["capacity_check"]["concurrent"], report["capacity_check"]
     assert report["serving_after"]
+    assert report["gauges_after"] == {"qwen_requests_running": 0.0, "qwen_requests_waiting": 0.0}
     assert report["server_log_errors"]["count"] == 0, report["server_log_errors"]
     assert report["rss_mib"]["growth_pct"] < 5.0, report["rss_mib"]
     assert report["server_exit_code"] == 0

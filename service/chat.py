@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import math
 import time
 import uuid
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from .config import LEGACY_MODEL_NAME, Settings
 from .engine.engine import Engine
@@ -27,6 +28,8 @@ from .engine.types import (
 )
 from .errors import DeadlineExceeded, InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
 from .observability.telemetry import RequestTelemetry, Telemetry
+
+T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
@@ -177,24 +180,29 @@ class ChatService:
         self.resolve_model(model)
         return len(self._engine.encode_chat(self._validate_messages(messages)))
 
+    async def _on_tokenizer_thread(self, function: Callable[[], T]) -> T:
+        # The caller's context (the current trace span) goes along.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, context.run, function)
+
     async def count_tokens_async(self, messages: Sequence[ChatMessage], model: str = "") -> int:
         """count_tokens() on the tokenizer thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_thread, self.count_tokens, messages, model)
+        return await self._on_tokenizer_thread(lambda: self.count_tokens(messages, model))
 
     async def prepare_async(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
-        """prepare() on the tokenizer thread; the deadline still counts from now."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """prepare() on the tokenizer thread; arrival time and deadline still count from now."""
+        arrival = time.monotonic()
+        deadline = None if timeout is None else arrival + timeout
 
         def prepare() -> PreparedChat:
-            return self.prepare(params, None if deadline is None else deadline - time.monotonic())
+            return self.prepare(params, None if deadline is None else deadline - time.monotonic(), arrival=arrival)
 
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, prepare)
+        return await self._on_tokenizer_thread(prepare)
 
-    def prepare(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
+    def prepare(self, params: ChatParams, timeout: float | None = None, *, arrival: float | None = None) -> PreparedChat:
         """Validate and tokenize; raises ServiceError subclasses. The request's
-        telemetry starts here: this is its arrival time."""
-        arrival = time.monotonic()
+        telemetry starts here: this is its arrival time (unless given)."""
+        arrival = time.monotonic() if arrival is None else arrival
         telemetry = self._telemetry.start(arrival)
         try:
             prepared = self._prepare(params, timeout, telemetry)

@@ -24,6 +24,8 @@ class Server:
         from .api.interceptors import TelemetryInterceptor
         from .observability.metrics import Metrics
         from .observability.tracing import setup_tracing
+        from .auth import ApiKeyAuth
+        from .ratelimit import limiter_from_settings
 
         self.settings = settings
         self.metrics = Metrics()
@@ -31,14 +33,25 @@ class Server:
         self.metrics_server = None
         self._servicer = QwenServicer()
         telemetry = TelemetryInterceptor(self.metrics.grpc, self.tracing.tracer if self.tracing.enabled else None)
-        self._grpc, self._health, self.grpc_port = build_server(settings, self._servicer, telemetry)
+        # One key set and one rate limiter for both transports.
+        auth = ApiKeyAuth.from_settings(settings)
+        limiter = limiter_from_settings(settings)
+        self._grpc, self._health, self.grpc_port = build_server(
+            settings, self._servicer, telemetry, auth=auth, limiter=limiter
+        )
         self._http = None
         self.http_port: int | None = None
         if settings.http:
+            from .api.http_access import http_middleware
             from .api.http_server import HttpBackend, HttpServer, create_app
 
             self._http_backend = HttpBackend()
-            self._http = HttpServer(settings, create_app(self._http_backend))
+            app = create_app(
+                self._http_backend,
+                middleware=http_middleware(settings, auth=auth, limiter=limiter),
+                max_body_bytes=settings.max_request_bytes,
+            )
+            self._http = HttpServer(settings, app)
             self.http_port = self._http.port
         self.engine = None
         self.chat = None

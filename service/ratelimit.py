@@ -52,3 +52,12 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def limiter_from_settings(settings) -> RateLimiter | None:
+    """The per-client limiter the settings ask for (None when off). One
+    instance is shared by every transport, so gRPC and HTTP calls of one
+    client draw from the same bucket."""
+    if settings.rate_limit_per_second <= 0:
+        return None
+    return RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

@@ -19,7 +19,7 @@ from ..errors import Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from ..auth import ApiKeyAuth
-from ..ratelimit import RateLimiter
+from ..ratelimit import RateLimiter, limiter_from_settings
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
 
@@ -173,14 +173,19 @@ def server_options(settings: Settings) -> list[tuple[str, object]]:
 
 
 def build_interceptors(
-    settings: Settings, telemetry: TelemetryInterceptor | None = None
+    settings: Settings,
+    telemetry: TelemetryInterceptor | None = None,
+    *,
+    auth: ApiKeyAuth | None = None,
+    limiter: RateLimiter | None = None,
 ) -> list[aio.ServerInterceptor]:
     """Outermost first: telemetry (metrics and tracing, so it sees the final
     status code of every call, refusals included), auth (reject before
     parsing), error mapping, the replica-name header, rate limit (its
     RateLimited error is mapped by ErrorInterceptor)."""
     interceptors: list[aio.ServerInterceptor] = [] if telemetry is None else [telemetry]
-    auth = ApiKeyAuth.from_settings(settings)
+    if auth is None:
+        auth = ApiKeyAuth.from_settings(settings)
     if auth is not None:
         public = []
         if settings.auth_public_health:
@@ -190,8 +195,9 @@ def build_interceptors(
         interceptors.append(AuthInterceptor(auth, public))
     interceptors.append(ErrorInterceptor())
     interceptors.append(ReplicaNameInterceptor(settings.replica_name, f"/{SERVICE_NAME}/"))
-    if settings.rate_limit_per_second > 0:
-        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    if limiter is None:
+        limiter = limiter_from_settings(settings)
+    if limiter is not None:
         interceptors.append(RateLimitInterceptor(limiter, [SERVICE_NAME], auth))
     return interceptors
 
@@ -213,12 +219,19 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def build_server(
-    settings: Settings, servicer: QwenServicer, telemetry: TelemetryInterceptor | None = None
+    settings: Settings,
+    servicer: QwenServicer,
+    telemetry: TelemetryInterceptor | None = None,
+    *,
+    auth: ApiKeyAuth | None = None,
+    limiter: RateLimiter | None = None,
 ) -> tuple[aio.Server, health.aio.HealthServicer, int]:
     """Create the server with every service registered (interceptors: see
-    build_interceptors). Returns (server, health servicer, bound gRPC port)."""
+    build_interceptors; auth and limiter default to what the settings ask
+    for). Returns (server, health servicer, bound gRPC port)."""
     credentials = server_credentials(settings)
-    server = aio.server(interceptors=build_interceptors(settings, telemetry), options=server_options(settings))
+    interceptors = build_interceptors(settings, telemetry, auth=auth, limiter=limiter)
+    server = aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -46,6 +46,8 @@ STATUS_BY_CODE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "server_overloaded"),
     ErrorCode.UNAVAILABLE: (503, "server_error", "unavailable"),
     ErrorCode.INTERNAL: (500, "server_error", "internal_error"),
+    ErrorCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
 _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
@@ -116,14 +118,15 @@ def _chat(request: Request) -> ChatService:
 
 
 async def _read_body(request: Request) -> bytes:
+    limit = request.app.state.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body exceeds {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        if len(body) > limit:
+            raise HTTPException(413, f"request body exceeds {limit} bytes")
     return bytes(body)
 
 
@@ -209,7 +212,7 @@ async def retrieve_model(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     chat = _chat(request)
     wire = oai.parse_request(await _read_body(request))
-    prepared = chat.prepare(oai.to_chat_params(wire))
+    prepared = await chat.prepare_async(oai.to_chat_params(wire))  # tokenizes off the event loop
     include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
     try:
         if wire.stream:
@@ -297,9 +300,12 @@ async def _sse_body(
 # ------------------------------------------------------------------- app
 
 
-def create_app(backend: HttpBackend, *, middleware: Sequence[Middleware] = ()) -> Starlette:
+def create_app(
+    backend: HttpBackend, *, middleware: Sequence[Middleware] = (), max_body_bytes: int = MAX_BODY_BYTES
+) -> Starlette:
     """The ASGI app. `middleware` wraps every route (outermost first):
-    the place for auth, metrics and tracing."""
+    the place for auth (api/http_access.py), metrics and tracing. Bodies
+    above max_body_bytes (qwen-serve: --max-request-bytes) get 413."""
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
@@ -316,6 +322,7 @@ def create_app(backend: HttpBackend, *, middleware: Sequence[Middleware] = ()) -
         },
     )
     app.state.backend = backend
+    app.state.max_body_bytes = max_body_bytes
     app.state.created = oai.now()
     app.state.index_html = (STATIC_DIR / "index.html").read_bytes()
     return app

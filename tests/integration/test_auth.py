@@ -179,3 +179,58 @@ def test_misconfiguration_refuses_to_start(tiny_model_dir, tmp_path, args, messa
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+# ----- the same keys and limiter over HTTP --------------------------------------------
+def _http(server, method: str, path: str, body: bytes | None = None, key: str | None = None):
+    """(status, headers, parsed JSON or None) of one HTTP call."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(server.http_url + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, reply_headers, data = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, reply_headers, data = exc.code, exc.headers, exc.read()
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        parsed = None
+    return status, reply_headers, parsed
+
+
+CHAT_BODY = b'{"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}'
+
+
+def test_http_api_needs_a_key_health_and_page_do_not(keyed_server):
+    for key in (None, "wrong-key-0000000000000", FILE_KEY.upper()):
+        for method, path, body in (("POST", "/v1/chat/completions", CHAT_BODY), ("GET", "/v1/models", None)):
+            status, headers, error = _http(keyed_server, method, path, body, key)
+            assert status == 401, (key, path, status)
+            assert error["error"]["code"] == "invalid_api_key" and error["error"]["type"] == "invalid_request_error"
+            assert headers["www-authenticate"] == "Bearer"
+    status, _, models = _http(keyed_server, "GET", "/v1/models", key=ENV_KEY)
+    assert status == 200 and models["data"]
+    assert _http(keyed_server, "GET", "/health")[0] == 200
+    assert _http(keyed_server, "GET", "/")[0] == 200
+
+
+def test_one_rate_limit_bucket_per_key_across_grpc_and_http(keyed_server):
+    with grpc.insecure_channel(keyed_server.target) as channel:
+        stub = pb_grpc.QwenServiceStub(channel)
+        for _ in range(10):  # use up FILE_KEY's bucket over gRPC
+            try:
+                stub.ListModels(pb.ListModelsRequest(), metadata=_bearer(FILE_KEY), timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+        else:
+            raise AssertionError("the rate limit never applied")
+    status, headers, error = _http(keyed_server, "GET", "/v1/models", key=FILE_KEY)
+    assert status == 429 and error["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["retry-after"]) >= 1

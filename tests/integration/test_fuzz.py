@@ -265,7 +265,72 @@ def test_raw_bytes_are_invalid_argument(channel, server, method):
     assert "Traceback" not in server.log
 
 
-def test_server_still_answers_correctly_after_the_attack(stub, server, baseline):
+# ----- the same attack over HTTP (OpenAI-compatible JSON) --------------------------
+json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),  # json.dumps writes NaN/Infinity, which lax clients send
+    odd_text,
+)
+json_value = st.recursive(
+    json_scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+http_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": content}),
+    st.dictionaries(st.sampled_from(["role", "content", "name", "x"]), json_value, max_size=3),
+    json_value,
+)
+http_fields = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(http_message, max_size=4), json_value)},
+    optional={
+        name: st.one_of(json_scalar, json_value)
+        for name in ("model", "temperature", "max_tokens", "max_completion_tokens", "top_p", "seed", "stop", "stream",
+                     "n", "stream_options", "presence_penalty", "user", "top_k", "repetition_penalty")
+    },
+)  # fmt: skip
+
+
+def _http_bodies():
+    import json
+
+    return st.one_of(
+        http_fields.map(lambda body: json.dumps(body).encode()),
+        http_fields.map(lambda body: json.dumps(body).encode()),
+        json_value.map(lambda body: json.dumps(body).encode()),
+        st.binary(max_size=300),  # not JSON at all
+        st.text(max_size=200).map(lambda text: text.encode("utf-8")),
+    )
+
+
+@FUZZ
+@given(body=_http_bodies())
+def test_http_chat_never_fails_internally(server, baseline, body):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        server.http_url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CALL_TIMEOUT) as response:
+            status = response.status
+            response.read()
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        error = exc.read()
+        assert b'"error"' in error, error[:300]  # the OpenAI error shape
+    except urllib.error.URLError as exc:
+        # An oversized body is refused (413) and the connection closed while
+        # the client is still sending: it sees a broken pipe, not the answer.
+        assert len(body) > MAX_REQUEST_BYTES and isinstance(exc.reason, ConnectionError), exc
+        return
+    allowed = {200, 400, 404} | ({413} if len(body) > MAX_REQUEST_BYTES else set())
+    assert status in allowed, (status, body[:300])
+
+
+def test_server_still_answers_correctly_after_the_attack(stub, server, baseline):  # last in this file
     """Runs after the properties above (file order): same greedy answer as
     before them, no traceback in the log, still alive."""
     again = stub.Chat(NORMAL, timeout=CALL_TIMEOUT)

@@ -133,6 +133,19 @@ def test_request_over_the_size_limit_is_refused_before_parsing(tiny_model_dir):
             with pytest.raises(grpc.RpcError) as info:
                 stub.CountTokens(pb.CountTokensRequest(messages=big.messages), timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The same limit for HTTP bodies: 413 in the OpenAI error shape.
+            import json
+            import urllib.error
+            import urllib.request
+
+            body = json.dumps({"messages": [{"role": "user", "content": "x" * limit}]}).encode()
+            post = urllib.request.Request(
+                server.http_url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as http_error:
+                urllib.request.urlopen(post, timeout=30)
+            assert http_error.value.code == 413
+            assert json.loads(http_error.value.read())["error"]["code"] == "request_too_large"
             # Just under the limit is parsed (and answered: the prompt fits the context or is INVALID_ARGUMENT).
             fits = pb.ChatRequest(messages=[pb.Message(role="user", content="hello " * 1000)], max_tokens=4)
             assert fits.ByteSize() < limit

@@ -1,0 +1,96 @@
+"""Access control for the HTTP transport, as ASGI middleware: the HTTP
+counterpart of AuthInterceptor and RateLimitInterceptor, using the same
+transport-free pieces (service/auth.py, service/ratelimit.py) and, from
+qwen-serve, the same limiter instance as gRPC.
+
+- API keys: every /v1/ route needs `Authorization: Bearer <key>` when keys are
+  configured -> 401 (OpenAI error shape, code "invalid_api_key") otherwise.
+  /health follows --auth-public-health; the static chat page (/) is public
+  (it holds no data; its API calls need a key like any other client).
+- Rate limit: /v1/ routes, keyed by the key's fingerprint when keys are on,
+  else by the client address -> 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from starlette.middleware import Middleware
+
+from ..auth import ApiKeyAuth
+from ..config import Settings
+from ..errors import RateLimited, ServiceError, Unauthenticated
+from ..ratelimit import RateLimiter
+from .http_server import _error_response, error_detail
+
+API_PREFIX = "/v1/"
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _peer(scope: dict) -> str:
+    """The client address in the form gRPC's peer_host() gives ("ipv4:1.2.3.4",
+    "ipv6:[::1]"), so one client has one bucket on both transports."""
+    address = (scope.get("client") or ("unknown", 0))[0]
+    return f"ipv6:[{address}]" if ":" in address else f"ipv4:{address}"
+
+
+class AccessMiddleware:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        auth: ApiKeyAuth | None = None,
+        limiter: RateLimiter | None = None,
+        public_health: bool = True,
+    ) -> None:
+        self.app = app
+        self.auth = auth
+        self.limiter = limiter
+        self.public_health = public_health
+
+    def _protected(self, path: str) -> bool:
+        return path.startswith(API_PREFIX) or (path == "/health" and not self.public_health)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        try:
+            client = None
+            if self.auth is not None and self._protected(path):
+                client = self.auth.authenticate(_header(scope, b"authorization"))
+            if self.limiter is not None and path.startswith(API_PREFIX):
+                self.limiter.check(client or _peer(scope))
+        except ServiceError as exc:
+            await self._refuse(exc, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(exc: ServiceError, scope: dict, receive: Any, send: Any) -> None:
+        status, detail = error_detail(exc)
+        headers = None
+        if isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, RateLimited):
+            detail = detail.model_copy(update={"code": "rate_limit_exceeded"})
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+        await _error_response(status, detail, headers)(scope, receive, send)
+
+
+def http_middleware(
+    settings: Settings, *, auth: ApiKeyAuth | None = None, limiter: RateLimiter | None = None
+) -> list[Middleware]:
+    """The access middleware for create_app(middleware=...), or none when
+    neither keys nor a rate limit are configured."""
+    if auth is None and limiter is None:
+        return []
+    return [Middleware(AccessMiddleware, auth=auth, limiter=limiter, public_health=settings.auth_public_health)]

@@ -36,7 +36,7 @@ from . import openai_protocol as oai
 _LOG = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
-# The same bound as gRPC's default max receive message size.
+# create_app's default; qwen-serve passes --max-request-bytes (the gRPC limit too).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 # ServiceError code -> (HTTP status, OpenAI error type, error code)

@@ -1,4 +1,4 @@
-"""The metric reference in docs/observability.md is the generated one."""
+"""The metric reference in the README is the generated one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pathlib
 
 from service.observability.metrics import metrics_table
 
-DOCS = pathlib.Path(__file__).resolve().parents[3] / "docs" / "observability.md"
+DOCS = pathlib.Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_every_metric_is_documented():

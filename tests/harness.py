@@ -31,6 +31,18 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None
     return grpc.secure_channel(target, credentials, **kwargs)
 
 
+def terminate_process(process: subprocess.Popen, timeout: float = 60.0) -> int:
+    """SIGTERM (the server drains), SIGKILL if it is still there after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def health_status(
     target: str,
     service: str = "",
@@ -136,14 +148,7 @@ class ServerProcess:
         raise TimeoutError(f"gRPC port not open after {timeout} s:\n{self.log}")
 
     def terminate(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate_process(self.process, timeout)
 
     def close(self) -> None:
         self.terminate()

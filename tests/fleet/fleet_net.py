@@ -28,7 +28,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from harness import REPO_ROOT, health_status
+from harness import REPO_ROOT, health_status, terminate_process
 
 SUBNET_PREFIX = "10.213.47"  # private /24 used only by this test
 SUBNET = f"{SUBNET_PREFIX}.0/24"
@@ -242,14 +242,7 @@ class Fleet:
         replica = self.replicas[name]
         if replica.process is None:
             return 0
-        if replica.process.poll() is None:
-            replica.process.send_signal(signal.SIGTERM)
-            try:
-                replica.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                replica.process.wait()
-        return replica.process.returncode
+        return terminate_process(replica.process, timeout)
 
     # ----- teardown --------------------------------------------------------
     def remove_leftovers(self) -> None:

@@ -2,14 +2,15 @@
 
 Each iteration of the loop: apply aborts and expired deadlines (their slots
 are freed before any further compute), admit waiting requests FIFO into free
-KV-cache slots, prefill one chunk of the oldest admitted prompt, then run one
-decode step for every request that is past prefill. Requests therefore join
-and leave between steps, and a long prompt is spread over several iterations
-instead of stalling the running streams.
+KV-cache slots, then run one forward pass over a mixed batch: the next token
+of every decoding request plus prompt chunks of admitted requests, FIFO, up
+to `prefill_chunk_size` prompt tokens per step. A burst of short prompts is
+prefilled together in one pass, a long prompt is spread over several passes,
+and the running streams advance in every pass.
 
-Slots are kept compact: decoding requests occupy slots 0..B-1 and the request
-being prefilled sits in slot B. When a request leaves, the last one moves
-into its slot (a copy of only its cached positions).
+Slots are kept compact: decoding requests occupy slots 0..B-1 and the
+requests being prefilled follow in queue order. When a request leaves, the
+last decoder moves into its slot (a copy of only its cached positions).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .loader import LoadedModel
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PrefillChunk
 from .sampling import make_generator, select_tokens
 from .types import (
     EngineObserver,
@@ -170,8 +171,7 @@ class Scheduler:
                 self._admit_locked()
             try:
                 self._drop_aborted_and_expired(aborts)
-                self._prefill_step()
-                self._decode_step()
+                self._step()
             except Exception:  # the engine must outlive any bug in one step
                 _LOG.exception("engine step failed; failing the requests in flight")
                 for seq in list(self._prefilling) + list(self._decoding):
@@ -206,52 +206,84 @@ class Scheduler:
         for seq in [s for s in self._decoding if doomed(s)]:
             self._release(seq, FinishReason.CANCELLED)
 
-    def _prefill_step(self) -> None:
-        if not self._prefilling:
-            return
-        seq = self._prefilling[0]
-        slot = len(self._decoding)  # the first prefilling request sits right after the decoders
-        prompt = seq.request.prompt_token_ids
-        chunk = list(prompt[seq.cached : seq.cached + self._chunk])
-        try:
-            logits = self._runner.prefill(slot, chunk, seq.cached)
-        except Exception:  # one bad request must not take the engine down
-            _LOG.exception("prefill failed for %s", seq.request.request_id)
-            self._release(seq, FinishReason.ERROR, error="internal error during prefill")
-            return
-        seq.cached += len(chunk)
-        self._kv_used += len(chunk)
-        if seq.cached < len(prompt):
-            return
-        self._prefilling.popleft()
-        self._decoding.append(seq)
-        token = self._checked(seq, self._select_alone(seq, logits))
-        if token is None:
-            self._release(seq, FinishReason.ERROR, error="internal error while sampling")
-        else:
-            self._accept(seq, token)
+    def _plan_chunks(self) -> list[PrefillChunk]:
+        """Prompt chunks for this step: admitted prompts in FIFO order, up to
+        the per-step token budget. Only the last one may be cut short, so at
+        most one request is ever part-way through its prompt, and it is the
+        head of the prefill queue."""
+        chunks: list[PrefillChunk] = []
+        budget = self._chunk
+        slot = len(self._decoding)
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            prompt = seq.request.prompt_token_ids
+            tokens = prompt[seq.cached : seq.cached + budget]
+            chunks.append(PrefillChunk(slot, tokens, seq.cached))
+            budget -= len(tokens)
+            slot += 1
+        return chunks
 
-    def _decode_step(self) -> None:
-        batch = self._decoding
-        if not batch:
+    def _step(self) -> None:
+        """One forward pass for every decoding request and this step's prompt chunks."""
+        decoding = list(self._decoding)
+        chunks = self._plan_chunks()
+        if not decoding and not chunks:
             return
-        tokens = torch.tensor([seq.next_token for seq in batch], dtype=torch.long)
-        positions = torch.tensor([seq.cached for seq in batch], dtype=torch.long)
+        prefilling = list(self._prefilling)[: len(chunks)]
         try:
-            logits = self._runner.decode(tokens, positions)
-        except Exception:
-            _LOG.exception("decode step failed for a batch of %d", len(batch))
-            for seq in list(batch):
-                self._release(seq, FinishReason.ERROR, error="internal error during decoding")
+            logits = self._runner.step(
+                [seq.next_token for seq in decoding], [seq.cached for seq in decoding], chunks
+            )
+        except Exception:  # one bad request must not take the engine, or the others, down
+            _LOG.exception("engine step failed (%d decoding, %d prompt chunks)", len(decoding), len(chunks))
+            self._isolate_failure(decoding, chunks, prefilling)
             return
-        for seq in batch:
+        for seq in decoding:
             seq.cached += 1
-        self._kv_used += len(batch)
-        if self._observer is not None:
+        self._kv_used += len(decoding)
+        if decoding and self._observer is not None:
             try:
-                self._observer.decode_step(len(batch))
+                self._observer.decode_step(len(decoding))
             except Exception:  # an observer bug must not fail requests
                 _LOG.exception("engine observer failed")
+        # Requests whose prompt is complete join the decoders: their slots
+        # (right after the decoders', in order) already are the next ones.
+        sampled, rows = decoding, list(range(len(decoding)))
+        for index, (seq, chunk) in enumerate(zip(prefilling, chunks)):
+            seq.cached += len(chunk.token_ids)
+            self._kv_used += len(chunk.token_ids)
+            if seq.cached == seq.prompt_len:
+                self._prefilling.popleft()
+                self._decoding.append(seq)
+                sampled = sampled + [seq]
+                rows.append(len(decoding) + index)
+        if sampled:
+            self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits)
+
+    def _isolate_failure(self, decoding: list[_Sequence], chunks: list[PrefillChunk], prefilling: list[_Sequence]) -> None:
+        """Run each part of a failed step on its own and end only the requests
+        whose part fails again; the others redo the step next iteration
+        (writing the same cache positions again is harmless)."""
+        failed: list[tuple[_Sequence, str]] = []
+        if decoding:
+            try:
+                self._runner.step([seq.next_token for seq in decoding], [seq.cached for seq in decoding], [])
+            except Exception:
+                _LOG.exception("decode step failed for a batch of %d", len(decoding))
+                failed += [(seq, "internal error during decoding") for seq in decoding]
+        for seq, chunk in zip(prefilling, chunks):
+            try:
+                self._runner.step([], [], [chunk])
+            except Exception:
+                _LOG.exception("prefill failed for %s", seq.request.request_id)
+                failed.append((seq, "internal error during prefill"))
+        if not failed:  # only the combination fails (e.g. out of memory): end them all
+            failed = [(seq, "internal engine error") for seq in decoding + prefilling]
+        for seq, error in failed:
+            self._release(seq, FinishReason.ERROR, error=error)
+
+    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         # A row that fails comes back as its exception; only its request fails.
         try:
             chosen = select_tokens(
@@ -263,7 +295,7 @@ class Scheduler:
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
-        for seq, token in zip(list(batch), chosen):
+        for seq, token in zip(batch, chosen):
             token = self._checked(seq, token)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")

@@ -93,14 +93,15 @@ async def test_prefill_fault_fails_only_its_request(inprocess_server, monkeypatc
     runner = engine._scheduler._runner  # the model runner of this in-process engine
     marker = "please fail my prefill"
     poisoned_ids = engine.encode_chat([{"role": "user", "content": marker}])
-    real_prefill = runner.prefill
+    real_step = runner.step
 
-    def prefill(slot, token_ids, start):
-        if start == 0 and list(token_ids) == poisoned_ids:
+    def step(decode_tokens, decode_positions, chunks, logit_rows=None):
+        # The poisoned prompt fails whatever else shares its forward pass.
+        if any(chunk.start == 0 and list(chunk.token_ids) == poisoned_ids for chunk in chunks):
             raise RuntimeError("injected prefill fault")
-        return real_prefill(slot, token_ids, start)
+        return real_step(decode_tokens, decode_positions, chunks, logit_rows)
 
-    monkeypatch.setattr(runner, "prefill", prefill)
+    monkeypatch.setattr(runner, "step", step)
     caplog.set_level(logging.ERROR, logger="service")
     results = await _run_with_one_poisoned(inprocess_server, _request(marker, 60, temperature=0.8, seed=1))
     responses, code, details = results[2]

@@ -106,6 +106,43 @@ async def test_abort_frees_the_slot_before_the_next_step(loaded):
         await engine.shutdown()
 
 
+async def test_a_burst_of_prompts_is_prefilled_in_one_pass_next_to_the_decoders(loaded, monkeypatch):
+    """Newcomers do not queue for one prefill pass each: the next forward
+    pass carries all their prompts (within the token budget) and the running
+    stream's next token."""
+    from service.engine.model_runner import ModelRunner
+
+    import threading
+
+    passes: list[tuple[int, list[int]]] = []
+    burst_queued = threading.Event()
+    real_step = ModelRunner.step
+
+    def recording_step(self, decode_tokens, decode_positions, chunks, logit_rows=None):
+        passes.append((len(decode_tokens), [len(c.token_ids) for c in chunks]))
+        if len(passes) >= 2:
+            burst_queued.wait(5)  # the newcomers arrive while a decoding pass runs
+        return real_step(self, decode_tokens, decode_positions, chunks, logit_rows)
+
+    monkeypatch.setattr(ModelRunner, "step", recording_step)
+    engine = make_engine(loaded, prefill_chunk_size=512)
+    try:
+        first = engine.generate(request(engine, PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0)))
+        await first.__anext__()  # prefilled; now decoding
+        burst = [request(engine, p, SamplingParams(max_tokens=4, temperature=0.0)) for p in PROMPTS[1:4]]
+        tasks = [asyncio.create_task(collect(engine, r)) for r in burst]
+        await asyncio.sleep(0)  # each task runs up to its first wait: all three are queued
+        burst_queued.set()
+        results = await asyncio.gather(*tasks)
+        async for _ in first:
+            pass
+        assert all(final.finish_reason is FinishReason.LENGTH for _, final in results)
+        prompt_lengths = sorted(len(r.prompt_token_ids) for r in burst)
+        assert (1, prompt_lengths) in [(decoders, sorted(chunks)) for decoders, chunks in passes], passes
+    finally:
+        await engine.shutdown()
+
+
 async def test_cancelling_the_consumer_task_aborts(loaded):
     engine = make_engine(loaded, max_batch_size=1, max_waiting=0)
     try:

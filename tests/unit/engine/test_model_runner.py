@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from service.engine.loader import load_model
-from service.engine.model_runner import ModelRunner
+from service.engine.model_runner import ModelRunner, PrefillChunk
 
 PROMPTS = ["What is the capital of France?", "def add", "法国的首都是哪里？"]
 
@@ -38,12 +38,33 @@ def test_batched_chunked_decoding_matches_transformers_generate(tiny_model_dir, 
         outputs.append([int(logits.argmax())])
         positions.append(len(ids))
     for _ in range(steps - 1):
-        logits = runner.decode(torch.tensor([o[-1] for o in outputs]), torch.tensor(positions))
+        logits = runner.decode([o[-1] for o in outputs], positions)
         for row, out in enumerate(outputs):
             out.append(int(logits[row].argmax()))
             positions[row] += 1
     assert outputs == expected
     assert len(set(map(tuple, outputs))) == len(outputs), "prompts should decode differently"
+
+
+def test_a_mixed_step_equals_separate_passes(tiny_model_dir):
+    """Decode rows and several prompt chunks (one cut short) in one forward
+    pass give the logits each would get in a pass of its own."""
+    a, b, c = (_prompt_ids(load_model(str(tiny_model_dir)), p) for p in PROMPTS)
+    mixed = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=3, max_model_len=128)
+    alone = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=3, max_model_len=128)
+    token = int(mixed.prefill(0, a, 0).argmax())
+    alone.prefill(0, a, 0)
+    got = mixed.step([token], [len(a)], [PrefillChunk(1, b, 0), PrefillChunk(2, c[:4], 0)])
+    want = [alone.decode([token], [len(a)])[0], alone.prefill(1, b, 0), alone.prefill(2, c[:4], 0)]
+    assert got.shape == (3, mixed.vocab_size)
+    for row, expected in enumerate(want):
+        assert torch.allclose(got[row], expected, atol=1e-4), row
+    # The cut-short prompt continues where it stopped, next to two decoders.
+    tokens = [int(got[0].argmax()), int(got[1].argmax())]
+    got = mixed.step(tokens, [len(a) + 1, len(b)], [PrefillChunk(2, c[4:], 4)])
+    want = [*alone.decode(tokens, [len(a) + 1, len(b)]), alone.prefill(2, c[4:], 4)]
+    for row, expected in enumerate(want):
+        assert torch.allclose(got[row], expected, atol=1e-4), row
 
 
 def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
@@ -53,9 +74,9 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     first = runner.prefill(2, ids, 0)
     runner.move_slot(2, 0, len(ids))
     token = int(first.argmax())
-    moved = runner.decode(torch.tensor([token]), torch.tensor([len(ids)]))
+    moved = runner.decode([token], [len(ids)])
     runner.prefill(1, ids, 0)
-    reference = runner.decode(torch.tensor([token, token]), torch.tensor([len(ids), len(ids)]))
+    reference = runner.decode([token, token], [len(ids), len(ids)])
     assert torch.allclose(moved[0], reference[1], atol=1e-5)
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import mmap
 import pathlib
+import warnings
 from typing import Sequence
 
 import torch
@@ -111,9 +112,12 @@ class DynamicInt8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.data.float()  # one Linear at a time keeps the peak memory low
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        qweight = torch.quantize_per_channel(
-            weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), axis=0, dtype=torch.qint8
-        )
+        with warnings.catch_warnings():
+            # Quantized tensors are deprecated in favour of torchao; fbgemm's packed weights still take them.
+            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+            qweight = torch.quantize_per_channel(
+                weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), axis=0, dtype=torch.qint8
+            )
         bias = None if linear.bias is None else linear.bias.data.float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self._reduce_range = not self.full_range_activations

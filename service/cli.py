@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import signal
 import sys
@@ -19,7 +20,15 @@ _LOG = logging.getLogger("qwen_grpc")
 def _release_freed_memory() -> None:
     """Loading and repacking the weights frees gigabytes in many medium-sized
     blocks, which glibc keeps in its (per-thread) arenas; hand them back so
-    resident memory is what the engine holds (measured: -300 MB or more)."""
+    resident memory is what the engine holds (measured: -300 MB or more).
+
+    Collect first: torch.ao's quantize_dynamic leaves every float Linear it
+    replaced in a reference cycle (module -> qconfig -> closure -> module),
+    1.5 GB of float32 weights for int8 that only the cyclic collector frees.
+    Trimming before that frees nothing of it, and when the collector does
+    run later, that memory stays in the arenas (measured: 2.36 -> 1.23 GB
+    server RSS at idle)."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc (e.g. musl): nothing to trim

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, Callable
 
 from .config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .engine.types import EngineStats
 
 _LOG = logging.getLogger("qwen_grpc")
 
@@ -19,11 +24,35 @@ _LOG = logging.getLogger("qwen_grpc")
 def _release_freed_memory() -> None:
     """Loading and repacking the weights frees gigabytes in many medium-sized
     blocks, which glibc keeps in its (per-thread) arenas; hand them back so
-    resident memory is what the engine holds (measured: -300 MB or more)."""
+    resident memory is what the engine holds (measured: -300 MB or more).
+
+    Collect first: torch.ao's quantize_dynamic leaves every float Linear it
+    replaced in a reference cycle (module -> qconfig -> closure -> module),
+    1.5 GB of float32 weights for int8 that only the cyclic collector frees.
+    Trimming before that frees nothing of it, and when the collector does
+    run later, that memory stays in the arenas (measured: 2.36 -> 1.23 GB
+    server RSS at idle)."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc (e.g. musl): nothing to trim
         pass
+
+
+async def _trim_when_idle(stats: Callable[[], EngineStats], interval: float = 5.0) -> None:
+    """Return freed memory to the OS whenever the engine has gone idle after
+    generating: a burst of requests leaves activations, logits and prompt
+    buffers in glibc's arenas, which it does not give back on its own
+    (measured: ~100 MB after 16 concurrent 1000-token prompts). Only when
+    idle, as the trim holds each arena's lock while it walks it."""
+    generated = stats().generated_tokens_total
+    while True:
+        await asyncio.sleep(interval)
+        now = stats()
+        if now.running or now.waiting or now.generated_tokens_total == generated:
+            continue
+        generated = now.generated_tokens_total
+        await asyncio.to_thread(_release_freed_memory)
 
 
 class Server:
@@ -66,6 +95,7 @@ class Server:
             self.http_port = self._http.port
         self.engine = None
         self.chat = None
+        self._trimmer: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -106,6 +136,7 @@ class Server:
         _release_freed_memory()
         model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()
+        self._trimmer = asyncio.create_task(_trim_when_idle(self.engine.stats))
         self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
         self._servicer.attach(self.chat)
         if self._http is not None:
@@ -138,6 +169,8 @@ class Server:
         calls with UNAVAILABLE, let running requests finish for up to
         drain_timeout, then stop."""
         _LOG.info("draining (up to %.0f s)", self.settings.drain_timeout)
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         await self._health.enter_graceful_shutdown()
         if self._http is not None:
             self._http_backend.serving = False

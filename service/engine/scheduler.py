@@ -353,6 +353,8 @@ class Scheduler:
                 self._decoding[slot] = last
             if self._prefilling and self._prefilling[0].cached:
                 self._runner.move_slot(len(self._decoding) + 1, len(self._decoding), self._prefilling[0].cached)
+        # Slots stay compact, so the one just past the occupied ones is the one freed.
+        self._runner.release_slot(len(self._decoding) + bool(self._prefilling and self._prefilling[0].cached))
         with self._cond:
             self._active_count -= 1
         self._finish(seq, reason, text=text, error=error)

@@ -128,6 +128,7 @@ class Server:
             max_waiting=s.max_waiting,
             max_model_len=s.max_model_len,
             prefill_chunk_size=s.prefill_chunk_size,
+            interleaved_prefill_tokens=s.interleaved_prefill_tokens,
             threads=s.threads,
             quantization=s.quantization,
             observer=model_metrics,

@@ -88,9 +88,15 @@ class Settings(BaseSettings):
         description="Requests that may wait for a slot; beyond running + waiting a call gets RESOURCE_EXHAUSTED.",
     )
     prefill_chunk_size: int = Field(
-        default=256,
+        default=512,
         ge=16,
-        description="Prompt tokens prefilled per engine step, so running streams keep flowing.",
+        description="Most prompt tokens in one forward pass while no stream is decoding (a burst of prompts goes in together).",
+    )
+    interleaved_prefill_tokens: int = Field(
+        default=128,
+        ge=1,
+        description="Most prompt tokens in a forward pass that also advances running streams: bounds their "
+        "inter-token latency while newcomers are prefilled (each prompt token adds ~1 ms on 2 cores).",
     )
     # --- request defaults and limits --------------------------------------
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request leaves it unset.")

@@ -26,6 +26,7 @@ class Engine:
         max_model_len: int,
         prefill_chunk_size: int,
         threads: int,
+        interleaved_prefill_tokens: int | None = None,
         quantization: str = "none",
         observer: EngineObserver | None = None,
     ) -> None:
@@ -39,6 +40,7 @@ class Engine:
             max_waiting=max_waiting,
             max_model_len=max_model_len,
             prefill_chunk_size=prefill_chunk_size,
+            interleaved_prefill_tokens=interleaved_prefill_tokens or prefill_chunk_size,
             threads=threads,
             deliver=self._deliver,
             quantization=quantization,

@@ -4,9 +4,11 @@ Each iteration of the loop: apply aborts and expired deadlines (their slots
 are freed before any further compute), admit waiting requests FIFO into free
 KV-cache slots, then run one forward pass over a mixed batch: the next token
 of every decoding request plus prompt chunks of admitted requests, FIFO, up
-to `prefill_chunk_size` prompt tokens per step. A burst of short prompts is
-prefilled together in one pass, a long prompt is spread over several passes,
-and the running streams advance in every pass.
+to a budget of prompt tokens per pass (`prefill_chunk_size` when nothing is
+decoding, the smaller `interleaved_prefill_tokens` when streams are, since
+every prompt token in the pass delays their next token). A burst of short
+prompts is prefilled together in one pass, a long prompt is spread over
+several passes, and the running streams advance in every pass.
 
 Slots are kept compact: decoding requests occupy slots 0..B-1 and the
 requests being prefilled follow in queue order. When a request leaves, the
@@ -77,6 +79,7 @@ class Scheduler:
         max_model_len: int,
         prefill_chunk_size: int,
         threads: int,
+        interleaved_prefill_tokens: int,
         deliver: Deliver,
         quantization: str = "none",
         observer: EngineObserver | None = None,
@@ -87,6 +90,7 @@ class Scheduler:
         self._max_waiting = max_waiting
         self._max_model_len = max_model_len
         self._chunk = prefill_chunk_size
+        self._interleaved_chunk = interleaved_prefill_tokens
         self._threads = threads
         self._deliver = deliver
         self._observer = observer
@@ -212,7 +216,8 @@ class Scheduler:
         most one request is ever part-way through its prompt, and it is the
         head of the prefill queue."""
         chunks: list[PrefillChunk] = []
-        budget = self._chunk
+        # Nobody waits on a pass without decoders; with decoders, each prompt token delays all of them.
+        budget = self._interleaved_chunk if self._decoding else self._chunk
         slot = len(self._decoding)
         for seq in self._prefilling:
             if budget <= 0:

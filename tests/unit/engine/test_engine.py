@@ -143,6 +143,34 @@ async def test_a_burst_of_prompts_is_prefilled_in_one_pass_next_to_the_decoders(
         await engine.shutdown()
 
 
+async def test_prompt_tokens_next_to_running_streams_stay_within_the_interleaved_budget(loaded, monkeypatch):
+    from service.engine.model_runner import ModelRunner
+
+    passes: list[tuple[int, int]] = []
+    real_step = ModelRunner.step
+
+    def recording_step(self, decode_tokens, decode_positions, chunks, logit_rows=None):
+        passes.append((len(decode_tokens), sum(len(c.token_ids) for c in chunks)))
+        return real_step(self, decode_tokens, decode_positions, chunks, logit_rows)
+
+    monkeypatch.setattr(ModelRunner, "step", recording_step)
+    engine = make_engine(loaded, prefill_chunk_size=512, interleaved_prefill_tokens=5)
+    try:
+        first = request(engine, PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0))
+        second = request(engine, PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0))
+        stream = engine.generate(first)
+        await stream.__anext__()
+        _, final = await collect(engine, second)
+        async for _ in stream:
+            pass
+        assert final.finish_reason is FinishReason.LENGTH
+        assert passes[0] == (0, len(first.prompt_token_ids)), "alone, a prompt goes in whole"
+        mixed = [tokens for decoders, tokens in passes if decoders and tokens]
+        assert sum(mixed) == len(second.prompt_token_ids) and max(mixed) <= 5, passes
+    finally:
+        await engine.shutdown()
+
+
 async def test_cancelling_the_consumer_task_aborts(loaded):
     engine = make_engine(loaded, max_batch_size=1, max_waiting=0)
     try:

@@ -228,6 +228,7 @@ class ModelRunner:
         self._norm_shape = (config.hidden_size,)
         self._eps = config.rms_norm_eps
         self._norm = self._norm_weight(model.model.norm)
+        model.model.norm = None
         self._blocks = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -241,8 +242,9 @@ class ModelRunner:
                     down=pack_down(mlp.down_proj),
                 )
             )
-            # Drop the originals as we go so peak memory stays near one copy.
-            layer.self_attn = layer.mlp = None
+            # Drop the originals as we go so peak memory stays near one copy,
+            # and none is left holding on to the loader's mapping of the weights file.
+            layer.self_attn = layer.mlp = layer.input_layernorm = layer.post_attention_layernorm = None
         lm_head = model.lm_head
         if lm_head.weight is self._embed.weight and quantization == "none":
             # tied: the head needs its own copy (int8 packing makes one itself)

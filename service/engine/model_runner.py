@@ -116,6 +116,19 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding table as int8 with one scale per row: a lookup
+    reads one row per token, so this costs nothing in speed and halves the
+    table (Qwen2.5-0.5B: 272 MB in bf16, 136 MB in int8)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight, self.scale = _int8_rows(embedding.weight.data)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scale[ids, None]
+
+
 def _owned(module: nn.Module) -> nn.Module:
     """Give the module's tensors their own memory. The loader may hand out
     tensors backed by the memory-mapped weights file; once none is left, that
@@ -224,7 +237,8 @@ class ModelRunner:
         # down_proj's input carries Qwen's massive activations: see RowwiseInt8Linear.
         pack_down = RowwiseInt8Linear if quantization == "int8" else pack
 
-        self._embed = _owned(model.model.embed_tokens)  # a lookup: stays in the loaded dtype
+        embed = model.model.embed_tokens
+        self._embed = _owned(embed) if quantization == "none" else Int8Embedding(embed)
         self._norm_shape = (config.hidden_size,)
         self._eps = config.rms_norm_eps
         self._norm = self._norm_weight(model.model.norm)
@@ -246,12 +260,12 @@ class ModelRunner:
             # and none is left holding on to the loader's mapping of the weights file.
             layer.self_attn = layer.mlp = layer.input_layernorm = layer.post_attention_layernorm = None
         lm_head = model.lm_head
-        if lm_head.weight is self._embed.weight and quantization == "none":
+        if lm_head.weight is embed.weight and quantization == "none":
             # tied: the head needs its own copy (int8 packing makes one itself)
             lm_head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype)
             lm_head.weight.data = self._embed.weight.data.clone()
         self._lm_head = pack(lm_head)
-        model.lm_head = None
+        model.lm_head = model.model.embed_tokens = None
 
         self._qk_size = (self._num_heads + self._num_kv_heads) * self._head_dim
         # Keys and values of a layer side by side, so one indexed write stores both.

@@ -52,9 +52,9 @@ class Engine:
         return self.loaded.name
 
     def start(self) -> None:
-        """Start the compute thread; events are delivered to the running loop."""
+        """Deliver events to the running loop from now on (the compute thread
+        runs from construction, idle until the first request)."""
         self._loop = asyncio.get_running_loop()
-        self._scheduler.start()
 
     def _deliver(self, events: list[tuple[Emit, TokenEvent]]) -> None:
         loop = self._loop

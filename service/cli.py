@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import signal
@@ -102,7 +103,7 @@ class Server:
         from .api.grpc_server import set_serving
         from .chat import ChatService, served_model_names
         from .engine.engine import Engine
-        from .engine.loader import load_model
+        from .engine.loader import load_model, model_name
         from .observability.metrics import MetricsServer
         from .observability.telemetry import Telemetry
 
@@ -118,12 +119,11 @@ class Server:
             await self._http.start()
             self._http.task.add_done_callback(self._http_ended)
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
-        loaded = await asyncio.to_thread(load_model, s.model, s.dtype)
-        # One bounded `model` label: the default served name.
-        model_metrics = self.metrics.for_model(served_model_names(s, loaded.name)[0])
+        # The model's name is known before it loads: one bounded `model` label, the default served name.
+        model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
         self.engine = await asyncio.to_thread(
             Engine,
-            loaded,
+            functools.partial(load_model, s.model, s.dtype),
             max_batch_size=s.max_batch_size,
             max_waiting=s.max_waiting,
             max_model_len=s.max_model_len,
@@ -133,7 +133,6 @@ class Server:
             quantization=s.quantization,
             observer=model_metrics,
         )
-        del loaded
         _release_freed_memory()
         model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
@@ -19,7 +19,7 @@ _LOG = logging.getLogger(__name__)
 class Engine:
     def __init__(
         self,
-        loaded: LoadedModel,
+        model: LoadedModel | Callable[[], LoadedModel],
         *,
         max_batch_size: int,
         max_waiting: int,
@@ -30,12 +30,13 @@ class Engine:
         quantization: str = "none",
         observer: EngineObserver | None = None,
     ) -> None:
-        """Takes ownership of `loaded`: the runner repacks its weights in place."""
-        self.loaded = loaded
+        """`model`: a loaded model (the engine takes ownership: the runner
+        repacks its weights in place), or a function that loads one, which
+        then runs on the engine's compute thread (the fast way: see Scheduler)."""
         self.max_model_len = max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
-            loaded,
+            model if callable(model) else lambda: model,
             max_batch_size=max_batch_size,
             max_waiting=max_waiting,
             max_model_len=max_model_len,
@@ -46,6 +47,7 @@ class Engine:
             quantization=quantization,
             observer=observer,
         )
+        self.loaded = self._scheduler.loaded
 
     @property
     def model_name(self) -> str:

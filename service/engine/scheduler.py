@@ -56,8 +56,8 @@ class _Sequence:
     emit: Emit
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator
-    seen: torch.Tensor | None  # bool [vocab] of prompt+output ids, for repetition penalty
     submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
+    seen: torch.Tensor | None = None  # bool [vocab] of prompt+output ids, for repetition penalty (set on admission)
     admitted: float | None = None
     first_token: float | None = None
     cached: int = 0  # KV positions written
@@ -72,7 +72,7 @@ class _Sequence:
 class Scheduler:
     def __init__(
         self,
-        loaded: LoadedModel,
+        load: Callable[[], LoadedModel],
         *,
         max_batch_size: int,
         max_waiting: int,
@@ -84,7 +84,6 @@ class Scheduler:
         quantization: str = "none",
         observer: EngineObserver | None = None,
     ) -> None:
-        self._loaded = loaded
         self._max_batch = max_batch_size
         self._max_waiting = max_waiting
         self._max_model_len = max_model_len
@@ -93,7 +92,6 @@ class Scheduler:
         self._threads = threads
         self._deliver = deliver
         self._observer = observer
-        self._eos = loaded.eos_token_ids
         self._cond = threading.Condition()
         # Shared with other threads, guarded by _cond:
         self._waiting: collections.deque[_Sequence] = collections.deque()
@@ -106,18 +104,21 @@ class Scheduler:
         self._outbox: list[tuple[Emit, TokenEvent]] = []
         self._generated_total = 0
         self._kv_used = 0
-        # The compute thread repacks the weights itself and keeps them: OpenMP
-        # keeps one worker pool per thread that calls into it, and decoding on
-        # a thread other than the one that did the heavy lifting before was
-        # measured 12 % slower per token (13.9 -> 15.6 ms) on 2 cores.
+        # All parallel torch work happens on the compute thread, loading and
+        # repacking included. libgomp keeps a worker pool per thread that
+        # enters a parallel region; with more pool threads than cores it
+        # stops spinning between regions and every region pays a futex
+        # wake-up. Loading on another thread made each decode step 20 %
+        # slower on 2 cores (14.3 -> 17.0 ms).
         built = threading.Event()
         failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(lambda: ModelRunner(loaded, max_batch_size, max_model_len, quantization), built, failure),
-            name="qwen-engine",
-            daemon=True,
-        )
+
+        def build() -> None:
+            self.loaded = load()
+            self._eos = self.loaded.eos_token_ids
+            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization)
+
+        self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
         self._thread.start()
         built.wait()
         if failure:
@@ -126,16 +127,11 @@ class Scheduler:
     # ----- called from other threads ------------------------------------
     def submit(self, request: GenerationRequest, emit: Emit) -> None:
         sampling = request.sampling
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(self._runner.vocab_size, dtype=torch.bool)
-            seen[list(request.prompt_token_ids)] = True
         sequence = _Sequence(
             request=request,
             emit=emit,
-            detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, sampling.stop),
+            detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, sampling.stop),
             generator=make_generator(sampling.seed),
-            seen=seen,
             submitted=time.monotonic(),
         )
         with self._cond:
@@ -170,10 +166,10 @@ class Scheduler:
         self._thread.join(timeout)
 
     # ----- the compute thread -------------------------------------------
-    def _run(self, build_runner: Callable[[], ModelRunner], built: threading.Event, failure: list) -> None:
+    def _run(self, build: Callable[[], None], built: threading.Event, failure: list) -> None:
         torch.set_num_threads(self._threads)
         try:
-            self._runner = build_runner()
+            build()
         except BaseException as exc:  # reported by the constructor
             failure.append(exc)
             return
@@ -209,6 +205,9 @@ class Scheduler:
         while self._waiting and self._active_count < self._max_batch:
             seq = self._waiting.popleft()
             seq.admitted = now
+            if seq.request.sampling.repetition_penalty != 1.0:  # a torch op: on this thread (see __init__)
+                seq.seen = torch.zeros(self._runner.vocab_size, dtype=torch.bool)
+                seq.seen[list(seq.request.prompt_token_ids)] = True
             self._prefilling.append(seq)
             self._active_count += 1
 

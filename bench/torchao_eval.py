@@ -7,10 +7,14 @@ repetition; 3 repetitions; median reported (ms per full stack).
 Needs its own venv: torch==2.13.0 (CPU) + torchao (0.18.0 measured).
 Run: python bench/torchao_eval.py [--ms 1,4,16,64,256] [--methods a,b,...]
 """
-import argparse, gc, json, os, statistics, time, warnings
+import argparse, gc, json, os, pathlib, statistics, sys, time, warnings
 warnings.simplefilter("ignore")
 import torch
 from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# The engine's own kernels (measured when this ran: torch.ao's module, and weight-only int8 for down_proj).
+from service.engine.model_runner import Int8WeightOnlyLinear  # noqa: E402
 
 from torchao.quantization import (quantize_, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
                                   Int8DynamicActivationIntxWeightConfig, PerGroup)
@@ -19,26 +23,6 @@ from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 LAYERS = 24
 SHAPES = [("qkv", 896, 1152, True), ("o", 896, 896, False), ("gate_up", 896, 9728, False), ("down", 4864, 896, False)]
 HEAD = ("lm_head", 896, 151936, False)
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """Copy of the project's down_proj path (service/engine/model_runner.py)."""
-    compute_dtype = torch.bfloat16
-
-    def __init__(self, linear):
-        super().__init__()
-        weight = linear.weight.data.float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(self.compute_dtype)
-        self.bias = None if linear.bias is None else linear.bias.data.to(self.compute_dtype)
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
-        out = torch._weight_int8pack_mm(flat, self.weight, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
 def qdyn(lin):

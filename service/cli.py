@@ -131,6 +131,7 @@ class Server:
             interleaved_prefill_tokens=s.interleaved_prefill_tokens,
             threads=s.threads,
             quantization=s.quantization,
+            kv_cache_dtype=s.kv_cache_dtype,
             observer=model_metrics,
         )
         _release_freed_memory()

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         "perplexity within 2 % of bf16, 3-5x faster); int8-weight-only (int8 weights, --dtype activations); "
         "none (--dtype weights).",
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="KV cache element type: auto = the compute dtype (float32 for int8). bfloat16 halves the cache "
+        "(12.3 instead of 24.6 KB per token) at +3 % perplexity on code with int8.",
+    )
     threads: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,

@@ -28,6 +28,7 @@ class Engine:
         threads: int,
         interleaved_prefill_tokens: int | None = None,
         quantization: str = "none",
+        kv_cache_dtype: str = "auto",
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
@@ -45,6 +46,7 @@ class Engine:
             threads=threads,
             deliver=self._deliver,
             quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded

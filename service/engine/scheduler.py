@@ -82,6 +82,7 @@ class Scheduler:
         interleaved_prefill_tokens: int,
         deliver: Deliver,
         quantization: str = "none",
+        kv_cache_dtype: str = "auto",
         observer: EngineObserver | None = None,
     ) -> None:
         self._max_batch = max_batch_size
@@ -116,7 +117,7 @@ class Scheduler:
         def build() -> None:
             self.loaded = load()
             self._eos = self.loaded.eos_token_ids
-            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization)
+            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization, kv_cache_dtype)
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
         self._thread.start()

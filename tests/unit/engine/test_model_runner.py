@@ -104,6 +104,25 @@ def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
     assert agree / total >= 0.6, f"int8 top-1 agreement {agree}/{total}"
 
 
+def test_a_bfloat16_kv_cache_tracks_the_float32_one(tiny_model_dir):
+    reference = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=2, max_model_len=128)
+    halved = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), 2, 128, kv_cache_dtype="bfloat16")
+    assert halved.kv_bytes_per_token * 2 == reference.kv_bytes_per_token
+    ids = _prompt_ids(load_model(str(tiny_model_dir)), PROMPTS[0])
+    for runner in (reference, halved):
+        runner.prefill(0, ids[:-4], 0)
+        runner.prefill(1, ids, 0)
+    want = reference.step([ids[-4]], [len(ids) - 4], [PrefillChunk(1, ids[-2:], len(ids) - 2)])
+    got = halved.step([ids[-4]], [len(ids) - 4], [PrefillChunk(1, ids[-2:], len(ids) - 2)])
+    assert got.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(want, got, dim=-1).min() > 0.99
+
+
+def test_unknown_kv_cache_dtype_is_rejected(tiny_model_dir):
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        ModelRunner(load_model(str(tiny_model_dir)), 1, 64, kv_cache_dtype="int4")
+
+
 def test_unknown_quantization_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="quantization"):
         ModelRunner(load_model(str(tiny_model_dir)), 1, 64, quantization="int3")

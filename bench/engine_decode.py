@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 import time
@@ -49,10 +48,7 @@ def measure(model: str, quantization: str) -> dict:
     result: dict = {"quantization": quantization, "repack_s": round(time.perf_counter() - started, 2)}
     with torch.inference_mode():
         for name, text in TEXTS.items():
-            ids = loaded.tokenizer.encode(text)[:512]
-            logits = runner.prefill(0, ids, 0, all_logits=True)
-            loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
-            result[f"perplexity_{name}"] = round(math.exp(loss.item()), 3)
+            result[f"perplexity_{name}"] = round(runner.perplexity(loaded.tokenizer.encode(text)[:512]), 3)
         prompt = list(range(1000, 1030))
         for slot in range(max(BATCHES)):
             runner.prefill(slot, prompt, 0)

@@ -251,7 +251,7 @@ def _rss_sampler(pid: int, samples: list, stop: asyncio.Event, interval: float):
     return run()
 
 
-def _gauges(url: str) -> dict[str, float]:
+def engine_gauges(url: str) -> dict[str, float]:
     """qwen_requests_running / qwen_requests_waiting from the server's /metrics."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     values = {}
@@ -306,7 +306,7 @@ async def _soak(args, server: ServerProcess) -> dict:
     capacity = args.max_batch_size + args.max_waiting
     admitted = await _capacity_check(server.target, capacity, args.max_tokens)
     serving = health_status(server.target) == 1
-    gauges = _gauges(server.metrics_url)
+    gauges = engine_gauges(server.metrics_url)
     log = server.log
     log_errors, send_races = _log_errors(log)
 

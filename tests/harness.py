@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pathlib
 import signal
@@ -11,12 +12,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import ModuleType
 from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(path: pathlib.Path) -> ModuleType:
+    """A repository script (not part of an importable package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port(host: str = "127.0.0.1") -> int:

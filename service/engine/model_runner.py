@@ -312,14 +312,15 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return 2 * len(self._blocks) * self._num_kv_heads * self._head_dim * self._kv_cache.element_size()
 
-    def prefill(self, slot: int, token_ids: Sequence[int], start: int, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: Sequence[int], start: int) -> torch.Tensor:
         """Run prompt tokens at positions start.. into `slot`; return the logits
-        (float32, [vocab]) for the position after the last one, or with
-        all_logits those after every token ([steps, vocab], for scoring text)."""
-        chunk = PrefillChunk(slot, token_ids, start)
-        if all_logits:
-            return self.step([], [], [chunk], logit_rows=range(len(token_ids)))
-        return self.step([], [], [chunk])[0]
+        (float32, [vocab]) for the position after the last one."""
+        return self.step([], [], [PrefillChunk(slot, token_ids, start)])[0]
+
+    def perplexity(self, token_ids: Sequence[int], slot: int = 0) -> float:
+        """exp(mean next-token cross-entropy) of a text, scored in one pass (quality checks)."""
+        logits = self.step([], [], [PrefillChunk(slot, token_ids, 0)], logit_rows=range(len(token_ids) - 1))
+        return math.exp(F.cross_entropy(logits, torch.tensor(token_ids[1:])).item())
 
     def decode(self, token_ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """One token for each of the B requests in slots 0..B-1; float32 logits [B, vocab]."""
@@ -356,7 +357,7 @@ class ModelRunner:
         # Rotary tables per row, broadcast over the heads.
         cos = self._cos[position_index].unsqueeze(1)
         sin = self._sin_signed[position_index].unsqueeze(1)
-        attention = self._attention_plan(batch, decode_positions, chunks)
+        attention = self._attention_plan(batch, position_index[:batch], chunks)
         for layer, block in enumerate(self._blocks):
             qkv = block.qkv(self._rms_norm(hidden, block.input_norm))
             # Rotate queries and keys in one go: [rows, heads + kv_heads, head_dim].
@@ -384,15 +385,14 @@ class ModelRunner:
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self._norm_shape, weight, self._eps)
 
-    def _attention_plan(self, batch: int, decode_positions: Sequence[int], chunks: Sequence[PrefillChunk]) -> list:
+    def _attention_plan(self, batch: int, decode_positions: torch.Tensor, chunks: Sequence[PrefillChunk]) -> list:
         """Attention for each part of the packed rows, as closures over
         (queries [rows, heads, d], keys, values [slots, kv_heads, max_len, d])
         returning [part rows, heads * d]. Masks are built once per step."""
         plan = []
         if batch:
-            span = max(decode_positions) + 1
-            positions = torch.tensor(decode_positions)
-            mask = (self._positions[:span] <= positions.unsqueeze(1)).view(batch, 1, 1, span)
+            span = int(decode_positions.max()) + 1
+            mask = (self._positions[:span] <= decode_positions.unsqueeze(1)).view(batch, 1, 1, span)
 
             def decode_part(queries, keys, values):
                 # The query heads sharing a KV head go in as rows of one

@@ -4,7 +4,6 @@ files/; the copies must match, and the templates must package them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -13,14 +12,12 @@ import pytest
 import yaml
 
 from chart_render import CHART, REPO_ROOT, RELEASE, helm
+from harness import load_script
 
 
 @pytest.fixture(scope="module")
 def syncer():
-    spec = importlib.util.spec_from_file_location("sync_chart_files", REPO_ROOT / "deploy/helm/sync_chart_files.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "deploy/helm/sync_chart_files.py")
 
 
 def test_chart_copies_match_their_sources(syncer):

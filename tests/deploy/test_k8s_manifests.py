@@ -5,23 +5,20 @@ chart rendered with the values it documents."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import shutil
 
 import pytest
 
 from chart_render import REPO_ROOT, kustomize
+from harness import load_script
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 
 
 @pytest.fixture(scope="module")
 def generator():
-    spec = importlib.util.spec_from_file_location("k8s_generate", K8S / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(K8S / "generate.py")
 
 
 def _key(doc: dict) -> tuple[str, str]:

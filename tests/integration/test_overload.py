@@ -16,7 +16,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
-from harness import health_status, running_server
+from harness import REPO_ROOT, health_status, load_script, running_server
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -71,15 +71,7 @@ def _assert_full_answer(result: dict) -> None:
 
 def _gauges(server) -> dict[str, float]:
     """The running and waiting gauges from the server's /metrics."""
-    import urllib.request
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in ("qwen_requests_running", "qwen_requests_waiting"):
-            values[name] = float(line.rsplit(" ", 1)[1])
-    return values
+    return load_script(REPO_ROOT / "bench" / "soak.py").engine_gauges(server.metrics_url)
 
 
 def test_200_streams_get_an_answer_or_resource_exhausted(tiny_model_dir):

@@ -5,16 +5,11 @@ the real model. See bench/soak.py for what passes."""
 
 from __future__ import annotations
 
-import importlib.util
-
-from harness import REPO_ROOT
+from harness import REPO_ROOT, load_script
 
 
 def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", REPO_ROOT / "bench" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "bench" / "soak.py")
 
 
 def test_soak_60_seconds(tiny_model_dir):

@@ -5,14 +5,13 @@ in test_prometheus.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import pytest
 
 from grafana_schema import validate_dashboard
-from harness import REPO_ROOT
+from harness import REPO_ROOT, load_script
 
 FOLDER = REPO_ROOT / "deploy" / "grafana"
 DASHBOARD = FOLDER / "qwen-grpc-dashboard.json"
@@ -31,9 +30,7 @@ def _exprs(panel: dict) -> list[str]:
 
 
 def test_json_is_what_the_build_script_makes():
-    spec = importlib.util.spec_from_file_location("build_dashboard", FOLDER / "build_dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(FOLDER / "build_dashboard.py")
     assert module.render() == DASHBOARD.read_text(), "run python deploy/grafana/build_dashboard.py"
 
 

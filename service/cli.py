@@ -137,6 +137,7 @@ class Server:
         _release_freed_memory()
         model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()
+        self._health.watch_engine(self.engine.stats)  # qwen.Liveness
         self._trimmer = asyncio.create_task(_trim_when_idle(self.engine.stats))
         self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
         self._servicer.attach(self.chat)
@@ -172,7 +173,9 @@ class Server:
         _LOG.info("draining (up to %.0f s)", self.settings.drain_timeout)
         if self._trimmer is not None:
             self._trimmer.cancel()
-        await self._health.enter_graceful_shutdown()
+        # Ends open Watch streams too, which would otherwise hold the
+        # server's stop below for the whole drain timeout.
+        await self._health.begin_drain()
         if self._http is not None:
             self._http_backend.serving = False
         if self.chat is not None:

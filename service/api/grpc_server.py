@@ -3,18 +3,21 @@ health checking, reflection, and server construction."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
-from typing import AsyncIterator
+import time
+from typing import AsyncIterator, Callable
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat
 from ..config import ConfigError, Settings
-from ..engine.types import FinishReason, TokenEvent
+from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
@@ -27,10 +30,19 @@ _LOG = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QwenService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# grpcio-reflection serves both the v1alpha and the v1 protocol.
-REFLECTION_SERVICE_NAMES = [reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"]
+# Reflection is served under both protocol versions: grpcio-reflection only
+# ships v1alpha, whose messages are byte-identical to v1's (see
+# _reflection_v1_file), and tools that speak only v1 get UNIMPLEMENTED there.
+REFLECTION_V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+REFLECTION_SERVICE_NAMES = [reflection.SERVICE_NAME, REFLECTION_V1_SERVICE_NAME]
 # Health is reported for the whole server ("") and for the service by name.
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# Liveness (the chart's livenessProbe): NOT_SERVING while the engine thread
+# is wedged, i.e. requests are queued or running but it has made no progress
+# for LIVENESS_STALL_SECONDS. The longest healthy step (a 512-token prefill
+# chunk for a full batch on 2 cores) takes seconds, not tens of them.
+LIVENESS_SERVICE_NAME = "qwen.Liveness"
+LIVENESS_STALL_SECONDS = 30.0
 
 _FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -139,6 +151,94 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         return pb.CountTokensResponse(prompt_tokens=count, max_context_tokens=window, remaining_tokens=window - count)
 
 
+class QwenHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 plus two things the stock servicer lacks:
+    - qwen.Liveness, judged at each Check from the engine's progress;
+    - a drain ends every Watch stream (after its NOT_SERVING message): an
+      open Watch is a running RPC, so the server's graceful stop would wait
+      for it until the whole drain timeout even on an idle replica."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Alive from the start: the startup probe covers the model load.
+        self._server_status[LIVENESS_SERVICE_NAME] = health_pb2.HealthCheckResponse.SERVING
+        self._engine_stats: Callable[[], EngineStats] | None = None
+        self._watches: set[asyncio.Future] = set()
+        self._draining = False
+
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
+        self._engine_stats = stats
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        if request.service == LIVENESS_SERVICE_NAME and self._engine_stats is not None:
+            stalled = self._engine_stats().stalled_seconds(time.monotonic())
+            if stalled > LIVENESS_STALL_SECONDS:
+                _LOG.error("liveness: the engine made no progress for %.0f s with requests in flight", stalled)
+                return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        if self._draining:
+            await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING))
+            return
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        self._watches.add(watching)
+        try:
+            await watching
+        except asyncio.CancelledError:
+            # Cancelled by begin_drain (end the stream with OK), unless this
+            # call itself is being cancelled (client gone, server stopping).
+            if not self._draining or asyncio.current_task().cancelling():
+                raise
+            await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING))
+        finally:
+            self._watches.discard(watching)
+
+    async def begin_drain(self) -> None:
+        """NOT_SERVING for good, to every watcher, then end the Watch streams."""
+        await self.enter_graceful_shutdown()
+        self._draining = True
+        for watching in list(self._watches):
+            watching.cancel()
+
+
+def _reflection_v1_file() -> None:
+    """Add grpc/reflection/v1/reflection.proto to the default descriptor pool,
+    derived from grpcio-reflection's v1alpha file: the two protocols differ
+    only in the package name (same messages, fields and numbers), so the v1
+    service can reuse the v1alpha servicer and message classes, and reflection
+    can describe it like any other service."""
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    text = text_format.MessageToString(proto).replace('"grpc.reflection.v1alpha', '"grpc.reflection.v1')
+    text = text.replace('".grpc.reflection.v1alpha.', '".grpc.reflection.v1.')
+    proto = text_format.Parse(text, descriptor_pb2.FileDescriptorProto())
+    proto.name = name
+    proto.options.Clear()
+    pool.Add(proto)
+
+
+def enable_reflection(server: aio.Server, service_names: tuple[str, ...]) -> None:
+    """Reflection v1alpha and v1 for service_names (and the reflection
+    services themselves), one servicer behind both."""
+    _reflection_v1_file()
+    servicer = reflection.aio.ReflectionServicer((*service_names, *REFLECTION_SERVICE_NAMES))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in REFLECTION_SERVICE_NAMES:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),))
+
+
 def _ms(seconds: float) -> int:
     return int(round(seconds * 1000))
 
@@ -225,7 +325,7 @@ def build_server(
     *,
     auth: ApiKeyAuth | None = None,
     limiter: RateLimiter | None = None,
-) -> tuple[aio.Server, health.aio.HealthServicer, int]:
+) -> tuple[aio.Server, QwenHealthServicer, int]:
     """Create the server with every service registered (interceptors: see
     build_interceptors; auth and limiter default to what the settings ask
     for). Returns (server, health servicer, bound gRPC port)."""
@@ -233,13 +333,10 @@ def build_server(
     interceptors = build_interceptors(settings, telemetry, auth=auth, limiter=limiter)
     server = aio.server(interceptors=interceptors, options=server_options(settings))
     pb_grpc.add_QwenServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = QwenHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-        )
+        enable_reflection(server, (SERVICE_NAME, HEALTH_SERVICE_NAME))
     address = f"{settings.host}:{settings.grpc_port}"
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
@@ -247,7 +344,7 @@ def build_server(
     return server, health_servicer, port
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+async def set_serving(health_servicer: QwenHealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in HEALTH_SERVICES:
         await health_servicer.set(name, status)

@@ -105,6 +105,7 @@ class Scheduler:
         self._outbox: list[tuple[Emit, TokenEvent]] = []
         self._generated_total = 0
         self._kv_used = 0
+        self._last_progress = time.monotonic()  # see EngineStats.last_progress
         # All parallel torch work happens on the compute thread, loading and
         # repacking included. libgomp keeps a worker pool per thread that
         # enters a parallel region; with more pool threads than cores it
@@ -157,6 +158,7 @@ class Scheduler:
             kv_cache_used_tokens=self._kv_used,
             kv_cache_capacity_tokens=self._max_batch * self._max_model_len,
             generated_tokens_total=self._generated_total,
+            last_progress=self._last_progress,
         )
 
     def stop(self, timeout: float | None = None) -> None:
@@ -186,6 +188,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     break
+                self._last_progress = time.monotonic()
                 aborts, self._aborts = self._aborts, set()
                 self._admit_locked()
             try:
@@ -197,6 +200,7 @@ class Scheduler:
                     self._release(seq, FinishReason.ERROR, error="internal engine error")
             finally:
                 self._publish()
+                self._last_progress = time.monotonic()
         self._cancel_everything()
 
     def _admit_locked(self) -> None:

@@ -100,6 +100,16 @@ class EngineStats:
     kv_cache_used_tokens: int
     kv_cache_capacity_tokens: int
     generated_tokens_total: int
+    # time.monotonic() when the compute thread last woke up for work or
+    # finished a step: the liveness check's sign of progress.
+    last_progress: float = 0.0
+
+    def stalled_seconds(self, now: float) -> float:
+        """How long requests have been queued or running without the compute
+        thread making progress (0 when idle): a wedged engine thread grows it."""
+        if not (self.running or self.waiting):
+            return 0.0
+        return max(0.0, now - self.last_progress)
 
 
 class EngineObserver(Protocol):

@@ -2,7 +2,8 @@
 read outside its own folder:
 
     deploy/grafana/*.json             -> deploy/helm/qwen-grpc/files/grafana/
-    deploy/prometheus/*.rules.yaml    -> deploy/helm/qwen-grpc/files/prometheus/
+    deploy/prometheus/*.yaml          -> deploy/helm/qwen-grpc/files/prometheus/
+                                         (rules files; not the *.test.yaml promtool tests)
 
 `make chart-sync` runs it; tests/deploy/test_chart_files.py fails while the
 copies differ from their sources (edit the sources, never the copies).
@@ -23,16 +24,23 @@ CHART_FILES = DEPLOY / "helm" / "qwen-grpc" / "files"
 # source folder -> (glob, folder in the chart)
 SOURCES = {
     DEPLOY / "grafana": ("*.json", CHART_FILES / "grafana"),
-    DEPLOY / "prometheus": ("*.rules.yaml", CHART_FILES / "prometheus"),
+    DEPLOY / "prometheus": ("*.yaml", CHART_FILES / "prometheus"),
 }
+# promtool unit tests live beside the rules they test; they are not rules.
+NOT_COPIED_SUFFIX = ".test.yaml"
+
+
+def _files(folder: pathlib.Path, pattern: str) -> dict[str, pathlib.Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in folder.glob(pattern) if not p.name.endswith(NOT_COPIED_SUFFIX)}
 
 
 def differences() -> list[str]:
     """What a sync would change, as human-readable lines."""
     out = []
     for source_dir, (pattern, target_dir) in SOURCES.items():
-        sources = {p.name: p for p in source_dir.glob(pattern)} if source_dir.is_dir() else {}
-        copies = {p.name: p for p in target_dir.glob(pattern)} if target_dir.is_dir() else {}
+        sources, copies = _files(source_dir, pattern), _files(target_dir, pattern)
         for name in sorted(sources.keys() - copies.keys()):
             out.append(f"missing in chart: {target_dir / name}")
         for name in sorted(copies.keys() - sources.keys()):
@@ -45,10 +53,9 @@ def differences() -> list[str]:
 
 def sync() -> None:
     for source_dir, (pattern, target_dir) in SOURCES.items():
-        sources = list(source_dir.glob(pattern)) if source_dir.is_dir() else []
-        if target_dir.is_dir():
-            for stale in target_dir.glob(pattern):
-                stale.unlink()
+        sources = _files(source_dir, pattern).values()
+        for stale in _files(target_dir, pattern).values():
+            stale.unlink()
         if sources:
             target_dir.mkdir(parents=True, exist_ok=True)
         for path in sources:

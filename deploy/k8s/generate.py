@@ -47,9 +47,14 @@ def helm_binary() -> str:
     return found
 
 
+# The base's image is named plain `qwen-grpc` (the chart requires a
+# repository); overlays point it at a registry with kustomize `images:`.
+BASE_VALUES = REPO_ROOT / "deploy" / "k8s" / "base-image-values.yaml"
+
+
 def render_chart(values_files: list[pathlib.Path] = (), namespace: str = "default") -> list[dict]:
     args = [helm_binary(), "template", RELEASE, str(CHART), "--namespace", namespace]
-    for path in values_files:
+    for path in (BASE_VALUES, *values_files):
         args += ["--values", str(path)]
     text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(text) if doc]

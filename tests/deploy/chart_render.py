@@ -19,6 +19,9 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 # kubeVersion floor up to the newest the schemas package ships that we claim).
 KUBE_VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
 RELEASE = "qwen-grpc"
+# The one value the chart requires (no public image exists): every render
+# here starts from it; ci files and `sets` override it.
+IMAGE_VALUES = pathlib.Path(__file__).with_name("image-values.yaml")
 
 
 @functools.cache
@@ -40,7 +43,7 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def template_text(*values_files: pathlib.Path | str, sets: dict[str, str] | None = None,
                   namespace: str = "default", kube_version: str | None = None, check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
     args = ["template", RELEASE, str(CHART), "--namespace", namespace]
-    for path in values_files:
+    for path in (IMAGE_VALUES, *values_files):
         args += ["--values", str(path)]
     for key, value in (sets or {}).items():
         args += ["--set", f"{key}={value}"]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from chart_render import CHART, REPO_ROOT, RELEASE, helm
+from chart_render import CHART, IMAGE_VALUES, REPO_ROOT, RELEASE, helm
 from harness import load_script
 
 
@@ -39,39 +39,66 @@ def test_a_stale_copy_is_detected(syncer, tmp_path, monkeypatch):
     assert syncer.differences() == []
 
 
-@pytest.fixture()
-def chart_with_monitoring_files(tmp_path) -> pathlib.Path:
-    """A chart copy holding one dashboard and one rules file, as the synced
-    chart will once deploy/grafana and deploy/prometheus have them."""
-    chart = tmp_path / "qwen-grpc"
-    shutil.copytree(CHART, chart)
-    dashboards, rules = chart / "files" / "grafana", chart / "files" / "prometheus"
-    dashboards.mkdir(parents=True, exist_ok=True)
-    rules.mkdir(parents=True, exist_ok=True)
-    (dashboards / "qwen-grpc.json").write_text(json.dumps({"title": "qwen-grpc", "panels": [{"id": 1}]}, indent=2))
-    (rules / "qwen-grpc.rules.yaml").write_text(yaml.safe_dump({"groups": [{
-        "name": "qwen-grpc", "rules": [{"alert": "QwenQueueSaturated", "expr": "max(qwen_requests_waiting) > 32",
-                                        "for": "5m", "labels": {"severity": "warning"}}]}]}))  # fmt: skip
-    return chart
+def test_the_sync_copies_rules_but_not_their_promtool_tests(syncer, tmp_path, monkeypatch):
+    source, copies = tmp_path / "prometheus", tmp_path / "chart-prometheus"
+    source.mkdir()
+    (source / "alerts.yaml").write_text("groups: []\n")
+    (source / "alerts.test.yaml").write_text("rule_files: [alerts.yaml]\n")
+    monkeypatch.setattr(syncer, "SOURCES", {source: ("*.yaml", copies)})
+    syncer.sync()
+    assert sorted(p.name for p in copies.iterdir()) == ["alerts.yaml"]
 
 
-def test_dashboard_configmap_carries_the_dashboard_files(chart_with_monitoring_files):
-    chart = chart_with_monitoring_files
-    text = helm("template", RELEASE, str(chart), "--set", "grafanaDashboard.enabled=true",
-                "--show-only", "templates/grafana-dashboard.yaml").stdout  # fmt: skip
+def _template(chart: pathlib.Path, *args: str, check: bool = True):
+    return helm("template", RELEASE, str(chart), "--values", str(IMAGE_VALUES), *args, check=check)
+
+
+def test_dashboard_configmap_carries_the_dashboard_files():
+    text = _template(CHART, "--set", "grafanaDashboard.enabled=true",
+                     "--show-only", "templates/grafana-dashboard.yaml").stdout  # fmt: skip
     configmap = yaml.safe_load(text)
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert configmap["data"]["qwen-grpc.json"] == (chart / "files/grafana/qwen-grpc.json").read_text()
-    assert json.loads(configmap["data"]["qwen-grpc.json"])["title"] == "qwen-grpc"
+    sources = sorted((REPO_ROOT / "deploy" / "grafana").glob("*.json"))
+    assert sources and sorted(configmap["data"]) == [p.name for p in sources]
+    for path in sources:
+        assert json.loads(configmap["data"][path.name]) == json.loads(path.read_text())
 
 
-def test_prometheus_rule_carries_the_rules_files_and_extra_groups(chart_with_monitoring_files):
-    text = helm("template", RELEASE, str(chart_with_monitoring_files),
-                "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                "--set", "metrics.prometheusRule.extraGroups[0].name=extra",
-                "--set", "metrics.prometheusRule.extraGroups[0].rules[0].record=qwen:x",
-                "--set", "metrics.prometheusRule.extraGroups[0].rules[0].expr=1",
-                "--show-only", "templates/prometheusrule.yaml").stdout  # fmt: skip
+def _alerts(groups: list[dict]) -> dict[str, str]:
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def test_prometheus_rule_carries_the_shipped_alerts_and_extra_groups():
+    """The defect this catches: the chart globbed *.rules.yaml while the rules
+    file is qwen-grpc-alerts.yaml, so enabling the rule failed to render."""
+    text = _template(CHART, "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
+                     "--set", "metrics.prometheusRule.extraGroups[0].name=extra",
+                     "--set", "metrics.prometheusRule.extraGroups[0].rules[0].record=qwen:x",
+                     "--set", "metrics.prometheusRule.extraGroups[0].rules[0].expr=1",
+                     "--show-only", "templates/prometheusrule.yaml").stdout  # fmt: skip
     groups = yaml.safe_load(text)["spec"]["groups"]
-    assert [g["name"] for g in groups] == ["qwen-grpc", "extra"]
-    assert groups[0]["rules"][0]["alert"] == "QwenQueueSaturated"
+    shipped = yaml.safe_load((REPO_ROOT / "deploy/prometheus/qwen-grpc-alerts.yaml").read_text())["groups"]
+    assert [g["name"] for g in groups] == [g["name"] for g in shipped] + ["extra"]
+    assert _alerts(groups).keys() == _alerts(shipped).keys() and len(_alerts(shipped)) >= 5
+
+
+def test_replica_alerts_select_this_release_whatever_its_name():
+    """The shipped rules find replicas by a job=~".*qwen.*" regex; the chart
+    pins them to its own job (the Service name) and namespace, so a
+    fullnameOverride without "qwen" in it still alerts."""
+    text = _template(CHART, "--namespace", "llm", "--set", "fullnameOverride=coder",
+                     "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
+                     "--show-only", "templates/prometheusrule.yaml").stdout  # fmt: skip
+    alerts = _alerts(yaml.safe_load(text)["spec"]["groups"])
+    assert alerts["QwenReplicaDown"].strip() == 'up{job="coder",namespace="llm"} == 0'
+    assert alerts["QwenNoReplicasUp"].strip() == 'absent(up{job="coder",namespace="llm"} == 1)'
+    assert not [name for name, expr in alerts.items() if "qwen.*" in expr]
+
+
+def test_a_chart_without_rules_refuses_an_empty_prometheus_rule(tmp_path):
+    chart = tmp_path / "qwen-grpc"
+    shutil.copytree(CHART, chart)
+    shutil.rmtree(chart / "files" / "prometheus")
+    result = _template(chart, "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
+                       check=False)  # fmt: skip
+    assert result.returncode != 0 and "no rules" in result.stderr, result.stderr

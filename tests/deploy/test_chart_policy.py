@@ -19,6 +19,25 @@ CASES = {"defaults": None, **{p.name.removesuffix("-values.yaml"): p for p in CI
 # to the checked set.
 PENDING_SETTINGS = {
 }
+# Server settings the chart derives itself (not accepted under `settings:`),
+# each with where its value comes from. Every other Settings field must be in
+# values.schema.json: test_every_server_setting_is_settable_or_chart_managed.
+CHART_MANAGED_SETTINGS = {
+    "model": "model.source / model.dirName",
+    "host": "server.host",
+    "grpc_port": "server.grpcPort",
+    "threads": "server.threads or resources.limits.cpu",
+    "drain_timeout": "drain.timeoutSeconds (sized with the termination grace period)",
+    "metrics_port": "metrics.enabled / metrics.port",
+    "http": "http.enabled",
+    "http_port": "http.port",
+    "replica_name": "the pod name (downward API)",
+    "api_keys": "apiKeys.* (a Secret)",
+    "api_keys_file": "apiKeys.* (the chart passes QWEN_API_KEYS from a Secret instead)",
+    "tls_cert_file": "TLS is the Ingress's / Gateway's / mesh's job; mount files with extraVolumes + extraEnv",
+    "tls_key_file": "as tls_cert_file",
+    "tls_client_ca_file": "as tls_cert_file",
+}
 SELECTOR = {"app.kubernetes.io/name": "qwen-grpc", "app.kubernetes.io/instance": RELEASE}
 QWEN_SERVICE = "qwen.QwenService"
 
@@ -151,10 +170,19 @@ def test_the_test_pod_is_not_a_replica(case):
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     labels = test_pod["metadata"]["labels"]
     assert not SELECTOR.items() <= labels.items()
-    script = test_pod["spec"]["containers"][0]["command"][-1]
-    assert QWEN_SERVICE in script and "grpc.health.v1.Health/Check" in script and "qwen.QwenService/Chat" in script
-    env = {e["name"]: e["value"] for e in test_pod["spec"]["containers"][0]["env"]}
-    assert env["TARGET"] == f"{RELEASE}:{values['service']['port']}"
+    container = test_pod["spec"]["containers"][0]
+    assert container["command"][:2] == ["python", "-c"]
+    assert container["command"][2] == (CHART / "files" / "helm-test.py").read_text()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TARGET"]["value"] == f"{RELEASE}:{values['service']['port']}"
+    # With keys on, the check reads them from the very Secret the server does.
+    server_env = {e["name"]: e for e in server_container(docs)["env"]}
+    if values["apiKeys"]["enabled"]:
+        assert env["QWEN_API_KEYS"]["valueFrom"] == server_env["QWEN_API_KEYS"]["valueFrom"]
+    else:
+        assert "QWEN_API_KEYS" not in env and "QWEN_API_KEYS" not in server_env
+    # `helm test --logs` reads the pod after the run: it must outlive success.
+    assert "hook-succeeded" not in test_pod["metadata"]["annotations"].get("helm.sh/hook-delete-policy", "")
     policy = by_kind(docs, "NetworkPolicy")
     if policy and values["networkPolicy"]["grpcFrom"]:
         (grpc_rule,) = [r for r in policy[0]["spec"]["ingress"] if r["ports"][0]["port"] == "grpc"]
@@ -186,8 +214,20 @@ def test_settings_schema_knows_only_real_non_managed_settings():
     schema = json.loads((CHART / "values.schema.json").read_text())
     keys = set(schema["properties"]["settings"]["properties"])
     assert keys <= set(Settings.model_fields), keys - set(Settings.model_fields)
-    managed = {"model", "host", "grpc_port", "threads", "drain_timeout", "metrics_port", "replica_name"}
-    assert not keys & managed, "settings the chart derives itself must not be settable twice"
+    assert not keys & CHART_MANAGED_SETTINGS.keys(), "settings the chart derives itself must not be settable twice"
+
+
+def test_every_server_setting_is_settable_or_chart_managed():
+    """A new server setting must reach values.schema.json (or be declared
+    chart-managed above); five once went missing (rate limit, request size,
+    public health/reflection) and helm refused them."""
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    keys = set(schema["properties"]["settings"]["properties"])
+    missing = set(Settings.model_fields) - keys - CHART_MANAGED_SETTINGS.keys()
+    assert not missing, f"add to values.schema.json settings (or CHART_MANAGED_SETTINGS): {sorted(missing)}"
+    assert CHART_MANAGED_SETTINGS.keys() <= set(Settings.model_fields), "stale CHART_MANAGED_SETTINGS entry"
 
 
 def test_settings_schema_types_follow_the_server():
@@ -208,10 +248,16 @@ def test_settings_schema_types_follow_the_server():
 
 
 def test_threads_follow_the_cpu_limit(case):
+    """Rounded down: a thread beyond the CFS quota is throttled every step."""
     _, docs, values = case
     cpu = str(values["resources"]["limits"]["cpu"])
-    expected = math.ceil(int(cpu[:-1]) / 1000) if cpu.endswith("m") else math.ceil(float(cpu))
+    expected = max(1, math.floor(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
     assert _config(docs)["QWEN_THREADS"] == str(expected)
+
+
+@pytest.mark.parametrize(("limit", "threads"), [("3500m", "3"), ("1500m", "1"), ("500m", "1"), ("2", "2"), ("2.5", "2")])
+def test_fractional_cpu_limits_round_threads_down(limit, threads):
+    assert _config(render(sets={"resources.limits.cpu": limit}))["QWEN_THREADS"] == threads
 
 
 def test_model_volume_matches_the_source(case):
@@ -247,7 +293,8 @@ def test_monitoring_objects_point_at_the_metrics_port(case):
     container = server_container(docs)
     metric_ports = [p for p in container["ports"] if p["name"] == "metrics"]
     if not values["metrics"]["enabled"]:
-        assert not metric_ports and "QWEN_METRICS_PORT" not in _config(docs)
+        # The server's own default is 9090: the chart must turn it off, not omit it.
+        assert not metric_ports and _config(docs)["QWEN_METRICS_PORT"] == "0"
         assert not by_kind(docs, "ServiceMonitor")
         return
     assert metric_ports[0]["containerPort"] == values["metrics"]["port"]
@@ -270,11 +317,13 @@ def test_monitoring_objects_point_at_the_metrics_port(case):
 def test_autoscaler_owns_the_replica_count(case):
     _, docs, values = case
     deployment = one(docs, "Deployment")
-    if not values["autoscaling"]["enabled"]:
+    if not (values["autoscaling"]["enabled"] or values["keda"]["enabled"]):
         assert deployment["spec"]["replicas"] == values["replicaCount"]
         assert not by_kind(docs, "HorizontalPodAutoscaler")
         return
     assert "replicas" not in deployment["spec"]
+    if values["keda"]["enabled"]:
+        return  # test_keda_scales_on_slot_use
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": RELEASE}
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
@@ -289,12 +338,12 @@ def test_pods_roll_when_settings_change():
     assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before
 
 
-def test_notes_give_the_port_forward_and_grpcurl_commands(tmp_path):
+def _notes(tmp_path: pathlib.Path, *args: str) -> str:
     """`helm install --dry-run` needs a cluster; rendering NOTES.txt as an
     ordinary template of a chart copy gives the same text offline."""
     import shutil
 
-    from chart_render import helm
+    from chart_render import IMAGE_VALUES, helm
 
     chart = tmp_path / "qwen-grpc"
     shutil.copytree(CHART, chart)
@@ -302,13 +351,30 @@ def test_notes_give_the_port_forward_and_grpcurl_commands(tmp_path):
     (chart / "templates" / "notes-rendered.yaml").write_text(
         'notes: |\n{{ tpl (.Files.Get "notes-copy.txt") . | indent 2 }}\n'
     )
-    rendered = helm("template", RELEASE, str(chart), "--namespace", "demo",
+    rendered = helm("template", RELEASE, str(chart), "--namespace", "demo", "--values", str(IMAGE_VALUES), *args,
                     "--show-only", "templates/notes-rendered.yaml").stdout  # fmt: skip
-    notes = yaml.safe_load(rendered)["notes"]
+    return yaml.safe_load(rendered)["notes"]
+
+
+def test_notes_give_the_port_forward_and_grpcurl_commands(tmp_path):
+    notes = _notes(tmp_path)
     assert f"kubectl --namespace demo port-forward service/{RELEASE} 50051:50051" in notes
     assert "grpcurl -plaintext -d '{\"service\":\"qwen.QwenService\"}' localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert "grpcurl -plaintext -d '{}' localhost:50051 qwen.QwenService/ListModels" in notes
     assert "qwen.QwenService/ChatStream" in notes
     assert f"dns:///{RELEASE}-headless.demo.svc.cluster.local:50051" in notes
+    assert "authorization" not in notes
+
+
+def test_notes_send_the_api_key_when_keys_are_on(tmp_path):
+    notes = _notes(tmp_path, "--set", "apiKeys.enabled=true", "--set", "apiKeys.keys[0]=" + "k" * 20)
+    secret = f"{RELEASE}-api-keys"
+    assert f"get secret {secret} -o jsonpath='{{.data.api-keys}}' | base64 -d | cut -d, -f1)" in notes
+    header = '-H "authorization: Bearer $QWEN_API_KEY"'
+    assert f"grpcurl -plaintext {header} -d '{{}}' localhost:50051 qwen.QwenService/ListModels" in notes
+    assert f"grpcurl -plaintext {header} -d '{{\"messages\"" in notes
+    # Health stays public (settings.auth_public_health): probes send no key.
+    assert "grpcurl -plaintext -d '{\"service\":\"qwen.QwenService\"}' localhost:50051 grpc.health.v1.Health/Check" in notes
 
 
 def test_chart_and_package_versions_agree():
@@ -317,3 +383,124 @@ def test_chart_and_package_versions_agree():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((pathlib.Path(CHART).parents[2] / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
+
+
+def test_readiness_tolerates_a_slow_probe(case):
+    """One slow probe while two cores run a full batch must not drop a replica."""
+    _, docs, _ = case
+    assert server_container(docs)["readinessProbe"]["failureThreshold"] >= 3
+
+
+def test_liveness_probes_the_engine_watchdog(case):
+    from service.api.grpc_server import LIVENESS_SERVICE_NAME
+
+    _, docs, _ = case
+    container = server_container(docs)
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE_NAME
+    assert container["startupProbe"]["grpc"]["service"] == ""
+
+
+def test_default_termination_grace_fits_cluster_autoscaler():
+    """cluster-autoscaler caps a scale-down's grace at 600 s by default
+    (--max-graceful-termination-sec): a longer grace would be cut there."""
+    spec = _pod_spec(render())
+    assert spec["terminationGracePeriodSeconds"] <= 600
+
+
+def test_pdb_lets_unhealthy_pods_be_evicted(case):
+    _, docs, values = case
+    if values["podDisruptionBudget"]["enabled"]:
+        assert one(docs, "PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def _gibibytes(quantity: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_memory_request_covers_the_measured_working_set():
+    """Measured (values.yaml): 1.1 GiB at idle + up to 1.6 GiB of KV cache."""
+    resources = server_container(render())["resources"]
+    assert _gibibytes(resources["requests"]["memory"]) >= 1.1 + 1.6
+    assert _gibibytes(resources["limits"]["memory"]) >= _gibibytes(resources["requests"]["memory"])
+
+
+def test_fetch_mode_requests_the_disk_of_its_model_volume(case):
+    _, docs, values = case
+    requests = server_container(docs)["resources"].get("requests", {})
+    if values["model"]["source"] == "fetch":
+        assert requests["ephemeral-storage"] == values["model"]["fetch"]["sizeLimit"]
+    else:
+        assert "ephemeral-storage" not in requests
+
+
+def test_keda_scales_on_slot_use():
+    docs = render(CHART / "ci" / "keda-values.yaml", sets={"fullnameOverride": "coder"}, namespace="llm")
+    assert not by_kind(docs, "HorizontalPodAutoscaler"), "KEDA owns the HPA"
+    scaled = one(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "coder"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    query = trigger["metadata"]["query"]
+    selector = 'namespace="llm",job="coder"'
+    assert query == f"sum(qwen_requests_running{{{selector}}}) + sum(qwen_requests_waiting{{{selector}}})"
+    assert trigger["metadata"]["threshold"] == "10"
+    assert trigger["authenticationRef"] == {"name": "prometheus-auth"}
+    assert scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+
+
+def test_hpa_scales_on_waiting_requests_not_cpu_by_default():
+    docs = render(sets={"autoscaling.enabled": "true", "metrics.enabled": "true"})
+    metrics = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Pods"]
+    assert metrics[0]["pods"]["metric"]["name"] == "qwen_requests_waiting"
+
+
+def test_ways_in_from_outside_reach_the_grpc_port():
+    docs = render(CHART / "ci" / "all-features-values.yaml")
+    regular = one(docs, "Service", RELEASE)
+    (grpc,) = [p for p in regular["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["appProtocol"] == "grpc"
+    ingress = one(docs, "Ingress")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    # Longer than the longest stream the server lets run, or the proxy cuts it.
+    assert int(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 585
+    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert backends == [{"name": RELEASE, "port": {"name": "grpc"}}]
+    route = one(docs, "GRPCRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways", "sectionName": "https"}]
+    assert route["spec"]["rules"] == [{"backendRefs": [{"name": RELEASE, "port": grpc["port"]}]}]
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_http_toggle_opens_the_port_everywhere_or_nowhere(enabled):
+    docs = render(sets={"http.enabled": str(enabled).lower(), "http.port": "8080"})
+    config = _config(docs)
+    assert config["QWEN_HTTP"] == str(enabled).lower()
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(docs)["ports"]}
+    service_ports = {p["name"]: p for p in one(docs, "Service", RELEASE)["spec"]["ports"]}
+    policy_ports = {port["port"] for rule in one(docs, "NetworkPolicy")["spec"]["ingress"] for port in rule["ports"]}
+    headless_ports = {p["name"] for p in one(docs, "Service", f"{RELEASE}-headless")["spec"]["ports"]}
+    if enabled:
+        assert config["QWEN_HTTP_PORT"] == "8080" and container_ports["http"] == 8080
+        assert service_ports["http"]["targetPort"] == "http" and service_ports["http"]["port"] == 8080
+        assert "http" in policy_ports
+    else:
+        assert "QWEN_HTTP_PORT" not in config and "http" not in container_ports
+        assert "http" not in service_ports and "http" not in policy_ports
+    assert headless_ports == {"grpc"}
+
+
+def test_service_monitor_scrape_options():
+    docs = render(CHART / "ci" / "monitoring-values.yaml", namespace="llm")
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["honorLabels"] is True and endpoint["scheme"] == "http"
+    tls = one(render(CHART / "ci" / "all-features-values.yaml"), "ServiceMonitor")["spec"]["endpoints"][0]
+    assert tls["scheme"] == "https" and tls["tlsConfig"]["serverName"] == "qwen-grpc-metrics"
+    plain = one(render(sets={"metrics.enabled": "true", "metrics.serviceMonitor.enabled": "true"}), "ServiceMonitor")
+    assert "namespace" not in plain["metadata"] and "namespaceSelector" not in plain["spec"]
+    assert not {"honorLabels", "scheme", "tlsConfig"} & plain["spec"]["endpoints"][0].keys()

@@ -10,26 +10,38 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from chart_render import CHART, CI_VALUES, KUBE_VERSIONS, helm, render, template_text
+from chart_render import CHART, CI_VALUES, IMAGE_VALUES, KUBE_VERSIONS, helm, render, template_text
 
 VALUES_CASES = [None, *CI_VALUES]
 CASE_IDS = ["defaults", *[p.name.removesuffix("-values.yaml") for p in CI_VALUES]]
 # Custom resources have no schema in kubernetes-validate; test_chart_policy
 # checks their structure instead.
-CUSTOM_RESOURCE_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CUSTOM_RESOURCE_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "GRPCRoute"}
 
 
-def test_every_optional_feature_has_a_ci_values_file():
-    names = {p.name for p in CI_VALUES}
-    assert {
-        "monitoring-values.yaml", "autoscaling-values.yaml", "pvc-model-values.yaml",
-        "fetch-model-values.yaml", "security-otel-values.yaml", "all-features-values.yaml",
-    } <= names  # fmt: skip
+def _rendered_templates(text: str) -> set[str]:
+    return {line.removeprefix("# Source: qwen-grpc/") for line in text.splitlines() if line.startswith("# Source: ")}
+
+
+def test_every_template_is_rendered_by_some_ci_values_file():
+    """An optional object no ci file turns on is never linted or validated
+    (the PrometheusRule shipped without rules that way)."""
+    templates = {str(p.relative_to(CHART)) for p in (CHART / "templates").rglob("*.yaml")}
+    rendered = set()
+    for values in CI_VALUES:
+        rendered |= _rendered_templates(template_text(values).stdout)
+    assert templates - rendered == set(), "add a ci/*-values.yaml that renders them"
+
+
+def test_ci_files_install_standalone():
+    """chart-testing installs each ci file alone: each names an image."""
+    for values in CI_VALUES:
+        assert yaml.safe_load(values.read_text())["image"]["repository"], values.name
 
 
 @pytest.mark.parametrize("values", VALUES_CASES, ids=CASE_IDS)
 def test_helm_lint_strict(values: pathlib.Path | None):
-    args = ["lint", "--strict", str(CHART)] + (["--values", str(values)] if values else [])
+    args = ["lint", "--strict", str(CHART), "--values", str(values or IMAGE_VALUES)]
     result = helm(*args, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 chart(s) failed" in result.stdout
@@ -80,6 +92,13 @@ def test_validation_catches_a_broken_object():
         ({"otel.env.NOT_OTEL": "x"}, "otel.env"),
         ({"unknownTopLevel": "x"}, "Additional property unknownTopLevel is not allowed"),
         ({"topologySpread.whenUnsatisfiable": "Maybe"}, "topologySpread.whenUnsatisfiable"),
+        ({"settings.rate_limit_per_second": "-1"}, "settings.rate_limit_per_second"),
+        ({"settings.max_request_bytes": "10"}, "settings.max_request_bytes"),
+        ({"settings.auth_public_reflection": "maybe"}, "settings.auth_public_reflection"),
+        ({"podDisruptionBudget.unhealthyPodEvictionPolicy": "Never"}, "unhealthyPodEvictionPolicy"),
+        ({"metrics.serviceMonitor.scheme": "ftp"}, "metrics.serviceMonitor.scheme"),
+        ({"keda.serverAddress": "prometheus:9090"}, "keda.serverAddress"),
+        ({"http.port": "0"}, "http.port"),
     ],
 )
 def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
@@ -95,10 +114,16 @@ def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
         ({"model.source": "pvc"}, "model.source=pvc needs model.pvc.claimName"),
         ({"metrics.serviceMonitor.enabled": "true"}, "metrics.serviceMonitor.enabled needs metrics.enabled"),
         ({"autoscaling.enabled": "true", "autoscaling.waitingRequests.enabled": "true"}, "needs metrics.enabled"),
-        ({"autoscaling.enabled": "true", "autoscaling.targetCPUUtilizationPercentage": "null"}, "needs a metric"),
+        ({"autoscaling.enabled": "true", "autoscaling.waitingRequests.enabled": "false"}, "needs a metric"),
         ({"apiKeys.enabled": "true"}, "apiKeys.enabled needs apiKeys.existingSecret or apiKeys.keys"),
-        ({"metrics.enabled": "true", "metrics.prometheusRule.enabled": "true"}, "no rules"),
         ({"drain.timeoutSeconds": "30"}, "is shorter than settings.max_connection_age_grace"),
+        ({"image.repository": ""}, "image.repository is required"),
+        ({"autoscaling.enabled": "true", "keda.enabled": "true", "metrics.enabled": "true"}, "enable one of them"),
+        ({"keda.enabled": "true"}, "keda.enabled needs metrics.enabled"),
+        ({"apiKeys.enabled": "true", "apiKeys.keys[0]": "k" * 20, "settings.auth_public_health": "false"},
+         "probes send no key"),  # fmt: skip
+        ({"grpcRoute.enabled": "true"}, "grpcRoute.enabled needs grpcRoute.parentRefs"),
+        ({"ingress.enabled": "true"}, "ingress.enabled needs ingress.hosts"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(sets: dict[str, str], message: str):
@@ -142,5 +167,7 @@ def test_chart_packages(tmp_path):
     (archive,) = tmp_path.glob("qwen-grpc-*.tgz")
     names = tarfile.open(archive).getnames()
     for needed in ("Chart.yaml", "values.yaml", "values.schema.json", "templates/deployment.yaml",
-                   "templates/tests/test-grpc.yaml", "templates/NOTES.txt"):  # fmt: skip
+                   "templates/tests/test-grpc.yaml", "templates/NOTES.txt", "README.md",
+                   "files/helm-test.py", "files/prometheus/qwen-grpc-alerts.yaml",
+                   "files/grafana/qwen-grpc-dashboard.json"):  # fmt: skip
         assert f"qwen-grpc/{needed}" in names, (needed, result.stdout)

@@ -87,7 +87,8 @@ Name of the API key Secret.
 {{- end }}
 
 {{/*
-Torch threads: server.threads, else the CPU limit (else request) rounded up,
+Torch threads: server.threads, else the CPU limit (else request) rounded
+down, at least 1 (a thread beyond the CFS quota is throttled every step),
 else empty (the server then counts the node's CPUs).
 */}}
 {{- define "qwen-grpc.threads" -}}
@@ -99,9 +100,9 @@ else empty (the server then counts the node's CPUs).
 {{- with .Values.resources.limits }}{{ with .cpu }}{{ $cpu = toString . }}{{ end }}{{ end }}
 {{- if $cpu }}
 {{- if hasSuffix "m" $cpu }}
-{{- max 1 (int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000))) }}
+{{- max 1 (int (floor (divf (float64 (trimSuffix "m" $cpu)) 1000))) }}
 {{- else }}
-{{- max 1 (int (ceil (float64 $cpu))) }}
+{{- max 1 (int (floor (float64 $cpu))) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -126,13 +127,31 @@ Model folder as the server sees it.
 Checks that no template can express with the schema alone.
 */}}
 {{- define "qwen-grpc.validate" -}}
+{{- if not .Values.image.repository }}
+{{- fail "image.repository is required: no public qwen-grpc image exists. Build it (`make docker-image`), push it to a registry your nodes pull from and set image.repository (and image.tag or image.digest)" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the Deployment: KEDA makes its own HPA, enable one of them" }}
+{{- end }}
+{{- if and .Values.keda.enabled (not .Values.metrics.enabled) }}
+{{- fail "keda.enabled needs metrics.enabled (its trigger queries the replicas' qwen_requests_* gauges in Prometheus)" }}
+{{- end }}
+{{- if and .Values.apiKeys.enabled (eq (toString .Values.settings.auth_public_health) "false") }}
+{{- fail "settings.auth_public_health=false with apiKeys.enabled: the kubelet's gRPC probes send no key, so no pod would ever become ready" }}
+{{- end }}
+{{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) }}
+{{- fail "grpcRoute.enabled needs grpcRoute.parentRefs (the Gateway to attach to)" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- fail "ingress.enabled needs ingress.hosts" }}
+{{- end }}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.pvc.claimName) }}
 {{- fail "model.source=pvc needs model.pvc.claimName" }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
 {{- end }}
-{{- if and .Values.autoscaling.waitingRequests.enabled (not .Values.metrics.enabled) }}
+{{- if and .Values.autoscaling.enabled .Values.autoscaling.waitingRequests.enabled (not .Values.metrics.enabled) }}
 {{- fail "autoscaling.waitingRequests needs metrics.enabled (the gauge comes from the metrics endpoint)" }}
 {{- end }}
 {{- if and .Values.apiKeys.enabled (not .Values.apiKeys.existingSecret) (not .Values.apiKeys.keys) }}

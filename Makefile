@@ -15,7 +15,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model prometheus chromium run test test-fast soak proto lock clean fleet-deps go-client test-lb lb-demo \
+.PHONY: help setup model prometheus chromium proxies run test test-fast soak proto lock clean fleet-deps go-client test-lb lb-demo \
 	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test \
 	bench-protocols docs-screenshot
 
@@ -52,13 +52,22 @@ chromium:  ## install Debian's chromium (apt) for the headless browser tests, if
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
+# The proxy tests (tests/deploy/test_grpc_proxies.py) run the shipped
+# deploy/proxy/ configs with Debian's nginx and haproxy.
+proxies:  ## install nginx and haproxy (apt) for the proxy tests, if missing
+	@missing=$$(for tool in nginx haproxy; do PATH=$$PATH:/usr/sbin command -v $$tool >/dev/null 2>&1 || echo $$tool; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 run: model  ## serve the default model (gRPC :50051, HTTP :8000); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client tools prometheus chromium  ## every test (unit, integration, browser, real model, fleet, deploy incl. the docker image, observability)
+test: model fleet-deps go-client tools prometheus chromium proxies  ## every test (unit, integration, browser, real model, fleet, deploy incl. the docker image, observability)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client tools prometheus chromium  ## tests that need no real model
+test-fast: setup fleet-deps go-client tools prometheus chromium proxies  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;
@@ -105,7 +114,7 @@ $(BIN)/helm $(BIN)/kubectl: deploy/tools/install_k8s_tools.py | $(VENV)/.install
 
 tools: setup $(BIN)/helm $(BIN)/kubectl  ## install helm and kubectl (offline-capable) into .venv/bin
 
-docker-wheels: setup  ## download the image's wheels into build/docker-wheels/ (for `docker build`)
+docker-wheels: setup  ## download the image's wheels into build/docker-wheels/ (for `docker build`; CPU torch on x86_64)
 	$(PY) deploy/docker/docker_test.py --wheels-only
 
 IMAGE ?= qwen-grpc:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -121,7 +130,7 @@ k8s-manifests: tools  ## regenerate deploy/k8s/base from the Helm chart
 chart-sync: setup  ## copy deploy/grafana and deploy/prometheus into the chart's files/
 	$(PY) deploy/helm/sync_chart_files.py
 
-chart-check: tools  ## chart lint, schema, Kubernetes validation, policy and manifest drift tests
+chart-check: tools proxies  ## chart lint, schema, Kubernetes validation, policy, manifest drift, helm test hook and proxy tests
 	$(BIN)/pytest tests/deploy -m "not docker" $(PYTEST_ARGS)
 
 kind-test: setup tools  ## end-to-end on a kind cluster (needs docker + kind; skips with a message otherwise)

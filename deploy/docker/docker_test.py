@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import pathlib
+import platform
 import re
 import shutil
 import signal
@@ -196,6 +197,38 @@ def ensure_base_image(docker: IsolatedDocker, cache: pathlib.Path) -> None:
     )  # fmt: skip
 
 
+# PyTorch's own index of CPU-only wheels (PyPI has only CUDA builds for x86_64 Linux).
+CPU_TORCH_INDEX = os.environ.get("QWEN_TORCH_CPU_INDEX", "https://download.pytorch.org/whl/cpu")
+
+
+def host_requirements(requirements: str, machine: str) -> str:
+    """What the host's `pip wheel` asks for: on x86_64 the +cpu build of torch
+    by its local version label (torch==2.13.0+cpu), since PyPI's x86_64 torch
+    pulls gigabytes of nvidia-* wheels that the build refuses. The image's own
+    requirements.txt keeps torch==2.13.0, which the +cpu wheel satisfies."""
+    if machine.lower() not in ("x86_64", "amd64"):
+        return requirements  # aarch64: PyPI's torch is the CPU build
+    return re.sub(r"^torch==([^+\s]+)$", r"torch==\1+cpu", requirements, flags=re.M)
+
+
+def _pip_wheel(requirements: str, wheel_cache: pathlib.Path) -> subprocess.CompletedProcess:
+    """pip wheel from the configured indexes and the wheel cache first (no
+    network when everything is cached); only when that cannot find the CPU
+    torch, again with PyTorch's CPU index added."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as req_file:
+        req_file.write(requirements)
+        req_file.flush()
+        argv = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off",
+                "--wheel-dir", wheel_cache, "-r", req_file.name, "-c", REPO_ROOT / "requirements.lock"]  # fmt: skip
+        result = run(*argv, capture=True, check=False)
+        if result.returncode != 0 and "+cpu" in requirements and "torch" in result.stderr:
+            say(f"no CPU torch wheel on the configured indexes: adding {CPU_TORCH_INDEX}")
+            result = run(*argv, "--extra-index-url", CPU_TORCH_INDEX, capture=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"pip wheel failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
 def download_wheels(cache: pathlib.Path) -> None:
     """Wheels are fetched on the host (the build cannot reach an index) into a
     cache, then exactly the needed files go into the build context. `pip wheel`
@@ -207,14 +240,7 @@ def download_wheels(cache: pathlib.Path) -> None:
     wheel_cache.mkdir(parents=True, exist_ok=True)
     requirements = run(sys.executable, REPO_ROOT / "deploy/docker/runtime_requirements.py", REPO_ROOT,
                        capture=True).stdout  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as req_file:
-        req_file.write(requirements)
-        req_file.flush()
-        result = run(
-            sys.executable, "-m", "pip", "wheel", "--progress-bar", "off",
-            "--wheel-dir", wheel_cache, "-r", req_file.name, "-c", REPO_ROOT / "requirements.lock",
-            capture=True,
-        )  # fmt: skip
+    result = _pip_wheel(host_requirements(requirements, platform.machine()), wheel_cache)
     # pip names each file it used: "Saved <path>" or "File was already downloaded <path>".
     used = set()
     for line in result.stdout.splitlines():

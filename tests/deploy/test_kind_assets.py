@@ -36,6 +36,36 @@ def test_kind_values_lint_and_validate():
     # Streams of 200 tokens must be able to finish inside the drain the test triggers.
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert float(config["QWEN_DRAIN_TIMEOUT"]) >= 60
+    # Three replicas (the spread test scales to 3) must fit a laptop's kind
+    # node: 4 CPUs / 8 GiB, minus ~1 CPU / 1.5 GiB for kind's own pods.
+    requests = pod["containers"][0]["resources"]["requests"]
+    assert 3 * _cpu(requests["cpu"]) <= 3.0 and 3 * _gib(requests["memory"]) <= 6.5, requests
+    assert config["QWEN_THREADS"] == "1"
+
+
+def _cpu(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _gib(quantity: str) -> float:
+    return float(quantity[:-2]) / (1024 if quantity.endswith("Mi") else 1)
+
+
+def test_kind_flow_checks_the_cluster_version_against_the_chart():
+    """The e2e test refuses a kind node older than the chart's kubeVersion."""
+    sys.path.insert(0, str(KIND_DIR))
+    import test_kind_e2e
+
+    assert test_kind_e2e.chart_minimum_kubernetes() == (1, 29)
+    assert test_kind_e2e._version("v1.33.1") >= (1, 29) > test_kind_e2e._version("v1.28.15")
+
+
+def test_client_jobs_carry_the_cleanup_label():
+    import test_kind_e2e
+
+    job = client_job("qwen-spread", "img", ["spread", "x", "1"])
+    key, value = test_kind_e2e.CLIENT_LABEL.split("=")
+    assert job["metadata"]["labels"] == {key: value}
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)

@@ -10,7 +10,8 @@ def client_job(name: str, image: str, client_args: list[str]) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name},
+        # The label lets a rerun on a reused cluster delete what an aborted run left.
+        "metadata": {"name": name, "labels": {"qwen-grpc-e2e/client": "true"}},
         "spec": {
             "backoffLimit": 0,
             "template": {

@@ -348,10 +348,10 @@ def helm_test_hook() -> tuple[str, dict[str, str]] | None:
         return None
     import yaml
 
-    rendered = run(helm, "template", "qwen-grpc", REPO_ROOT / "deploy/helm/qwen-grpc",
+    rendered = run(helm, "template", "qwen-grpc", REPO_ROOT / "deploy/helm/qwen-grpc", "--set", "image.repository=qwen-grpc",
                    "--show-only", "templates/tests/test-grpc.yaml", capture=True).stdout  # fmt: skip
     container = yaml.safe_load(rendered)["spec"]["containers"][0]
-    assert container["command"][:2] == ["sh", "-ec"], container["command"]
+    assert container["command"][:2] == ["python", "-c"], container["command"]
     return container["command"][2], {e["name"]: e["value"] for e in container["env"]}
 
 
@@ -426,7 +426,7 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         else:
             script, env = hook
             result = docker.docker("exec", "-e", f"TARGET={target}", "-e", f"CHAT_REQUEST={env['CHAT_REQUEST']}",
-                                   name, "sh", "-ec", script, capture=True, check=False)  # fmt: skip
+                                   name, "python", "-c", script, capture=True, check=False)  # fmt: skip
             assert result.returncode == 0, f"helm test hook script failed:\n{result.stdout}\n{result.stderr}"
             say("the chart's helm test hook script passes against this container")
 

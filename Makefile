@@ -1,6 +1,6 @@
 # qwen-grpc — every entry point a user or CI needs.
 #   make run    set up, fetch the model, serve gRPC on :50051 and HTTP on :8000
-#   make test   set up, fetch the model, install helm/kubectl and chromium, run every test
+#   make test   set up, fetch the model, install helm/kubectl, chromium, nginx and haproxy, run every test
 #   make test-lb    client-side load-balancing tests (3 replicas in network namespaces + dnsmasq)
 #   make lb-demo    the same fleet scenarios, narrated with their measurements
 #   make go-client  Go qwen-chat for linux/amd64 and linux/arm64 (clients/go/bin/)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from chart_render import CHART, REPO_ROOT, by_kind, one, render
+from chart_render import REPO_ROOT, by_kind, one, render
 from harness import running_server
 
 KEY = "hook-test-key-0123456789"

@@ -5,7 +5,6 @@ chart rendered with the values it documents."""
 
 from __future__ import annotations
 
-import pathlib
 import shutil
 
 import pytest

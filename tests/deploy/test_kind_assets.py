@@ -6,7 +6,6 @@ load-balancing assertions accept and reject what they should."""
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
 

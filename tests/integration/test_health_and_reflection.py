@@ -98,6 +98,17 @@ async def test_liveness_fails_while_the_engine_thread_is_wedged(inprocess_server
         health = health_pb2_grpc.HealthStub(channel)
         await asyncio.sleep(1.0)  # idle for longer than the limit: idle is not stalled
         assert await _liveness(health) == SERVING
+        # Busy and moving (steps of milliseconds) for longer than the limit: alive.
+        busy = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=200, temperature=0)
+        stream = pb_grpc.QwenServiceStub(channel).ChatStream(busy, timeout=60)
+        started = time.monotonic()
+        async for message in stream:
+            if time.monotonic() - started > 1.0 and not message.is_final:
+                assert await _liveness(health) == SERVING
+                stream.cancel()
+                break
+        else:
+            pytest.skip("the 200-token stream ended within 1 s: no busy period to probe")
         monkeypatch.setattr(runner, "step", step)
         request = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=4, temperature=0)
         chat = asyncio.ensure_future(pb_grpc.QwenServiceStub(channel).Chat(request, timeout=60))

@@ -9,7 +9,7 @@ import time
 
 import grpc
 
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 PROMPT = [{"role": "user", "content": "Stream tokens over gRPC to the edge."}]
 

@@ -22,7 +22,7 @@ import pytest
 import fleet_net
 from fleet_calls import PROMPT, SLOW_READER_CHANNEL_ARGS, SlowStream, UnaryLoop
 from lb_assertions import assert_no_failures, assert_spread  # shared with tests/kind
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 pytestmark = pytest.mark.skipif(fleet_net.missing_prerequisites() is not None, reason=str(fleet_net.missing_prerequisites()))
 

@@ -91,7 +91,10 @@ def test_fresh_venv_chats_with_a_real_server(client_venv, tiny_model_dir):
                        "--temperature", "0", "--max-tokens", "12", "--usage", PROMPT)  # fmt: skip
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout == expected + "\n"
-        assert "completion=12" in chat.stderr
+        assert "completion=12" in chat.stderr and "replica=venv-test]" in chat.stderr
+        refused = _run_in(client_venv, str(client_venv / "bin" / "qwen-chat"), "--target", server.target,
+                          "--session-id", "", PROMPT)  # fmt: skip
+        assert refused.returncode == 2 and "--session-id: session_id must be a non-empty" in refused.stderr
         sdk = (
             "import sys\n"
             "from qwen_grpc_client import QwenClient\n"

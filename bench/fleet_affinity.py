@@ -71,6 +71,14 @@ def first_message(doc_lines: int) -> str:
     return f"{prompts.LONG_INSTRUCTION}\n\n```python\n{document(doc_lines)}\n```"
 
 
+def cached_prompt_tokens(usage) -> int | None:
+    """Prompt tokens the replica took from its prefix cache; None from servers
+    whose Usage has no such field."""
+    if "cached_prompt_tokens" not in usage.DESCRIPTOR.fields_by_name:
+        return None
+    return usage.cached_prompt_tokens
+
+
 class Conversation(threading.Thread):
     """One conversation's turns, back to back; TTFT = send -> first content."""
 
@@ -103,6 +111,7 @@ class Conversation(threading.Thread):
                 self.turns.append({
                     "turn": turn + 1, "ttft": ttft, "total": time.monotonic() - started, "replica": replica,
                     "prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
+                    "cached_prompt_tokens": cached_prompt_tokens(final.usage),
                 })  # fmt: skip
         except Exception as error:  # recorded and reported: a failed turn invalidates the run
             self.error = f"{type(error).__name__}: {error}"
@@ -121,7 +130,9 @@ def run_mode(client: QwenClient, mode: str, round_number: int, args: argparse.Na
     errors = [c.error for c in conversations if c.error] + [f"{c.name} hangs" for c in conversations if c.is_alive()]
     turns = [t | {"conversation": c.name} for c in conversations for t in c.turns]
     late_from = args.turns // 2 + 1
-    late = [t["ttft"] for t in turns if t["turn"] >= late_from and t["ttft"] is not None]
+    late_turns = [t for t in turns if t["turn"] >= late_from]
+    late = [t["ttft"] for t in late_turns if t["ttft"] is not None]
+    cached = [t["cached_prompt_tokens"] for t in late_turns]
     return {
         "mode": mode,
         "round": round_number,
@@ -129,6 +140,9 @@ def run_mode(client: QwenClient, mode: str, round_number: int, args: argparse.Na
         "errors": errors,
         "late_turns_from": late_from,
         "late_ttft_p50": percentile(late, 50),
+        # Share of the late turns' prompt tokens served from a prefix cache (None: not reported).
+        "late_cached_share": None if None in cached or not late_turns
+        else sum(cached) / sum(t["prompt_tokens"] for t in late_turns),
         "first_turn_ttft_p50": percentile([t["ttft"] for t in turns if t["turn"] == 1 and t["ttft"]], 50),
         "replicas_per_conversation": [len({t["replica"] for t in c.turns}) for c in conversations],
         "load_after": os.getloadavg()[0],
@@ -217,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 
-    print(f"\n| round | mode | late-turn TTFT p50 (turns >= {runs[0]['late_turns_from']}) | first-turn TTFT p50 | replicas per conversation | load |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| round | mode | late-turn TTFT p50 (turns >= {runs[0]['late_turns_from']}) | first-turn TTFT p50 "
+          "| late-turn prompt tokens from cache | replicas per conversation | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
+        share = "n/a" if run["late_cached_share"] is None else f"{run['late_cached_share']:.0%}"
         print(f"| {run['round']} | {run['mode']} | {run['late_ttft_p50'] * 1000:.0f} ms | {run['first_turn_ttft_p50'] * 1000:.0f} ms "
-              f"| {run['replicas_per_conversation']} | {run['load_after']:.2f} |")  # fmt: skip
+              f"| {share} | {run['replicas_per_conversation']} | {run['load_after']:.2f} |")  # fmt: skip
     print(f"\naffinity / round_robin, late-turn TTFT p50: median {ratio:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"target <= {TARGET_RATIO}: {'met' if report['met'] else 'NOT met'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")  # fmt: skip
     if failed:

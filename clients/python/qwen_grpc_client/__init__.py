@@ -206,7 +206,18 @@ def _timeout(timeout: float | None, default: float | None) -> float | None:
     return default if timeout is None else timeout
 
 
-class QwenClient:
+class _SessionRouting:
+    """Calls with a session key use the affinity (ring_hash) channel's stub,
+    the others the round_robin one."""
+
+    _stub: pb_grpc.QwenServiceStub
+    _affinity_stub: pb_grpc.QwenServiceStub
+
+    def _stub_for(self, session_id: str | None) -> pb_grpc.QwenServiceStub:
+        return self._stub if session_id is None else self._affinity_stub
+
+
+class QwenClient(_SessionRouting):
     """Blocking client. `timeout` (seconds) is the default deadline of every
     call; each method takes its own `timeout=` too. Keyword options are those
     of connect(): api_key, tls, root_certificates, client_certificate_chain,
@@ -239,9 +250,6 @@ class QwenClient:
     def _call_args(self, timeout: float | None, session_id: str | None = None) -> dict[str, Any]:
         return {"timeout": _timeout(timeout, self.timeout), "metadata": self._metadata() + session_metadata(session_id)}
 
-    def _stub_for(self, session_id: str | None) -> pb_grpc.QwenServiceStub:
-        return self._stub if session_id is None else self._affinity_stub
-
     def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
         """session_id: the conversation's key; its calls go to one replica while it is up."""
         call_args = self._call_args(timeout, session_id)
@@ -272,7 +280,7 @@ class QwenClient:
         self.close()
 
 
-class AsyncQwenClient:
+class AsyncQwenClient(_SessionRouting):
     """asyncio client with the same options as QwenClient (session_id= too)."""
 
     def __init__(
@@ -294,9 +302,6 @@ class AsyncQwenClient:
     def _call_args(self, timeout: float | None, session_id: str | None) -> dict[str, Any]:
         # API key and traceparent come from the channel's interceptors.
         return {"timeout": _timeout(timeout, self.timeout), "metadata": session_metadata(session_id)}
-
-    def _stub_for(self, session_id: str | None) -> pb_grpc.QwenServiceStub:
-        return self._stub if session_id is None else self._affinity_stub
 
     async def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
         call_args = self._call_args(timeout, session_id)

@@ -27,11 +27,13 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Pinned install: requirements.lock holds exact versions (torch==2.13.0 CPU).
-# Two packages, both editable: the client (clients/python: the SDK, qwen-chat,
-# the wire names) and the server, which imports it.
+# Two packages, both editable: the server and the client (clients/python: the
+# SDK, qwen-chat, the wire names), which the server imports. The client goes
+# last: re-installing a server that still owned qwen-chat would delete it.
 $(VENV)/.installed: $(BIN)/activate requirements.lock pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e ./clients/python -e .
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps -e ./clients/python
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv/ with pinned deps and both packages (server, clients/python; editable)

@@ -8,7 +8,9 @@
 Three replicas of qwen-serve run on 127.0.0.2-4 (one process each, started
 here, --threads 1) behind one `ipv4:` target with the SDK's channel settings,
 so both modes balance exactly as they would over a headless Service. In each
-run, --conversations conversations go at once; each has --turns turns: the
+run, --conversations conversations go at once (4: not a multiple of the
+replica count, or round_robin over lockstep turns keeps each conversation on
+one replica by accident); each has --turns turns: the
 first user message carries a ~600-token document, later ones a short
 follow-up, and every answer (--max-tokens, greedy) joins the history, so turn
 n's prompt is turn n-1's prompt plus two short messages. The two modes use the
@@ -179,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=default_model_path(), help="model folder (default: the real model)")
     parser.add_argument("--server-args", default="", help="extra qwen-serve flags for every replica")
     parser.add_argument("--threads", type=int, default=1, help="engine threads per replica (default %(default)s)")
-    parser.add_argument("--conversations", type=int, default=3, help="conversations at once (default %(default)s)")
+    # Not a multiple of the 3 replicas: conversations whose turns go out in
+    # lockstep would otherwise each meet the same replica again and again under
+    # plain round_robin, which is affinity by accident.
+    parser.add_argument("--conversations", type=int, default=4, help="conversations at once (default %(default)s)")
     parser.add_argument("--turns", type=int, default=6, help="turns per conversation (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="affinity/round_robin pairs (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=24, help="answer length per turn (default %(default)s)")

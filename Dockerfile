@@ -40,7 +40,8 @@ FROM deps AS project
 # README.md is optional (pyproject names it; the glob keeps COPY valid without it).
 COPY pyproject.toml README.md* /src/
 COPY service/ /src/service/
-RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /project-root /src \
+COPY clients/python/ /src/clients/python/
+RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /project-root /src/clients/python /src \
  && PYTHONPATH=/project-root/opt/venv/lib/python3.11/site-packages /opt/venv/bin/python -m service.cli --help > /dev/null
 
 # --- model: baked in when MODEL_FETCH=true, else an empty /models ------------

@@ -27,12 +27,16 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Pinned install: requirements.lock holds exact versions (torch==2.13.0 CPU).
-$(VENV)/.installed: $(BIN)/activate requirements.lock pyproject.toml
+# Two packages, both editable: the server and the client (clients/python: the
+# SDK, qwen-chat, the wire names), which the server imports. The client goes
+# last: re-installing a server that still owned qwen-chat would delete it.
+$(VENV)/.installed: $(BIN)/activate requirements.lock pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --no-deps -e ./clients/python
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv/ with pinned deps and the package (editable)
+setup: $(VENV)/.installed  ## create .venv/ with pinned deps and both packages (server, clients/python; editable)
 
 model: setup  ## fetch + verify + convert the default model (idempotent, cached in ~/.cache/qwen-grpc)
 	$(BIN)/qwen-fetch-model
@@ -101,9 +105,10 @@ soak: model  ## 10 minutes of mixed load with cancels, deadlines, disconnects; c
 	mkdir -p bench/results
 	$(PY) bench/soak.py --duration 600 --report bench/results/soak.json $(SOAK_ARGS)
 
-proto: setup  ## regenerate service/pb from proto/ (committed; a test checks they match)
+proto: setup  ## regenerate the stubs from proto/: service/pb and the client's (committed; a test checks they match)
 	$(PY) proto/generate.py
 
+# The two project packages are editable installs, so the lock leaves them out.
 lock: setup  ## refresh requirements.lock from the current venv
 	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
 

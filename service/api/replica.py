@@ -15,8 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc import aio
-
-REPLICA_METADATA_KEY = "qwen-replica"
+from qwen_grpc_client.wire import REPLICA_METADATA_KEY
 
 
 class ReplicaNameInterceptor(aio.ServerInterceptor):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from typing import Sequence
 
 import grpc
 
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 PROMPT = [{"role": "user", "content": "Stream tokens over gRPC to the edge."}]
 
@@ -26,15 +27,19 @@ class CallRecord:
     ended: float
     replica: str = ""
     error: grpc.RpcError | None = None
+    session_id: str | None = None
 
 
 class UnaryLoop(threading.Thread):
     """Sequential short unary calls until stop() (at most max_calls, at most
-    max_seconds), recording where each went and how it ended."""
+    max_seconds), recording where each went and how it ended. With
+    session_ids, call n carries session_ids[n % len(session_ids)]."""
 
-    def __init__(self, client: QwenClient, *, timeout: float = 10.0, pause: float = 0.02, max_calls: int = 1000, max_seconds: float = 60.0) -> None:
+    def __init__(self, client: QwenClient, *, timeout: float = 10.0, pause: float = 0.02, max_calls: int = 1000,
+                 max_seconds: float = 60.0, session_ids: Sequence[str] = ()) -> None:  # fmt: skip
         super().__init__(daemon=True)
         self.client, self.timeout, self.pause = client, timeout, pause
+        self.session_ids = list(session_ids)
         self.max_calls, self.max_seconds = max_calls, max_seconds
         self.records: list[CallRecord] = []
         self._halt = threading.Event()
@@ -43,11 +48,12 @@ class UnaryLoop(threading.Thread):
         deadline = time.monotonic() + self.max_seconds
         while not self._halt.is_set() and len(self.records) < self.max_calls and time.monotonic() < deadline:
             started = time.monotonic()
+            session_id = self.session_ids[len(self.records) % len(self.session_ids)] if self.session_ids else None
             try:
-                result = self.client.chat(PROMPT, max_tokens=4, timeout=self.timeout)
-                self.records.append(CallRecord(started, time.monotonic(), replica=result.replica))
+                result = self.client.chat(PROMPT, max_tokens=4, timeout=self.timeout, session_id=session_id)
+                self.records.append(CallRecord(started, time.monotonic(), replica=result.replica, session_id=session_id))
             except grpc.RpcError as error:
-                self.records.append(CallRecord(started, time.monotonic(), error=error))
+                self.records.append(CallRecord(started, time.monotonic(), error=error, session_id=session_id))
             self._halt.wait(self.pause)
 
     def stop(self) -> list[CallRecord]:
@@ -64,6 +70,14 @@ class UnaryLoop(threading.Thread):
 
     def served_since(self, since: float) -> set[str]:
         return {r.replica for r in self.records if r.error is None and r.started >= since}
+
+    def replicas_by_session(self, since: float = 0.0, until: float = float("inf")) -> dict[str, set[str]]:
+        """session id -> every replica that answered one of its calls started in [since, until)."""
+        placement: dict[str, set[str]] = {}
+        for record in self.records:
+            if record.error is None and record.session_id is not None and since <= record.started < until:
+                placement.setdefault(record.session_id, set()).add(record.replica)
+        return placement
 
 
 class SlowStream(threading.Thread):

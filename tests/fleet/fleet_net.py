@@ -28,7 +28,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from harness import REPO_ROOT, health_status, terminate_process
+from harness import REPO_ROOT, SOURCE_PATH, health_status, terminate_process
 
 SUBNET_PREFIX = "10.213.47"  # private /24 used only by this test
 SUBNET = f"{SUBNET_PREFIX}.0/24"
@@ -219,7 +219,7 @@ class Fleet:
             "--model", str(self.model_dir), "--host", replica.ip, "--grpc-port", str(GRPC_PORT),
             "--replica-name", name, *self.server_args, *extra_args,
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SOURCE_PATH}
         with open(replica.log_path, "a") as log:
             replica.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         return replica

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from harness import REPO_ROOT, running_server
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 GO_DIR = REPO_ROOT / "clients" / "go"
 BINARIES = {"amd64": GO_DIR / "bin" / "qwen-chat-linux-amd64", "arm64": GO_DIR / "bin" / "qwen-chat-linux-arm64"}

@@ -12,17 +12,20 @@ keepalive/DNS intervals that keep the test short.
 from __future__ import annotations
 
 import collections
+import os
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 import fleet_net
 from fleet_calls import PROMPT, SLOW_READER_CHANNEL_ARGS, SlowStream, UnaryLoop
+from harness import SOURCE_PATH
 from lb_assertions import assert_no_failures, assert_spread  # shared with tests/kind
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 pytestmark = pytest.mark.skipif(fleet_net.missing_prerequisites() is not None, reason=str(fleet_net.missing_prerequisites()))
 
@@ -214,6 +217,76 @@ def test_drain_finishes_streams_and_moves_new_calls(healthy_fleet, client, slow_
     print(f"\ndrain {victim}: {len(on_victim)} streams on it finished up to "
           f"{max(s.ended for s in on_victim) - sigterm_at:.1f} s after SIGTERM; "
           f"{len(records)} unary calls, 0 failed")  # fmt: skip
+
+
+# ----- conversation affinity (session_id=: ring_hash on qwen-session-id) ----
+# Not a multiple of the replica count: with 12 sessions called in turn, plain
+# round_robin would also keep every session on one replica.
+SESSIONS = [f"conversation-{n}" for n in range(11)]
+
+
+def round_robin_windows(replicas: list[str]) -> float:
+    """Share of consecutive 3-call windows that hit 3 different replicas:
+    about 1 for round_robin over 3 replicas, 2/9 for random picks."""
+    windows = [set(replicas[i : i + 3]) for i in range(len(replicas) - 2)]
+    return sum(len(window) == 3 for window in windows) / len(windows)
+
+
+def test_sessions_stick_to_one_replica_and_spread_over_all(healthy_fleet, client):
+    sessions = UnaryLoop(client, max_calls=len(SESSIONS) * 5, max_seconds=30, session_ids=SESSIONS)
+    sessions.run()  # in this thread: 5 calls per session, interleaved
+    keyless = [client.chat(PROMPT, max_tokens=4).replica for _ in range(45)]
+
+    placement = sessions.replicas_by_session()
+    assert sessions.failures() == []
+    assert sorted(placement) == sorted(SESSIONS)
+    moved = {session: replicas for session, replicas in placement.items() if len(replicas) != 1}
+    assert not moved, f"sessions answered by more than one replica: {moved}"
+    homes = collections.Counter(next(iter(replicas)) for replicas in placement.values())
+    assert set(homes) == set(REPLICAS), f"sessions per replica: {dict(homes)}"
+    # Calls without a session stay on the round_robin channel.
+    assert_spread(keyless, REPLICAS)
+    rotation = round_robin_windows(keyless)
+    assert rotation >= 0.7, f"keyless calls do not rotate: {keyless}"
+    # qwen-chat --session-id: separate processes, the same replica as the SDK's calls.
+    home = next(iter(placement[SESSIONS[0]]))
+    for _ in range(2):
+        chat = subprocess.run(
+            [sys.executable, "-m", "qwen_grpc_client.cli", "--target", healthy_fleet.target, "--session-id", SESSIONS[0],
+             "--max-tokens", "2", "--usage", "hi"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        )  # fmt: skip
+        assert chat.returncode == 0 and f"replica={home}]" in chat.stderr, chat.stderr
+    print(f"\n{len(SESSIONS)} sessions x 5 calls, each on one replica; sessions per replica {dict(sorted(homes.items()))}; "
+          f"keyless: {dict(sorted(collections.Counter(keyless).items()))}, {rotation:.0%} of 3-call windows hit 3 replicas")  # fmt: skip
+
+
+def test_sessions_survive_a_killed_replica_with_zero_failed_calls(healthy_fleet, client):
+    sessions = UnaryLoop(client, max_seconds=30, session_ids=SESSIONS)
+    sessions.start()
+    while len(sessions.records) < 2 * len(SESSIONS):  # every session placed twice
+        time.sleep(0.05)
+    before = sessions.replicas_by_session()
+    victim = next(iter(before[SESSIONS[0]]))
+    killed_at = time.monotonic()
+    healthy_fleet.signal(victim, signal.SIGKILL)
+    time.sleep(3.0)
+    records = sessions.stop()
+    healthy_fleet.unpublish(victim)
+
+    assert sessions.failures() == [], f"{len(sessions.failures())} of {len(records)} calls failed"
+    assert all(len(replicas) == 1 for replicas in before.values()), before
+    after = sessions.replicas_by_session(since=killed_at + 0.5)
+    assert sorted(after) == sorted(SESSIONS), "some sessions got no answer after the kill"
+    for session in SESSIONS:
+        home = next(iter(before[session]))
+        if home == victim:  # moved, and sticks to its new replica
+            assert len(after[session]) == 1 and victim not in after[session], (session, after[session])
+        else:  # consistent hashing: the other sessions stay where they were
+            assert after[session] == {home}, (session, home, after[session])
+    moved = sorted(s for s in SESSIONS if victim in before[s])
+    print(f"\nkill -9 {victim}: {len(records)} calls, 0 failed; {len(moved)} of {len(SESSIONS)} sessions moved, "
+          f"each to one survivor: {[sorted(after[s])[0] for s in moved]}; the others stayed")  # fmt: skip
 
 
 @pytest.mark.skipif(not GO_CLIENT.exists(), reason="Go client not built (make go-client)")

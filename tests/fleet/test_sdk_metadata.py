@@ -15,10 +15,10 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from harness import REPO_ROOT
-from service.client import AsyncQwenClient, QwenClient, connect, connect_async
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from harness import REPO_ROOT, SOURCE_PATH
+from qwen_grpc_client import SESSION_METADATA_KEY, AsyncQwenClient, QwenClient, connect, connect_async
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 PROMPT = [{"role": "user", "content": "hi"}]
 
@@ -134,18 +134,68 @@ async def test_traceparent_of_the_current_span_is_propagated(recorder):
     assert parents[3:] == [None, None]
 
 
+async def test_session_id_travels_as_a_header_only_when_given(recorder):
+    def sync_calls() -> None:
+        with QwenClient(recorder.target, timeout=5) as client:
+            client.chat(PROMPT, session_id="conv-sync")
+            assert "".join(m.content for m in client.stream(PROMPT, session_id="conv-sync")) == "ok"
+            client.chat(PROMPT)
+
+    await in_thread(sync_calls)
+    async with AsyncQwenClient(recorder.target, timeout=5, api_key="sk") as client:
+        await client.chat(PROMPT, session_id="conv-async")
+        assert "".join([m.content async for m in client.stream(PROMPT, session_id="conv-async")]) == "ok"
+        await client.chat(PROMPT)
+    sessions = [m.get(SESSION_METADATA_KEY) for m in recorder.servicer.metadata]
+    assert sessions == ["conv-sync", "conv-sync", None, "conv-async", "conv-async", None]
+    # The channel's interceptors still add the API key to calls with a session.
+    assert [m.get("authorization") for m in recorder.servicer.metadata[3:]] == ["Bearer sk"] * 3
+
+
+@pytest.mark.parametrize("session_id", ["", "caf\u00e9", "line\nbreak", 42])
+def test_unusable_session_id_is_refused_before_sending(session_id):
+    with QwenClient("localhost:1", timeout=1) as client:
+        with pytest.raises(ValueError, match="session_id"):
+            client.chat(PROMPT, session_id=session_id)
+
+
+async def test_sdk_enables_the_request_hash_header_itself(recorder):
+    """grpcio honours ring_hash's requestHashHeader only with an environment
+    variable set; the SDK sets it, so a process that never heard of it works.
+    The same service config on a plain channel, before the SDK built one,
+    fails: the variable is what makes the difference."""
+    script = (
+        "import json, sys, grpc\n"
+        "from qwen_grpc_client import QwenClient, service_config\n"
+        "from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc\n"
+        "config = json.dumps(service_config(affinity=True, health_check=False))\n"
+        "with grpc.insecure_channel(sys.argv[1], options=[('grpc.service_config', config)]) as raw:\n"
+        "    try:\n"
+        "        pb_grpc.QwenServiceStub(raw).Chat(pb.ChatRequest(), metadata=[('qwen-session-id', 'k')], timeout=5)\n"
+        "        print('plain channel: OK')\n"
+        "    except grpc.RpcError as error:\n"
+        "        print('plain channel:', error.code().name, error.details())\n"
+        "with QwenClient(sys.argv[1], timeout=5) as client:\n"
+        "    print('sdk:', client.chat([('user', 'hi')], session_id='k').content)\n"
+    )
+    env = {"PYTHONPATH": SOURCE_PATH, "PATH": "/usr/bin:/bin"}  # no GRPC_* variable
+    result = await in_thread(subprocess.run, [sys.executable, "-c", script, recorder.target], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert result.stdout.splitlines() == ["plain channel: INTERNAL hash attribute not present", "sdk: ok"], result.stderr
+
+
 def test_sdk_works_without_opentelemetry():
     """OpenTelemetry is optional: with the package hidden the SDK imports and
     sends no traceparent."""
     script = (
         "import sys; sys.modules['opentelemetry'] = None\n"
-        "from service.client.tracing import traceparent_metadata\n"
-        "from service.client import QwenClient\n"
+        "from qwen_grpc_client.tracing import traceparent_metadata\n"
+        "from qwen_grpc_client import QwenClient\n"
         "assert traceparent_metadata() == []\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                            env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+                            env={"PYTHONPATH": SOURCE_PATH, "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert result.stdout.strip() == "ok", result.stderr
 
 

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleet_calls import SLOW_READER_CHANNEL_ARGS, SlowStream
 from harness import running_server
+from qwen_grpc_client import QwenClient, fleet_channel
 from service.api.grpc_server import server_options
-from service.client import QwenClient, fleet_channel
 from service.config import Settings, load_settings
 
 

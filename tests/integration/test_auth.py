@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness import REPO_ROOT, ServerProcess, health_status
+from harness import REPO_ROOT, SOURCE_PATH, ServerProcess, health_status
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -172,7 +172,7 @@ def test_misconfiguration_refuses_to_start(tiny_model_dir, tmp_path, args, messa
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "--model", str(tiny_model_dir), "--grpc-port", "0", "--host", "127.0.0.1", *args],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=120,

@@ -162,7 +162,7 @@ def test_deadline_exceeded_frees_its_slot(single_slot_server):
 
 def test_qwen_chat_cli_streams_an_answer(server):
     result = subprocess.run(
-        [sys.executable, "-m", "service.client.cli", "--target", server.target, "--temperature", "0",
+        [sys.executable, "-m", "qwen_grpc_client.cli", "--target", server.target, "--temperature", "0",
          "--max-tokens", "8", "--system", "Be brief.", "--usage", "Hello"],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip

@@ -180,7 +180,7 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(tiny_model_dir, 
 def test_python_sdk_with_mutual_tls_and_an_api_key(tiny_model_dir, pki, tmp_path):
     """The client SDK's TLS and API-key options against a server that
     requires both: what a user of the SDK actually runs."""
-    from service.client import QwenClient
+    from qwen_grpc_client import QwenClient
 
     key = "sdk-key-0123456789abcdef"
     client_cert = pki.write("client.pem", pki.client.cert_pem())

@@ -21,7 +21,7 @@ import time
 
 import grpc
 
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 PROMPT = [{"role": "user", "content": "Write a haiku about gRPC."}]
 # Re-resolve DNS quickly so a replaced pod's address is picked up within the test.

@@ -16,7 +16,7 @@ import pytest
 
 from harness import REPO_ROOT, running_server
 from prometheus_server import PrometheusServer, require_binary
-from service.client import QwenClient, build_request
+from qwen_grpc_client import QwenClient, build_request
 
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "qwen-grpc-alerts.yaml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "qwen-grpc-dashboard.json"

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from harness import running_server
 from otlp_receiver import OtlpTraceReceiver
-from service.client import QwenClient, build_request
+from qwen_grpc_client import QwenClient, build_request
 from service.observability import ObservabilityError
 from service.observability.tracing import setup_tracing, tracing_requested
 

@@ -27,12 +27,14 @@ message Message      { string role = 1; string content = 2; }
 
 
 def test_committed_stubs_match_the_generator(tmp_path):
+    """Both committed copies (the server's and the client package's) are
+    exactly what the generator writes."""
     subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
-    committed = REPO / "service" / "pb"
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*") if "__pycache__" not in p.parts)
     assert generated, "the generator wrote nothing"
-    for rel in generated:
-        assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{rel} is stale: run `make proto`"
+    for committed in (REPO / "service" / "pb", REPO / "clients" / "python" / "qwen_grpc_client" / "pb"):
+        for rel in generated:
+            assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{committed / rel} is stale: run `make proto`"
 
 
 def _legacy_messages(tmp_path):

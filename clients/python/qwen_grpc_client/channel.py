@@ -16,6 +16,12 @@ load balancing needs (see clients/python/README.md):
   max-connection-age closes a connection the client re-resolves at once and
   picks up replicas added by a scale-up;
 - optional TLS (with an optional client certificate) and API key.
+
+With `affinity=True` the channel balances with gRPC's `ring_hash` policy on
+the `qwen-session-id` request header instead (gRFC A76 `requestHashHeader`):
+calls with equal keys go to the same ready replica, and to the next one on the
+ring when that replica is unhealthy or gone. Health checking, retries and
+keepalive are the same.
 """
 
 from __future__ import annotations
@@ -29,8 +35,16 @@ import grpc
 from grpc import aio
 
 from .tracing import traceparent_metadata
+from .wire import SESSION_METADATA_KEY
 
 SERVICE = "qwen.QwenService"
+
+# grpcio's C-core honours ring_hash's requestHashHeader only with this set;
+# without it every keyed call fails INTERNAL "hash attribute not present".
+# C-core reads it whenever it parses a ring_hash config (checked with grpcio
+# 1.85: setting it after `import grpc` and after other channels exist works),
+# so setting it just before building an affinity channel is enough.
+RING_HASH_REQUEST_HASH_KEY_ENV = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
 
 # Three attempts cover one refused call on a draining replica plus one on a
 # replica that died between DNS answers, without multiplying load when the
@@ -46,9 +60,16 @@ RETRY_POLICY = {
 Metadata = Sequence[tuple[str, str]]
 
 
-def service_config(*, health_check: bool = True) -> dict[str, Any]:
+def load_balancing_config(*, affinity: bool = False) -> dict[str, Any]:
+    """round_robin, or ring_hash keyed by the session header."""
+    if affinity:
+        return {"ring_hash_experimental": {"requestHashHeader": SESSION_METADATA_KEY}}
+    return {"round_robin": {}}
+
+
+def service_config(*, health_check: bool = True, affinity: bool = False) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "loadBalancingConfig": [{"round_robin": {}}],
+        "loadBalancingConfig": [load_balancing_config(affinity=affinity)],
         "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
     }
     if health_check:
@@ -64,14 +85,18 @@ def channel_options(
     keepalive_timeout_seconds: float = 10.0,
     dns_refresh_seconds: float = 5.0,
     health_check: bool = True,
+    affinity: bool = False,
     tls_server_name: str | None = None,
     extra_options: Sequence[tuple[str, Any]] = (),
 ) -> list[tuple[str, Any]]:
     """Channel arguments for a fleet channel. keepalive_seconds must not be
     below the server's --keepalive-min-ping-interval (10 s by default), or the
-    server closes the connection with GOAWAY too_many_pings."""
+    server closes the connection with GOAWAY too_many_pings. affinity=True
+    selects ring_hash on the session header (and enables it in C-core)."""
+    if affinity:
+        os.environ[RING_HASH_REQUEST_HASH_KEY_ENV] = "true"
     options: list[tuple[str, Any]] = [
-        ("grpc.service_config", json.dumps(service_config(health_check=health_check))),
+        ("grpc.service_config", json.dumps(service_config(health_check=health_check, affinity=affinity))),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_seconds * 1000)),
@@ -242,3 +267,13 @@ def connect_async(
     if credentials:
         return aio.secure_channel(target_of(target), credentials, options=args, interceptors=interceptors)
     return aio.insecure_channel(target_of(target), options=args, interceptors=interceptors)
+
+
+def session_metadata(session_id: str | None) -> list[tuple[str, str]]:
+    """[("qwen-session-id", key)] for a call of a conversation, [] without
+    one. The key travels as a header, so it must be printable ASCII."""
+    if session_id is None:
+        return []
+    if not isinstance(session_id, str) or not session_id or not session_id.isascii() or not session_id.isprintable():
+        raise ValueError(f"session_id must be a non-empty printable ASCII string, got {session_id!r}")
+    return [(SESSION_METADATA_KEY, session_id)]

@@ -16,7 +16,7 @@ import sys
 
 import grpc
 
-from . import QwenClient, finish_reason_name
+from . import QwenClient, finish_reason_name, session_metadata
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default %(default)s)")
     parser.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
+    parser.add_argument("--session-id", help="conversation key: calls with the same key go to the same replica "
+                        "(ring_hash over the fleet; sent as qwen-session-id)")  # fmt: skip
     parser.add_argument("--api-key", default=os.environ.get("QWEN_API_KEY"), help="sent as `authorization: Bearer KEY` (default: $QWEN_API_KEY)")
     parser.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate flags)")
     parser.add_argument("--root-certificates", help="PEM file of the CA(s) to trust (default: system trust store)")
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.client_cert is None) != (args.client_key is None):
         parser.error("--client-cert and --client-key go together")
+    try:
+        session_metadata(args.session_id)
+    except ValueError as error:
+        parser.error(f"--session-id: {error}")
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=args.stop,
+        session_id=args.session_id,
     )
     connect_options = dict(
         api_key=args.api_key,
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     with QwenClient(args.target, timeout=args.timeout, **connect_options) as client:
         try:
-            for response in client.stream(messages, **params):
+            stream = client.stream(messages, **params)
+            for response in stream:
                 sys.stdout.write(response.content)
                 sys.stdout.flush()
                 if response.is_final:
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                         reason = finish_reason_name(response)
                         print(
                             f"[finish={reason} prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
-                            f"total={usage.total_tokens}]",
+                            f"total={usage.total_tokens} replica={stream.replica()}]",
                             file=sys.stderr,
                         )
         except grpc.RpcError as error:

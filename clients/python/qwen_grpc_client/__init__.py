@@ -1,17 +1,21 @@
-"""Python client SDK for qwen-grpc.
+"""Python client SDK for qwen-grpc (distribution `qwen-grpc-client`).
 
-    from service.client import QwenClient
+    from qwen_grpc_client import QwenClient
     with QwenClient("dns:///qwen-headless.default.svc.cluster.local:50051") as client:
         print(client.chat([{"role": "user", "content": "Hi"}], timeout=30).content)
         for piece in client.stream([{"role": "user", "content": "Hi"}], temperature=0):
             print(piece.content, end="", flush=True)
+        # The turns of one conversation on one replica (its prefix cache):
+        client.chat(history, session_id="conversation-42")
 
 `connect()` returns a channel set up for a fleet of replicas behind a headless
 Service: round_robin over every resolved address, client-side health checks,
 transparent retry of UNAVAILABLE (a refused call did no work), keepalive,
 faster DNS re-resolution, optional TLS and API key, and W3C `traceparent`
-propagation when OpenTelemetry is active. clients/python/README.md shows an
-example for each capability.
+propagation when OpenTelemetry is active. Calls given a `session_id=` go
+over a second channel that hashes that key to a replica (conversation
+affinity, see channel.py). clients/python/README.md shows an example for each
+capability.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 import grpc
 from grpc import aio
 
-from ..pb.qwen import qwen_service_pb2 as pb
-from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from .pb.qwen import qwen_service_pb2 as pb
+from .pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from .channel import (
     call_metadata,
+    session_metadata,
     channel_credentials,
     channel_options,
     connect,
@@ -34,6 +39,7 @@ from .channel import (
     service_config,
     target_of,
 )
+from .wire import REPLICA_METADATA_KEY, SESSION_METADATA_KEY
 
 __all__ = [
     "AsyncChatStream",
@@ -50,11 +56,12 @@ __all__ = [
     "finish_reason_name",
     "fleet_channel",
     "call_metadata",
+    "session_metadata",
     "service_config",
     "target_of",
+    "REPLICA_METADATA_KEY",
+    "SESSION_METADATA_KEY",
 ]
-
-REPLICA_METADATA_KEY = "qwen-replica"  # set by service/api/replica.py
 
 # A generation of max_tokens on a busy CPU replica can take minutes; callers
 # that want less pass timeout= per call.
@@ -199,12 +206,28 @@ def _timeout(timeout: float | None, default: float | None) -> float | None:
     return default if timeout is None else timeout
 
 
-class QwenClient:
+class _SessionRouting:
+    """Calls with a session key use the affinity (ring_hash) channel's stub,
+    the others the round_robin one."""
+
+    _stub: pb_grpc.QwenServiceStub
+    _affinity_stub: pb_grpc.QwenServiceStub
+
+    def _stub_for(self, session_id: str | None) -> pb_grpc.QwenServiceStub:
+        return self._stub if session_id is None else self._affinity_stub
+
+
+class QwenClient(_SessionRouting):
     """Blocking client. `timeout` (seconds) is the default deadline of every
     call; each method takes its own `timeout=` too. Keyword options are those
     of connect(): api_key, tls, root_certificates, client_certificate_chain,
     client_private_key, keepalive_seconds, dns_refresh_seconds, ...
-    With `channel=` the caller owns the channel (and its metadata)."""
+    With `channel=` the caller owns the channel (and its metadata), and
+    session_id= only adds the header: affinity is then up to that channel.
+
+    chat() and stream() take `session_id=`: calls with a key go over a second
+    channel (ring_hash on the key; it opens connections only once used), calls
+    without one keep round_robin over every replica."""
 
     def __init__(
         self,
@@ -218,19 +241,24 @@ class QwenClient:
         if channel is not None and (connect_options or api_key):
             raise TypeError("pass connect options or a channel, not both")
         self.channel = channel or fleet_channel(target, **connect_options)
+        self.affinity_channel = channel or fleet_channel(target, affinity=True, **connect_options)
         self._metadata = call_metadata(api_key)
         self._stub = pb_grpc.QwenServiceStub(self.channel)
+        self._affinity_stub = pb_grpc.QwenServiceStub(self.affinity_channel)
         self.timeout = timeout
 
-    def _call_args(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": _timeout(timeout, self.timeout), "metadata": self._metadata()}
+    def _call_args(self, timeout: float | None, session_id: str | None = None) -> dict[str, Any]:
+        return {"timeout": _timeout(timeout, self.timeout), "metadata": self._metadata() + session_metadata(session_id)}
 
-    def chat(self, messages, *, timeout: float | None = None, **params: Any) -> ChatResult:
-        response, call = self._stub.Chat.with_call(build_request(messages, **params), **self._call_args(timeout))
+    def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
+        """session_id: the conversation's key; its calls go to one replica while it is up."""
+        call_args = self._call_args(timeout, session_id)
+        response, call = self._stub_for(session_id).Chat.with_call(build_request(messages, **params), **call_args)
         return ChatResult.from_response(response, replica=replica_of(call.initial_metadata()))
 
-    def stream(self, messages, *, timeout: float | None = None, **params: Any) -> ChatStream:
-        return ChatStream(self._stub.ChatStream(build_request(messages, **params), **self._call_args(timeout)))
+    def stream(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatStream:
+        call_args = self._call_args(timeout, session_id)
+        return ChatStream(self._stub_for(session_id).ChatStream(build_request(messages, **params), **call_args))
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
         reply = self._stub.ListModels(pb.ListModelsRequest(), **self._call_args(timeout))
@@ -242,6 +270,8 @@ class QwenClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self.affinity_channel is not self.channel:
+            self.affinity_channel.close()
 
     def __enter__(self) -> "QwenClient":
         return self
@@ -250,8 +280,8 @@ class QwenClient:
         self.close()
 
 
-class AsyncQwenClient:
-    """asyncio client with the same options as QwenClient."""
+class AsyncQwenClient(_SessionRouting):
+    """asyncio client with the same options as QwenClient (session_id= too)."""
 
     def __init__(
         self,
@@ -264,17 +294,24 @@ class AsyncQwenClient:
         if channel is not None and connect_options:
             raise TypeError("pass connect options or a channel, not both")
         self.channel = channel or connect_async(target, **connect_options)
+        self.affinity_channel = channel or connect_async(target, affinity=True, **connect_options)
         self._stub = pb_grpc.QwenServiceStub(self.channel)
+        self._affinity_stub = pb_grpc.QwenServiceStub(self.affinity_channel)
         self.timeout = timeout
 
-    async def chat(self, messages, *, timeout: float | None = None, **params: Any) -> ChatResult:
-        call = self._stub.Chat(build_request(messages, **params), timeout=_timeout(timeout, self.timeout))
+    def _call_args(self, timeout: float | None, session_id: str | None) -> dict[str, Any]:
+        # API key and traceparent come from the channel's interceptors.
+        return {"timeout": _timeout(timeout, self.timeout), "metadata": session_metadata(session_id)}
+
+    async def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
+        call_args = self._call_args(timeout, session_id)
+        call = self._stub_for(session_id).Chat(build_request(messages, **params), **call_args)
         response = await call
         return ChatResult.from_response(response, replica=replica_of(await call.initial_metadata()))
 
-    def stream(self, messages, *, timeout: float | None = None, **params: Any) -> AsyncChatStream:
-        call = self._stub.ChatStream(build_request(messages, **params), timeout=_timeout(timeout, self.timeout))
-        return AsyncChatStream(call)
+    def stream(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> AsyncChatStream:
+        call_args = self._call_args(timeout, session_id)
+        return AsyncChatStream(self._stub_for(session_id).ChatStream(build_request(messages, **params), **call_args))
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
         reply = await self._stub.ListModels(pb.ListModelsRequest(), timeout=_timeout(timeout, self.timeout))
@@ -287,6 +324,8 @@ class AsyncQwenClient:
 
     async def close(self) -> None:
         await self.channel.close()
+        if self.affinity_channel is not self.channel:
+            await self.affinity_channel.close()
 
     async def __aenter__(self) -> "AsyncQwenClient":
         return self

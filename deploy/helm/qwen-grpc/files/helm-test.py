@@ -14,7 +14,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import QwenClient
+from qwen_grpc_client import QwenClient
 
 target = os.environ["TARGET"]
 request = json.loads(os.environ["CHAT_REQUEST"])

@@ -9,10 +9,12 @@ import ctypes
 import functools
 import gc
 import logging
+import resource
 import signal
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .config import ConfigError, Settings, load_settings
 
@@ -20,6 +22,82 @@ if TYPE_CHECKING:
     from .engine.types import EngineStats
 
 _LOG = logging.getLogger("qwen_grpc")
+
+T = TypeVar("T")
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+
+
+def raise_fd_limit() -> None:
+    """Soft file-descriptor limit -> hard limit: every client connection
+    holds one, and the soft default (often 1024) is far below what the
+    process may use. --http-max-connections keeps HTTP to half of it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel caps lower
+        _LOG.warning("cannot raise the file-descriptor limit from %d: %s", soft, exc)
+        return
+    _LOG.info("file-descriptor limit raised from %d to %d", soft, hard)
+
+
+class AcceptErrorLog:
+    """The event loop's exception handler, with failed accept()s summarised.
+
+    When the process runs out of file descriptors, asyncio reports every
+    failed accept() on a listening socket with a traceback, and its selector
+    loop retries up to `backlog` times per readiness event: at the limit that
+    was ~6,000 tracebacks (80 MB of log) a second. This logs one line per
+    `interval` with the count instead; everything else goes to the default
+    handler."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._count = 0
+        self._next_report = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if context.get("message") != ACCEPT_ERROR_MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next_report:
+            _LOG.warning(
+                "accept() failed %d time(s) in the last %.0f s: %s (out of file descriptors? see --http-max-connections)",
+                self._count, self._interval, context.get("exception"),
+            )  # fmt: skip
+            self._count = 0
+            self._next_report = now + self._interval
+
+
+async def _on_daemon_thread(function: Callable[[], T]) -> T:
+    """`function()` on a daemon thread of its own. Unlike asyncio.to_thread,
+    a SIGTERM while it runs (loading the model: ~20 s) does not wait for it:
+    asyncio.run joins its executor's threads, and the interpreter joins
+    non-daemon threads, at exit."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not result.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            value = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = functools.partial(result.set_exception, exc)
+        else:
+            outcome = functools.partial(result.set_result, value)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="qwen-load", daemon=True).start()
+    return await result
 
 
 def _release_freed_memory() -> None:
@@ -121,7 +199,7 @@ class Server:
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
-        self.engine = await asyncio.to_thread(
+        self.engine = await _on_daemon_thread(functools.partial(
             Engine,
             functools.partial(load_model, s.model, s.dtype),
             max_batch_size=s.max_batch_size,
@@ -132,8 +210,9 @@ class Server:
             threads=s.threads,
             quantization=s.quantization,
             kv_cache_dtype=s.kv_cache_dtype,
+            max_buffered_tokens=s.max_buffered_tokens,
             observer=model_metrics,
-        )
+        ))
         _release_freed_memory()
         model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()
@@ -215,8 +294,9 @@ def _version() -> str:
 
 
 async def _serve(settings: Settings) -> None:
-    server = Server(settings)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog())
+    server = Server(settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
     start = asyncio.create_task(server.start())
@@ -245,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .observability import ObservabilityError
 
+    raise_fd_limit()
     try:
         asyncio.run(_serve(settings))
     except ObservabilityError as exc:

@@ -9,12 +9,12 @@ import ctypes
 import functools
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
-import threading
 import time
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable
 
 from .config import ConfigError, Settings, load_settings
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger("qwen_grpc")
 
-T = TypeVar("T")
 ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
 
 
@@ -70,34 +69,6 @@ class AcceptErrorLog:
             )  # fmt: skip
             self._count = 0
             self._next_report = now + self._interval
-
-
-async def _on_daemon_thread(function: Callable[[], T]) -> T:
-    """`function()` on a daemon thread of its own. Unlike asyncio.to_thread,
-    a SIGTERM while it runs (loading the model: ~20 s) does not wait for it:
-    asyncio.run joins its executor's threads, and the interpreter joins
-    non-daemon threads, at exit."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not result.done():
-            outcome()
-
-    def run() -> None:
-        try:
-            value = function()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            outcome = functools.partial(result.set_exception, exc)
-        else:
-            outcome = functools.partial(result.set_result, value)
-        try:
-            loop.call_soon_threadsafe(settle, outcome)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name="qwen-load", daemon=True).start()
-    return await result
 
 
 def _release_freed_memory() -> None:
@@ -199,7 +170,7 @@ class Server:
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
-        self.engine = await _on_daemon_thread(functools.partial(
+        self.engine = await asyncio.to_thread(
             Engine,
             functools.partial(load_model, s.model, s.dtype),
             max_batch_size=s.max_batch_size,
@@ -212,7 +183,7 @@ class Server:
             kv_cache_dtype=s.kv_cache_dtype,
             max_buffered_tokens=s.max_buffered_tokens,
             observer=model_metrics,
-        ))
+        )
         _release_freed_memory()
         model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         self.engine.start()
@@ -302,14 +273,24 @@ async def _serve(settings: Settings) -> None:
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server.wait_for_stop())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if start not in done:
+        _exit_during_load()
     try:
-        if start in done:
-            start.result()  # a failed start (e.g. missing model) raises here
-            await stop
-        else:
-            start.cancel()
+        start.result()  # a failed start (e.g. missing model) raises here
+        await stop
     finally:
         await server.drain_and_stop()
+
+
+def _exit_during_load() -> None:
+    """SIGTERM/SIGINT before the model is loaded: nothing to drain (every
+    call is refused until then), but the load cannot be interrupted (it is
+    inside torch and safetensors calls, ~20 s), it holds the GIL most of the
+    time (a graceful stop of the listeners took seconds), and the
+    interpreter's exit would wait for it. So end the process now."""
+    _LOG.info("stopped while loading the model")
+    logging.shutdown()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

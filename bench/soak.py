@@ -68,9 +68,10 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # The server's HTTP bounds in the soak: short, so attackers cycle often.
 HEADER_TIMEOUT, WRITE_TIMEOUT = 3.0, 5.0
 # Tokens a non-reading client may fall behind before the server ends its
-# request (the default 256 is meant for real clients), and how long the
-# gRPC non-reader does not read: together they end it within seconds.
-MAX_BUFFERED_TOKENS, NO_READ_HOLD = 32, 15.0
+# request (the default 256 is meant for real clients; with the client's 4 KB
+# HTTP/2 window, ~50 tokens in all), and how long the gRPC non-reader does
+# not read.
+MAX_BUFFERED_TOKENS, NO_READ_HOLD = 8, 30.0
 HUGE_PROMPT = "All work and no play makes Jack a dull boy. " * 23_000  # ~1 MB, inside --max-request-bytes
 
 PROMPTS = [
@@ -304,15 +305,14 @@ class Soak:
 
     async def no_read_grpc(self, deadline: float, max_tokens: int) -> None:
         """A long stream nobody reads, from a process of its own (as a real
-        client; in this process the other workers' calls keep its HTTP/2
-        window moving): once admitted, it is not read for NO_READ_HOLD
-        seconds. The server's writes block, and it ends the request once the
+        client): once admitted, it is not read for NO_READ_HOLD seconds
+        (long enough for ~100 tokens even at the slowest soak rates). The server's writes block, and it ends the request once the
         client is --max-buffered-tokens behind: read at last, the stream ends
         with RESOURCE_EXHAUSTED "... behind reading its stream" (or OK if the
         answer ended first; RESOURCE_EXHAUSTED "at capacity" if not admitted
         within 10 s of retrying)."""
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        while time.monotonic() + NO_READ_HOLD + 30 < deadline:
+        while time.monotonic() + NO_READ_HOLD + 15 < deadline:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _NO_READ_CLIENT, self.target, str(max_tokens), str(NO_READ_HOLD),
                 stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),

@@ -187,12 +187,16 @@ class ChatService:
             stop=tuple(params.stop),
         )
 
+    @staticmethod
+    def _text_bytes(messages: list[dict[str, str]]) -> int:
+        """The UTF-8 size of the messages' text: what tokenizing them costs."""
+        return sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+
     def _prompt_bytes(self, messages: list[dict[str, str]]) -> int:
-        """The UTF-8 size of the messages' text; refuses, without tokenizing,
-        a prompt that size alone proves too long: no token stands for more
-        than engine.max_token_bytes bytes, so it has at least
-        ceil(bytes / max_token_bytes) tokens."""
-        size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+        """_text_bytes(), refusing without tokenizing a prompt that size alone
+        proves too long: no token stands for more than engine.max_token_bytes
+        bytes, so it has at least ceil(bytes / max_token_bytes) tokens."""
+        size = self._text_bytes(messages)
         fewest_tokens = -(-size // self._engine.max_token_bytes)
         if fewest_tokens >= self._settings.max_model_len:
             raise InvalidArgument(
@@ -228,8 +232,8 @@ class ChatService:
         """count_tokens() on the tokenizer thread, within its queue bound."""
         self.resolve_model(model)
         validated = self._validate_messages(messages)
-        cost = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in validated)
-        return len(await self._on_tokenizer_thread(lambda: self._engine.encode_chat(validated), cost))
+        encode = lambda: self._engine.encode_chat(validated)
+        return len(await self._on_tokenizer_thread(encode, self._text_bytes(validated)))
 
     def _check_capacity(self) -> None:
         """Admission before tokenizing: requests being tokenized count like

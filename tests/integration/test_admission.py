@@ -14,8 +14,8 @@ import urllib.request
 import grpc
 import pytest
 from grpc import aio
-
 from harness import running_server
+
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 

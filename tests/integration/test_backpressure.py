@@ -11,8 +11,8 @@ import time
 
 import grpc
 import pytest
-
 from harness import running_server
+
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 

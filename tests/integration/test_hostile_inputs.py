@@ -13,8 +13,8 @@ import urllib.request
 
 import grpc
 import pytest
-
 from harness import ServerProcess
+
 from service.pb.qwen import qwen_service_pb2 as pb
 from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 

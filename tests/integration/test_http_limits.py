@@ -6,6 +6,7 @@ and gRPC stay fast."""
 from __future__ import annotations
 
 import http.client
+import pathlib
 import resource
 import select
 import socket
@@ -13,7 +14,6 @@ import time
 
 import pytest
 from grpc_health.v1 import health_pb2
-
 from harness import ServerProcess, health_status, running_server
 
 HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 1.5, 2.0, 40
@@ -160,7 +160,7 @@ def test_the_file_descriptor_limit_is_raised_to_the_hard_limit(tiny_model_dir):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         server.wait_serving()
-        limits = open(f"/proc/{server.process.pid}/limits").read()
+        limits = pathlib.Path(f"/proc/{server.process.pid}/limits").read_text()
         line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)], line
     finally:

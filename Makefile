@@ -101,7 +101,7 @@ bench-protocols: model  ## gRPC streaming vs HTTP SSE on one server: TTFT, full 
 docs-screenshot: model chromium  ## docs/web-chat.png: the web page answering a question with the real model
 	$(PY) bench/web_screenshot.py
 
-soak: model  ## 10 minutes of mixed load with cancels, deadlines, disconnects; checks leaks (SOAK_ARGS="--duration 60 --tiny")
+soak: model  ## 10 minutes of mixed load with cancels, deadlines, disconnects and attackers; checks leaks (SOAK_ARGS="--duration 60 --tiny")
 	mkdir -p bench/results
 	$(PY) bench/soak.py --duration 600 --report bench/results/soak.json $(SOAK_ARGS)
 

@@ -12,11 +12,19 @@ Every outcome is checked against what that action may legitimately get (e.g.
 RESOURCE_EXHAUSTED when the server is full); anything else is an unexpected
 error.
 
+Attackers run alongside (--no-attackers to leave them out): a slowloris
+sending its headers a byte at a time, batches of silent HTTP connections,
+~1 MB prompts over gRPC, and clients that start a long stream and do not read
+it (one over gRPC, one over HTTP). Each must be cut off by the server's own
+bounds (header timeout, byte bound on prompts, per-stream buffer and HTTP
+write timeout); a prober meanwhile times gRPC health and HTTP /health.
+
 Pass = zero unexpected errors, no slot leak (afterwards the running and
 waiting gauges read 0 and the server admits a full max_batch_size +
 max_waiting at once), the server is SERVING, no ERROR in the
-server log, and server RSS growth under 5 % from just after warm-up to the
-end. Prints a JSON report (also written with --report).
+server log, server RSS growth under 5 % from just after warm-up to the
+end, no file-descriptor leak, and probe latency p99 under --max-probe-p99.
+Prints a JSON report (also written with --report).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import os
 import pathlib
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +49,7 @@ import urllib.request
 import grpc
 import psutil
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -54,6 +64,15 @@ FULL = grpc.StatusCode.RESOURCE_EXHAUSTED
 CANCELLED = grpc.StatusCode.CANCELLED
 DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+# The server's HTTP bounds in the soak: short, so attackers cycle often.
+HEADER_TIMEOUT, WRITE_TIMEOUT = 3.0, 5.0
+# Tokens a non-reading client may fall behind before the server ends its
+# request (the default 256 is meant for real clients; with the client's 4 KB
+# HTTP/2 window, ~50 tokens in all), and how long the gRPC non-reader does
+# not read.
+MAX_BUFFERED_TOKENS, NO_READ_HOLD = 8, 30.0
+HUGE_PROMPT = "All work and no play makes Jack a dull boy. " * 23_000  # ~1 MB, inside --max-request-bytes
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -79,6 +98,34 @@ time.sleep(600)
 """
 
 
+# Small, fixed HTTP/2 windows (no BDP probing), so not reading stops the server's writes.
+_NO_READ_CLIENT = """
+import sys, time, grpc
+from service.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
+target, max_tokens, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+channel = grpc.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)])
+request = pb.ChatRequest(messages=[pb.Message(role="user", content="Tell me a long story.")], max_tokens=max_tokens)
+admit_by = time.monotonic() + 10
+try:
+    while True:  # retry until admitted, as a determined attacker would
+        stream = pb_grpc.QwenServiceStub(channel).ChatStream(request, timeout=hold + 30)
+        try:
+            next(stream)  # admitted
+            break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > admit_by:
+                raise
+            time.sleep(0.1)
+    time.sleep(hold)  # not reading
+    for _ in stream:
+        pass
+    print("OK")
+except grpc.RpcError as exc:
+    behind = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "behind reading its stream" in exc.details()
+    print("slow-consumer" if behind else exc.code().name)
+"""
+
+
 def _request(rng: random.Random, max_tokens: int) -> pb.ChatRequest:
     request = pb.ChatRequest(
         messages=[pb.Message(role="user", content=rng.choice(PROMPTS))], max_tokens=rng.randint(1, max_tokens)
@@ -99,6 +146,8 @@ class Soak:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.unexpected: list[str] = []
         self.refused = False
+        self.attack_seconds: list[float] = []  # huge prompts' time to refusal
+        self.probe_seconds: dict[str, list[float]] = {"grpc": [], "http": []}
 
     def record(self, action: str, code: grpc.StatusCode, allowed: set, details: str = "") -> None:
         self.outcomes[f"{action}:{code.name}"] += 1
@@ -198,6 +247,144 @@ class Soak:
                     # so the server stays at its limit.
                     await asyncio.sleep(self.rng.uniform(0.1, 0.6))
 
+    # ----- attackers --------------------------------------------------------
+    async def slowloris(self, host: str, port: int, deadline: float) -> None:
+        """Headers a byte every 100 ms, never complete: the server must close the connection."""
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100_000
+        while time.monotonic() + HEADER_TIMEOUT + 5 < deadline:
+            reader, writer = await asyncio.open_connection(host, port)
+            started, closed = time.monotonic(), False
+            try:
+                for byte in request:
+                    writer.write(bytes([byte]))
+                    try:
+                        closed = await asyncio.wait_for(reader.read(1), 0.1) == b""
+                    except asyncio.TimeoutError:
+                        pass
+                    except ConnectionError:
+                        closed = True
+                    if closed or time.monotonic() - started > HEADER_TIMEOUT + 5:
+                        break
+            finally:
+                writer.close()
+            self.attack("slowloris", "closed" if closed else "still-open")
+
+    async def silent(self, host: str, port: int, deadline: float, count: int = 50) -> None:
+        """Batches of connections that send nothing: all must be closed by the server."""
+        while time.monotonic() + HEADER_TIMEOUT + 5 < deadline:
+            connections = [await asyncio.open_connection(host, port) for _ in range(count)]
+
+            async def closed(reader) -> bool:
+                try:
+                    return await asyncio.wait_for(reader.read(1), HEADER_TIMEOUT + 5) == b""
+                except ConnectionError:
+                    return True
+                except asyncio.TimeoutError:
+                    return False
+
+            results = await asyncio.gather(*(closed(reader) for reader, _ in connections))
+            for _, writer in connections:
+                writer.close()
+            for result in results:
+                self.attack("silent", "closed" if result else "still-open")
+            await asyncio.sleep(self.rng.uniform(1, 3))
+
+    async def huge_prompts(self, stub, deadline: float) -> None:
+        """~1 MB prompts: refused by their byte length alone (INVALID_ARGUMENT), at once."""
+        request = pb.ChatRequest(messages=[pb.Message(role="user", content=HUGE_PROMPT)], max_tokens=1)
+        while time.monotonic() + 5 < deadline:
+            started = time.monotonic()
+            try:
+                await stub.Chat(request, timeout=60)
+                code = OK
+            except aio.AioRpcError as exc:
+                code = exc.code()
+            self.record("huge-prompt", code, {INVALID})
+            self.attack_seconds.append(time.monotonic() - started)
+            await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+
+    async def no_read_grpc(self, deadline: float, max_tokens: int) -> None:
+        """A long stream nobody reads, from a process of its own (as a real
+        client): once admitted, it is not read for NO_READ_HOLD seconds
+        (long enough for ~100 tokens even at the slowest soak rates). The server's writes block, and it ends the request once the
+        client is --max-buffered-tokens behind: read at last, the stream ends
+        with RESOURCE_EXHAUSTED "... behind reading its stream" (or OK if the
+        answer ended first; RESOURCE_EXHAUSTED "at capacity" if not admitted
+        within 10 s of retrying)."""
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        while time.monotonic() + NO_READ_HOLD + 15 < deadline:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _NO_READ_CLIENT, self.target, str(max_tokens), str(NO_READ_HOLD),
+                stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
+            )  # fmt: skip
+            try:
+                outcome = (await asyncio.wait_for(proc.stdout.read(), NO_READ_HOLD + 60)).decode().strip()
+            except asyncio.TimeoutError:
+                outcome = "hung"
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+            self.attack("no-read-grpc", outcome, {"slow-consumer", "OK", "RESOURCE_EXHAUSTED"})
+            if outcome == "RESOURCE_EXHAUSTED":
+                await asyncio.sleep(self.rng.uniform(0.5, 1.5))
+
+    async def no_read_http(self, host: str, port: int, deadline: float, max_tokens: int) -> None:
+        """A long SSE stream nobody reads: the connection must be closed by the
+        write timeout (or the answer end, or a 429 when full)."""
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                           "max_tokens": max_tokens, "stream": True}).encode()  # fmt: skip
+        while time.monotonic() + WRITE_TIMEOUT + 40 < deadline:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_connect(sock, (host, port))
+                await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await asyncio.sleep(WRITE_TIMEOUT + 15)  # not reading
+                received, started = b"", time.monotonic()
+                while time.monotonic() - started < 20:
+                    try:
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 20)
+                    except (ConnectionError, asyncio.TimeoutError):
+                        break
+                    if not chunk:
+                        break
+                    received += chunk
+                status = received[9:12].decode(errors="replace")
+                if status == "200":
+                    outcome = "complete" if b"[DONE]" in received else "cut-off"
+                else:
+                    outcome = status
+                self.attack("no-read-http", outcome, {"complete", "cut-off", "429"})
+            finally:
+                sock.close()
+
+    async def prober(self, host: str, port: int, deadline: float) -> None:
+        """gRPC health and HTTP /health every 0.5 s: their latency while under attack."""
+        async with aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                self.probe_seconds["grpc"].append(time.monotonic() - started)
+                started = time.monotonic()
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                reply = await asyncio.wait_for(reader.read(), 30)
+                writer.close()
+                self.probe_seconds["http"].append(time.monotonic() - started)
+                if not reply.startswith(b"HTTP/1.1 200"):
+                    self.unexpected.append(f"probe: /health answered {reply[:40]!r}")
+                await asyncio.sleep(0.5)
+
+    def attack(self, name: str, outcome: str, allowed: set | None = None) -> None:
+        self.outcomes[f"{name}:{outcome}"] += 1
+        if outcome not in (allowed or {"closed"}):
+            self.unexpected.append(f"{name}: {outcome}")
+
     async def killer(self, deadline: float, every: float) -> None:
         """Now and then a separate client process is SIGKILLed mid-stream."""
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -293,12 +480,27 @@ async def _soak(args, server: ServerProcess) -> dict:
     samples: list[tuple[float, int]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_rss_sampler(server.process.pid, samples, stop, args.rss_interval))
+    process = psutil.Process(server.process.pid)
+    fds_before = process.num_fds()
     started = time.monotonic()
     deadline = started + args.duration
     tasks = [soak.worker(deadline) for _ in range(args.concurrency)]
     if args.kill_every > 0:
         tasks.append(soak.killer(deadline, args.kill_every))
+    host, port = server.host, server.http_port
+    tasks.append(soak.prober(host, port, deadline))
+    if args.attackers:
+        attack_channel = aio.insecure_channel(server.target)
+        tasks += [
+            soak.slowloris(host, port, deadline),
+            soak.silent(host, port, deadline),
+            soak.huge_prompts(pb_grpc.QwenServiceStub(attack_channel), deadline),
+            soak.no_read_grpc(deadline, args.no_read_tokens),
+            soak.no_read_http(host, port, deadline, args.no_read_tokens),
+        ]
     await asyncio.gather(*tasks)
+    if args.attackers:
+        await attack_channel.close()
     elapsed = time.monotonic() - started
     stop.set()
     await sampler
@@ -309,6 +511,9 @@ async def _soak(args, server: ServerProcess) -> dict:
     gauges = engine_gauges(server.metrics_url)
     log = server.log
     log_errors, send_races = _log_errors(log)
+    await asyncio.sleep(1.0)  # closed client connections reach the server
+    fds_after = process.num_fds()
+    probes = {name: _summary(values) for name, values in soak.probe_seconds.items()}
 
     warmup = args.warmup if args.warmup is not None else 0.2 * args.duration
     loaded = [(t, rss) for t, rss in samples if t >= warmup]
@@ -328,6 +533,9 @@ async def _soak(args, server: ServerProcess) -> dict:
         "gauges_after": gauges,
         "server_log_errors": {"count": len(log_errors), "first": log_errors[0][:40] if log_errors else []},
         "grpc_send_to_gone_client": send_races,
+        "open_fds": {"before": fds_before, "after": fds_after},
+        "probe_latency_s": probes,
+        "huge_prompt_refusal_s": _summary(soak.attack_seconds),
         "rss_mib": {
             "warmup_s": warmup,
             "after_warmup": round(rss_start / 2**20, 1),
@@ -345,8 +553,27 @@ async def _soak(args, server: ServerProcess) -> dict:
         and not log_errors
         and growth < args.max_rss_growth
         and len(loaded) >= 2
+        and fds_after <= fds_before + FD_SLACK
+        and all(p["p99"] < args.max_probe_p99 for p in probes.values())
     )
     return report
+
+
+# Descriptors the server may hold after the load beyond those before it
+# (gRPC's own pollers and channels settle at slightly different counts).
+FD_SLACK = 16
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "p50": round(ordered[len(ordered) // 2], 4),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+        "max": round(ordered[-1], 4),
+    }
 
 
 def parse_args(argv=None):
@@ -363,6 +590,11 @@ def parse_args(argv=None):
     parser.add_argument("--rss-interval", type=float, default=1.0)
     parser.add_argument("--max-rss-growth", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-attackers", dest="attackers", action="store_false",
+                        help="leave out slowloris, silent connections, huge prompts and non-reading clients")
+    parser.add_argument("--no-read-tokens", type=int, default=2000, help="max_tokens of the non-reading clients")
+    parser.add_argument("--max-probe-p99", type=float, default=1.0,
+                        help="pass only if gRPC health and HTTP /health answer within this (p99, seconds)")
     parser.add_argument("--report", default=None, help="also write the JSON report here")
     return parser.parse_args(argv)
 
@@ -381,9 +613,12 @@ def run(argv=None) -> dict:
         model,
         "--max-batch-size", str(args.max_batch_size),
         "--max-waiting", str(args.max_waiting),
-        "--max-tokens-limit", str(max(args.max_tokens, 8)),
+        "--max-tokens-limit", str(max(args.max_tokens, args.no_read_tokens, 8)),
         "--max-tokens-default", str(min(args.max_tokens, 8)),
         "--drain-timeout", "5",
+        "--http-header-timeout", str(HEADER_TIMEOUT),
+        "--http-write-timeout", str(WRITE_TIMEOUT),
+        "--max-buffered-tokens", str(MAX_BUFFERED_TOKENS),
     )  # fmt: skip
     try:
         server.wait_serving(timeout=300)

@@ -26,7 +26,16 @@ from .engine.types import (
     SamplingParams,
     TokenEvent,
 )
-from .errors import DeadlineExceeded, InternalError, InvalidArgument, ModelNotFound, Overloaded, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    ModelNotFound,
+    Overloaded,
+    SlowConsumer,
+    Unavailable,
+    excerpt,
+)
 from .observability.telemetry import RequestTelemetry, Telemetry
 
 T = TypeVar("T")
@@ -102,6 +111,8 @@ class ChatService:
         # thread, so the tokenizer is never used by two threads at once and
         # tokenization never takes more than one core.
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen-tokenize")
+        self._tokenizer_queue_bytes = 0  # prompt bytes queued for or on the tokenizer thread
+        self._tokenizing = 0  # chat requests among them (admitted, not yet in the engine)
 
     @property
     def default_model(self) -> str:
@@ -117,7 +128,7 @@ class ChatService:
         if not name:
             return self.default_model
         if name not in self.served_model_names:
-            raise ModelNotFound(f"model {name!r} is not served here; available: {', '.join(self.served_model_names)}")
+            raise ModelNotFound(f"model {excerpt(name)!r} is not served here; available: {', '.join(self.served_model_names)}")
         return name
 
     def begin_drain(self) -> None:
@@ -132,7 +143,7 @@ class ChatService:
             raise InvalidArgument("messages", f"at most {self._settings.max_messages} messages, got {len(messages)}")
         for index, message in enumerate(messages):
             if message.role not in ROLES:
-                raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {message.role!r}")
+                raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {excerpt(message.role)!r}")
         last = messages[-1]
         if last.role == "assistant":
             raise InvalidArgument(f"messages[{len(messages) - 1}].role", "the last message must not be from the assistant")
@@ -176,55 +187,125 @@ class ChatService:
             stop=tuple(params.stop),
         )
 
+    @staticmethod
+    def _text_bytes(messages: list[dict[str, str]]) -> int:
+        """The UTF-8 size of the messages' text: what tokenizing them costs."""
+        return sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+
+    def _prompt_bytes(self, messages: list[dict[str, str]]) -> int:
+        """_text_bytes(), refusing without tokenizing a prompt that size alone
+        proves too long: no token stands for more than engine.max_token_bytes
+        bytes, so it has at least ceil(bytes / max_token_bytes) tokens."""
+        size = self._text_bytes(messages)
+        fewest_tokens = -(-size // self._engine.max_token_bytes)
+        if fewest_tokens >= self._settings.max_model_len:
+            raise InvalidArgument(
+                "messages",
+                f"prompt is {size} bytes, at least {fewest_tokens} tokens; "
+                f"the context window is {self._settings.max_model_len} tokens",
+            )
+        return size
+
     def count_tokens(self, messages: Sequence[ChatMessage], model: str = "") -> int:
         self.resolve_model(model)
         return len(self._engine.encode_chat(self._validate_messages(messages)))
 
-    async def _on_tokenizer_thread(self, function: Callable[[], T]) -> T:
+    async def _on_tokenizer_thread(self, function: Callable[[], T], cost: int) -> T:
+        """Run `function` on the tokenizer thread, or refuse at once
+        (RESOURCE_EXHAUSTED) when the prompt bytes queued for it would exceed
+        --max-tokenizer-queue-bytes: tokenizing costs ~1 s per MiB on one
+        thread, and everything queued delays every request behind it. A lone
+        request is never refused (its size is bounded by the request limit)."""
+        queued, limit = self._tokenizer_queue_bytes, self._settings.max_tokenizer_queue_bytes
+        if queued and queued + cost > limit:
+            raise Overloaded(f"the tokenizer is busy ({queued} prompt bytes queued); retry later", RETRY_AFTER_SECONDS)
+        self._tokenizer_queue_bytes += cost
         # The caller's context (the current trace span) goes along.
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, context.run, function)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, context.run, function)
+        finally:
+            # A caller cancelled while queued also takes its job out of the executor's queue.
+            self._tokenizer_queue_bytes -= cost
 
     async def count_tokens_async(self, messages: Sequence[ChatMessage], model: str = "") -> int:
-        """count_tokens() on the tokenizer thread."""
-        return await self._on_tokenizer_thread(lambda: self.count_tokens(messages, model))
+        """count_tokens() on the tokenizer thread, within its queue bound."""
+        self.resolve_model(model)
+        validated = self._validate_messages(messages)
+        encode = lambda: self._engine.encode_chat(validated)
+        return len(await self._on_tokenizer_thread(encode, self._text_bytes(validated)))
+
+    def _check_capacity(self) -> None:
+        """Admission before tokenizing: requests being tokenized count like
+        waiting ones, so a burst is refused at once instead of queueing for
+        the tokenizer ahead of the engine's own check (which stays the
+        authority: it still refuses what got past this one in the same tick)."""
+        stats = self._engine.stats()
+        waiting = stats.waiting + self._tokenizing
+        if stats.running + waiting >= self._settings.max_batch_size + self._settings.max_waiting:
+            raise Overloaded(
+                f"server is at capacity ({stats.running} running, {waiting} waiting); retry later", RETRY_AFTER_SECONDS
+            )
 
     async def prepare_async(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
-        """prepare() on the tokenizer thread; arrival time and deadline still count from now."""
+        """prepare() for transports: checks and admission on the event loop
+        (cheap), tokenization on the tokenizer thread; arrival time and
+        deadline count from now."""
         arrival = time.monotonic()
-        deadline = None if timeout is None else arrival + timeout
-
-        def prepare() -> PreparedChat:
-            return self.prepare(params, None if deadline is None else deadline - time.monotonic(), arrival=arrival)
-
-        return await self._on_tokenizer_thread(prepare)
-
-    def prepare(self, params: ChatParams, timeout: float | None = None, *, arrival: float | None = None) -> PreparedChat:
-        """Validate and tokenize; raises ServiceError subclasses. The request's
-        telemetry starts here: this is its arrival time (unless given)."""
-        arrival = time.monotonic() if arrival is None else arrival
         telemetry = self._telemetry.start(arrival)
         try:
-            prepared = self._prepare(params, timeout, telemetry)
+            model, messages, sampling, size = self._check(params)
+            self._check_capacity()
+            self._tokenizing += 1
+            try:
+                prompt = await self._on_tokenizer_thread(lambda: self._engine.encode_chat(messages), size)
+            finally:
+                self._tokenizing -= 1
+            prepared = self._build(model, sampling, prompt, None if timeout is None else arrival + timeout, telemetry)
         except BaseException as exc:
             telemetry.fail(exc)
             raise
         telemetry.prepared(prepared.request, prepared.model)
         return prepared
 
-    def _prepare(self, params: ChatParams, timeout: float | None, telemetry: RequestTelemetry) -> PreparedChat:
+    def prepare(self, params: ChatParams, timeout: float | None = None) -> PreparedChat:
+        """Validate and tokenize on the calling thread, without admission
+        (tools and tests; transports use prepare_async). Raises ServiceError
+        subclasses. The request's telemetry starts here."""
+        arrival = time.monotonic()
+        telemetry = self._telemetry.start(arrival)
+        try:
+            model, messages, sampling, _ = self._check(params)
+            prompt = self._engine.encode_chat(messages)
+            prepared = self._build(model, sampling, prompt, None if timeout is None else arrival + timeout, telemetry)
+        except BaseException as exc:
+            telemetry.fail(exc)
+            raise
+        telemetry.prepared(prepared.request, prepared.model)
+        return prepared
+
+    def _check(self, params: ChatParams) -> tuple[str, list[dict[str, str]], SamplingParams, int]:
+        """Everything decided before tokenizing: (model, messages, sampling, prompt bytes)."""
         if self._draining:
             raise Unavailable("server is draining; retry on another replica")
         model = self.resolve_model(params.model)
         messages = self._validate_messages(params.messages)
         sampling = self._sampling(params)
-        prompt = self._engine.encode_chat(messages)
+        return model, messages, sampling, self._prompt_bytes(messages)
+
+    def _build(
+        self,
+        model: str,
+        sampling: SamplingParams,
+        prompt: list[int],
+        deadline: float | None,
+        telemetry: RequestTelemetry,
+    ) -> PreparedChat:
         if len(prompt) >= self._settings.max_model_len:
             raise InvalidArgument(
                 "messages",
                 f"prompt is {len(prompt)} tokens; the context window is {self._settings.max_model_len} tokens",
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
         request = GenerationRequest(
             request_id=f"chat-{uuid.uuid4().hex}",
             prompt_token_ids=tuple(prompt),
@@ -248,6 +329,11 @@ class ChatService:
             async for event in events:
                 if event.finish_reason is FinishReason.ERROR:
                     raise InternalError(event.error or "generation failed")
+                if event.finish_reason is FinishReason.SLOW_CONSUMER:
+                    raise SlowConsumer(
+                        f"the client fell {self._settings.max_buffered_tokens} tokens behind reading its stream; "
+                        "generation was stopped"
+                    )
                 if event.finish_reason is FinishReason.CANCELLED and self._expired(prepared.request):
                     raise DeadlineExceeded("deadline exceeded")
                 telemetry.on_event(event, time.monotonic())

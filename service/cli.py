@@ -9,6 +9,8 @@ import ctypes
 import functools
 import gc
 import logging
+import os
+import resource
 import signal
 import sys
 import time
@@ -20,6 +22,53 @@ if TYPE_CHECKING:
     from .engine.types import EngineStats
 
 _LOG = logging.getLogger("qwen_grpc")
+
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+
+
+def raise_fd_limit() -> None:
+    """Soft file-descriptor limit -> hard limit: every client connection
+    holds one, and the soft default (often 1024) is far below what the
+    process may use. --http-max-connections keeps HTTP to half of it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel caps lower
+        _LOG.warning("cannot raise the file-descriptor limit from %d: %s", soft, exc)
+        return
+    _LOG.info("file-descriptor limit raised from %d to %d", soft, hard)
+
+
+class AcceptErrorLog:
+    """The event loop's exception handler, with failed accept()s summarised.
+
+    When the process runs out of file descriptors, asyncio reports every
+    failed accept() on a listening socket with a traceback, and its selector
+    loop retries up to `backlog` times per readiness event: at the limit that
+    was ~6,000 tracebacks (80 MB of log) a second. This logs one line per
+    `interval` with the count instead; everything else goes to the default
+    handler."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._count = 0
+        self._next_report = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if context.get("message") != ACCEPT_ERROR_MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next_report:
+            _LOG.warning(
+                "accept() failed %d time(s) in the last %.0f s: %s (out of file descriptors? see --http-max-connections)",
+                self._count, self._interval, context.get("exception"),
+            )  # fmt: skip
+            self._count = 0
+            self._next_report = now + self._interval
 
 
 def _release_freed_memory() -> None:
@@ -132,6 +181,7 @@ class Server:
             threads=s.threads,
             quantization=s.quantization,
             kv_cache_dtype=s.kv_cache_dtype,
+            max_buffered_tokens=s.max_buffered_tokens,
             observer=model_metrics,
         )
         _release_freed_memory()
@@ -218,21 +268,32 @@ def _version() -> str:
 
 
 async def _serve(settings: Settings) -> None:
-    server = Server(settings)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog())
+    server = Server(settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server.wait_for_stop())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if start not in done:
+        _exit_during_load()
     try:
-        if start in done:
-            start.result()  # a failed start (e.g. missing model) raises here
-            await stop
-        else:
-            start.cancel()
+        start.result()  # a failed start (e.g. missing model) raises here
+        await stop
     finally:
         await server.drain_and_stop()
+
+
+def _exit_during_load() -> None:
+    """SIGTERM/SIGINT before the model is loaded: nothing to drain (every
+    call is refused until then), but the load cannot be interrupted (it is
+    inside torch and safetensors calls, ~20 s), it holds the GIL most of the
+    time (a graceful stop of the listeners took seconds), and the
+    interpreter's exit would wait for it. So end the process now."""
+    _LOG.info("stopped while loading the model")
+    logging.shutdown()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .observability import ObservabilityError
 
+    raise_fd_limit()
     try:
         asyncio.run(_serve(settings))
     except ObservabilityError as exc:

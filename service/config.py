@@ -192,6 +192,53 @@ class Settings(BaseSettings):
         description="Largest request accepted (a gRPC message, an HTTP body); larger ones get "
         "RESOURCE_EXHAUSTED (gRPC) / 413 (HTTP) before they are parsed.",
     )
+    max_tokenizer_queue_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=1024,
+        description="Prompt bytes that may wait for or be in the tokenizer at once (one thread, ~1 s per MiB); "
+        "a request that would go beyond gets RESOURCE_EXHAUSTED / 429 at once instead of queueing behind them.",
+    )
+    max_buffered_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Tokens generated for a stream that its client has not taken yet; a client that falls this "
+        "far behind (not reading) has its generation ended (finish reason slow_consumer), freeing its slot.",
+    )
+    http_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Open HTTP connections; beyond it new ones are closed at once, so the process keeps file "
+        "descriptors for gRPC (also capped at half the file-descriptor limit).",
+    )
+    http_header_timeout: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Seconds a new HTTP connection, or the next request on a kept-alive one once its first "
+        "byte arrived, has to send the complete request headers; slower (silent, slowloris) ones are closed.",
+    )
+    http_body_timeout: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Seconds an HTTP request body may take from the end of its headers; a client that stops "
+        "mid-body is disconnected.",
+    )
+    http_keepalive_timeout: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="Seconds an idle HTTP keep-alive connection stays open after a response.",
+    )
+    http_write_timeout: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Seconds an HTTP response may stay blocked because the client does not read it "
+        "(the send buffer stays full); then the connection is closed and its request cancelled.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        json_schema_extra={"doc_default": "any"},
+        description="Comma-separated host names the HTTP API answers to (the Host header, port ignored); other "
+        "hosts get 400. Guards a keyless replica against DNS rebinding from browsers. Empty: any host.",
+    )
     rate_limit_per_second: float = Field(
         default=0.0,
         ge=0.0,
@@ -233,7 +280,7 @@ class Settings(BaseSettings):
     @classmethod
     def _names_from_csv(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name in ("served_model_name", "api_keys"):
+            for name in ("served_model_name", "api_keys", "allowed_hosts"):
                 if name in data:
                     data = {**data, name: _split_names(data[name])}
         return data

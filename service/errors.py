@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import enum
 
+# Most characters of client-supplied text an error message quotes.
+ECHO_LIMIT = 64
+
+
+def excerpt(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Client-supplied text as error messages quote it: at most `limit`
+    characters, so an error never echoes a huge input back (a 100 KB model
+    name would not fit in gRPC's trailing metadata; HTTP would return it whole)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} characters)"
+
 
 class ErrorCode(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
@@ -28,6 +40,7 @@ class InvalidArgument(ServiceError):
     code = ErrorCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
+        field = excerpt(field, 2 * ECHO_LIMIT)  # field paths may hold client-chosen keys
         super().__init__(f"{field}: {problem}")
         self.field = field
 
@@ -46,6 +59,14 @@ class Overloaded(ServiceError):
 
 class RateLimited(Overloaded):
     """This client sent more requests than its rate limit allows."""
+
+
+class SlowConsumer(ServiceError):
+    """The client fell too far behind reading its stream; its generation was
+    ended to free the slot (not an overload: retrying will not help a client
+    that does not read)."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class Unauthenticated(ServiceError):

@@ -334,9 +334,12 @@ def build_server(
     if settings.reflection:
         enable_reflection(server, (SERVICE_NAME, HEALTH_SERVICE_NAME))
     address = f"{settings.host}:{settings.grpc_port}"
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:  # grpcio raises RuntimeError for a taken port (older versions returned 0)
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
+        raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}: address in use or not available")
     return server, health_servicer, port
 
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import pathlib
+import resource
 import socket
 from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
 
@@ -23,14 +26,15 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..chat import ChatService, PreparedChat
 from ..config import Settings
 from ..engine.types import FinishReason, TokenEvent
-from ..errors import ErrorCode, InvalidArgument, ModelNotFound, Overloaded, ServiceError, Unavailable
+from ..errors import ErrorCode, InvalidArgument, ModelNotFound, Overloaded, ServiceError, SlowConsumer, Unavailable
 from . import openai_protocol as oai
 
 _LOG = logging.getLogger(__name__)
@@ -38,6 +42,12 @@ _LOG = logging.getLogger(__name__)
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 # create_app's default; qwen-serve passes --max-request-bytes (the gRPC limit too).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Kernel send buffer of each HTTP connection. Linux otherwise grows it up to
+# tcp_wmem's maximum (4 MiB) for a client that does not read, which then
+# absorbs a whole long answer: the server never sees backpressure, and 1000
+# such connections could pin 4 GB of kernel memory. An SSE stream needs a
+# few KB per second, so this costs no throughput that matters.
+HTTP_SEND_BUFFER_BYTES = 64 * 1024
 
 # ServiceError code -> (HTTP status, OpenAI error type, error code)
 STATUS_BY_CODE: dict[ErrorCode, tuple[int, str, str]] = {
@@ -72,6 +82,8 @@ class ClientDisconnected(Exception):
 
 def error_detail(exc: ServiceError) -> tuple[int, oai.ErrorDetail]:
     status, kind, code = STATUS_BY_CODE[exc.code]
+    if isinstance(exc, SlowConsumer):
+        code = "slow_consumer"
     param = exc.field if isinstance(exc, InvalidArgument) else ("model" if isinstance(exc, ModelNotFound) else None)
     return status, oai.ErrorDetail(message=exc.message, type=kind, param=param, code=code)
 
@@ -123,10 +135,13 @@ async def _read_body(request: Request) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body exceeds {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"request body exceeds {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"request body exceeds {limit} bytes")
+    except ClientDisconnect:  # gone mid-body (or cut by --http-body-timeout): nobody to answer, nothing to log
+        raise ClientDisconnected() from None
     return bytes(body)
 
 
@@ -211,15 +226,15 @@ async def retrieve_model(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     chat = _chat(request)
-    wire = oai.parse_request(await _read_body(request))
-    prepared = await chat.prepare_async(oai.to_chat_params(wire))  # tokenizes off the event loop
-    include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
     try:
+        wire = oai.parse_request(await _read_body(request))
+        prepared = await chat.prepare_async(oai.to_chat_params(wire))  # tokenizes off the event loop
+        include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         if wire.stream:
             return await _stream(request, chat, prepared, include_usage)
         return await until_disconnect(request, _complete(chat, prepared))
     except ClientDisconnected:
-        return Response(status_code=499)  # nobody reads it; the generation is already aborted
+        return Response(status_code=499)  # nobody reads it; a generation it started is already aborted
 
 
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
@@ -351,14 +366,118 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclasses.dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
+    write_timeout: float
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the connection bounds uvicorn lacks.
+
+    uvicorn times out only idle keep-alive connections, and only after a
+    response (timeout_keep_alive). A connection that never completes its
+    headers (silent, or slowloris sending a byte at a time) or its body, or
+    never reads its response, stays open forever; limit_concurrency counts
+    such connections but refuses only requests whose headers completed, so it
+    bounds none of them. The bounds therefore live here, at the protocol: it
+    sees every byte and every pause of the transport, and closing the
+    transport is an ordinary disconnect for the app (a request cut mid-body
+    or mid-response is cancelled like any other). One timer per connection:
+    headers from the connection's start or a new request's first byte, then
+    the body from the end of the headers; a response that cannot be written
+    (send buffer full) has its own timer."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self._limits.max_connections:
+            # Refused before reading anything (answering would mean reading a request).
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HTTP_SEND_BUFFER_BYTES)
+        self._arm_read(self._limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm_read(None)
+        self._arm_write(None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_read(self._limits.header_timeout)  # the first byte of a request on a kept-alive connection
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm_read(self._limits.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._arm_read(None)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_write(self._limits.write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._arm_write(None)
+
+    def _arm_read(self, seconds: float | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer = None if seconds is None else self.loop.call_later(seconds, self._read_timed_out)
+
+    def _arm_write(self, seconds: float | None) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        self._write_timer = None if seconds is None else self.loop.call_later(seconds, self._write_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        self.transport.close()
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.transport.abort()  # close() would wait for the buffer to drain, which it does not
+
+
+def connection_limit(configured: int) -> int:
+    """At most half the file-descriptor limit goes to HTTP connections, so
+    gRPC, the model files and the metrics listener keep theirs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or configured <= soft // 2:
+        return configured
+    _LOG.warning("--http-max-connections %d lowered to %d (half the file-descriptor limit)", configured, soft // 2)
+    return soft // 2
+
+
 class HttpServer:
     """uvicorn serving `app` inside the running event loop."""
 
     def __init__(self, settings: Settings, app: Any, *, shutdown_grace: float = 1.0) -> None:
         self._socket = _bind(settings.host, settings.http_port)
         self.port: int = self._socket.getsockname()[1]
+        limits = ConnectionLimits(
+            max_connections=connection_limit(settings.http_max_connections),
+            header_timeout=settings.http_header_timeout,
+            body_timeout=settings.http_body_timeout,
+            write_timeout=settings.http_write_timeout,
+        )
         config = uvicorn.Config(
             app,
+            http=functools.partial(BoundedHttpProtocol, limits=limits),  # type: ignore[arg-type]
+            timeout_keep_alive=settings.http_keepalive_timeout,  # type: ignore[arg-type]
             log_config=None,  # keep qwen-serve's logging setup
             access_log=False,
             lifespan="off",

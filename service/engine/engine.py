@@ -6,14 +6,32 @@ events come back to the event loop through one call_soon_threadsafe per step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import AsyncIterator, Callable, Sequence
 
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
-from .types import EngineObserver, EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from .types import EngineObserver, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenEvent
 
 _LOG = logging.getLogger(__name__)
+
+
+def _max_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token can stand for (128 for Qwen2.5: a
+    run of spaces), so that a text of N bytes is at least N / this many
+    tokens. A vocabulary entry's UTF-8 length bounds its text from above
+    (byte-level BPE spells each byte as one 1-2 byte character; SentencePiece
+    spells a space as the 3-byte "▁"), so only the longest entries need
+    decoding: stop once that bound falls below the longest text found."""
+    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    longest = max((len(text.encode("utf-8")) for text in added), default=1)
+    entries = sorted(((len(t.encode("utf-8")), t) for t in tokenizer.get_vocab() if t not in added), reverse=True)
+    for bound, token in entries:
+        if bound <= longest:
+            break
+        longest = max(longest, len(tokenizer.convert_tokens_to_string([token]).encode("utf-8")))
+    return longest
 
 
 class Engine:
@@ -29,12 +47,15 @@ class Engine:
         interleaved_prefill_tokens: int | None = None,
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
+        max_buffered_tokens: int = 256,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
-        then runs on the engine's compute thread (the fast way: see Scheduler)."""
+        then runs on the engine's compute thread (the fast way: see Scheduler).
+        `max_buffered_tokens`: see generate()."""
         self.max_model_len = max_model_len
+        self._max_buffered_tokens = max_buffered_tokens
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
             model if callable(model) else lambda: model,
@@ -50,6 +71,7 @@ class Engine:
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
+        self.max_token_bytes = _max_token_bytes(self.loaded.tokenizer)
 
     @property
     def model_name(self) -> str:
@@ -83,9 +105,30 @@ class Engine:
 
         Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
         Leaving the iteration early (the consumer was cancelled or closed it)
-        aborts the request, which frees its slot before the next engine step."""
+        aborts the request, which frees its slot before the next engine step.
+
+        Backpressure: at most max_buffered_tokens events wait for the consumer.
+        One that falls further behind (its transport is blocked on a client
+        that does not read) has the request aborted; the events buffered so
+        far stay readable, then the final event says SLOW_CONSUMER."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._scheduler.submit(request, queue.put_nowait)
+        overflowed = False
+
+        def emit(event: TokenEvent) -> None:
+            nonlocal overflowed
+            if event.finished:
+                if overflowed and event.finish_reason is not FinishReason.ERROR:
+                    event = dataclasses.replace(event, finish_reason=FinishReason.SLOW_CONSUMER)
+                queue.put_nowait(event)
+            elif overflowed:
+                pass  # generated before the abort took effect; the answer is cut here anyway
+            elif queue.qsize() >= self._max_buffered_tokens:
+                overflowed = True
+                self.abort(request.request_id)  # the usual abort path: the slot is freed before the next step
+            else:
+                queue.put_nowait(event)
+
+        self._scheduler.submit(request, emit)
         finished = False
         try:
             while True:

@@ -9,6 +9,7 @@ import pathlib
 import time
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 _LOG = logging.getLogger(__name__)
@@ -55,6 +56,19 @@ def load_from_gguf(gguf_path: pathlib.Path, dtype: torch.dtype) -> tuple[torch.n
     return model, tokenizer
 
 
+def check_weight_files(folder: pathlib.Path) -> None:
+    """Open every safetensors file's header: a truncated or corrupt file is
+    refused here with its name (ValueError: qwen-serve exits 2) instead of
+    failing deep inside from_pretrained. The header check covers truncation:
+    it verifies that the tensors it lists fit in the file."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read the weights file {file}: {exc}") from exc
+
+
 def load_model(source: str, dtype: str = "bfloat16") -> LoadedModel:
     start = time.monotonic()
     torch_dtype = _DTYPES[dtype]
@@ -70,6 +84,8 @@ def load_model(source: str, dtype: str = "bfloat16") -> LoadedModel:
         if getattr(config, "model_type", None) != "qwen2":
             raise ValueError(f"unsupported model type {config.model_type!r}: this server runs Qwen2-family models")
         tokenizer = AutoTokenizer.from_pretrained(source)
+        if path.is_dir():
+            check_weight_files(path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     model.eval()
     if getattr(model.config, "use_sliding_window", False):

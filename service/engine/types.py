@@ -12,6 +12,10 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached or the context window is full
     CANCELLED = "cancelled"  # aborted (client cancel, deadline, shutdown)
     ERROR = "error"  # the engine failed this request
+    # Ended because its consumer fell max_buffered_tokens behind (a client
+    # not reading its stream): the slot is freed instead of generating
+    # max_tokens into a buffer nobody drains.
+    SLOW_CONSUMER = "slow_consumer"
 
 
 @dataclasses.dataclass(frozen=True)

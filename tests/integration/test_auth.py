@@ -234,3 +234,19 @@ def test_one_rate_limit_bucket_per_key_across_grpc_and_http(keyed_server):
     status, headers, error = _http(keyed_server, "GET", "/v1/models", key=FILE_KEY)
     assert status == 429 and error["error"]["code"] == "rate_limit_exceeded"
     assert int(headers["retry-after"]) >= 1
+
+
+def test_the_web_page_takes_an_api_key(keyed_server):
+    from browser import ask, browser_page
+
+    with browser_page() as page:
+        page.goto(keyed_server.http_url + "/")
+        page.wait_for_selector("#health.ok", timeout=10_000)
+        page.wait_for_function("document.querySelector('#health-text').textContent.includes('API key needed')")
+        assert page.locator("#model option").count() == 0  # without a key the API refuses the page
+        page.fill("#api-key", OTHER_FILE_KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20_000)
+        ask(page, "Hello", temperature=0, max_tokens=3)
+        page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+        assert "3 tokens" in page.inner_text(".msg.assistant .stats")

@@ -1,6 +1,7 @@
 """The CI-sized soak: 60 s of mixed load (streams, unary calls, cancels,
 short deadlines, dropped connections, SIGKILLed client processes, invalid
-requests) against the tiny model; `make soak` runs the 10-minute version on
+requests) with attackers mixed in (slowloris, silent connections, ~1 MB
+prompts, clients that do not read their streams) against the tiny model; `make soak` runs the 10-minute version on
 the real model. See bench/soak.py for what passes."""
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def test_soak_60_seconds(tiny_model_dir):
     assert report["server_exit_code"] == 0
     # The mix really happened.
     outcomes = report["outcomes"]
-    for seen in ("stream:OK", "cancel:CANCELLED", "disconnect:CANCELLED", "deadline:DEADLINE_EXCEEDED", "sigkill-client:OK"):
+    for seen in ("stream:OK", "cancel:CANCELLED", "disconnect:CANCELLED", "deadline:DEADLINE_EXCEEDED", "sigkill-client:OK",
+                 "slowloris:closed", "silent:closed", "huge-prompt:INVALID_ARGUMENT", "no-read-grpc:slow-consumer",
+                 "no-read-http:cut-off"):  # fmt: skip
         assert outcomes.get(seen, 0) > 0, (seen, outcomes)
+    # The attackers got nowhere: bounded latency for everyone else, no descriptor leak.
+    assert all(probe["p99"] < 1.0 for probe in report["probe_latency_s"].values()), report["probe_latency_s"]
+    assert report["open_fds"]["after"] <= report["open_fds"]["before"] + 16, report["open_fds"]
     assert report["passed"]

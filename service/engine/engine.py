@@ -29,11 +29,13 @@ class Engine:
         interleaved_prefill_tokens: int | None = None,
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
+        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
-        then runs on the engine's compute thread (the fast way: see Scheduler)."""
+        then runs on the engine's compute thread (the fast way: see Scheduler).
+        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache)."""
         self.max_model_len = max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
@@ -47,6 +49,7 @@ class Engine:
             deliver=self._deliver,
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
+            prefix_cache_bytes=prefix_cache_bytes,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded

@@ -44,6 +44,7 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prefix cache instead of computed
 
     @property
     def total_tokens(self) -> int:
@@ -100,6 +101,11 @@ class EngineStats:
     kv_cache_used_tokens: int
     kv_cache_capacity_tokens: int
     generated_tokens_total: int
+    prompt_tokens_total: int = 0  # of admitted requests
+    prefix_cache_hit_tokens_total: int = 0  # of those, taken from the prefix cache
+    prefix_cache_blocks_used: int = 0
+    prefix_cache_blocks_capacity: int = 0
+    prefix_cache_evictions_total: int = 0
 
 
 class EngineObserver(Protocol):

@@ -132,6 +132,7 @@ class Server:
             threads=s.threads,
             quantization=s.quantization,
             kv_cache_dtype=s.kv_cache_dtype,
+            prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
             observer=model_metrics,
         )
         _release_freed_memory()

@@ -299,11 +299,8 @@ class Scheduler:
         for seq in decoding:
             seq.cached += 1
         self._kv_used += len(decoding)
-        if decoding and self._observer is not None:
-            try:
-                self._observer.decode_step(len(decoding))
-            except Exception:  # an observer bug must not fail requests
-                _LOG.exception("engine observer failed")
+        if decoding:
+            self._observe("decode_step", len(decoding))
         # Requests whose prompt is complete join the decoders: their slots
         # (right after the decoders', in order) already are the next ones.
         sampled, rows = decoding, list(range(len(decoding)))
@@ -326,6 +323,7 @@ class Scheduler:
         self._prefix_hit_tokens_total += reused_tokens
         self._prefix_cache.unpin(seq.reused)
         seq.reused = []
+        self._observe("prefix_reused", reused_tokens)
 
     def _store_blocks(self, seq: _Sequence, slot: int) -> None:
         """Keep the full blocks of a slot's valid positions in the prefix cache."""
@@ -335,7 +333,17 @@ class Scheduler:
         if count <= seq.stored_blocks:
             return
         seq.block_keys = block_keys(seq.token_ids(), count, known=seq.block_keys)
+        evictions = self._prefix_cache.evictions
         seq.stored_blocks = self._prefix_cache.store(seq.block_keys[:count], slot)
+        if self._prefix_cache.evictions > evictions:
+            self._observe("prefix_blocks_evicted", self._prefix_cache.evictions - evictions)
+
+    def _observe(self, hook: str, value: int) -> None:
+        if self._observer is not None:
+            try:
+                getattr(self._observer, hook)(value)
+            except Exception:  # an observer bug must not fail requests
+                _LOG.exception("engine observer failed")
 
     def _isolate_failure(self, decoding: list[_Sequence], chunks: list[PrefillChunk], prefilling: list[_Sequence]) -> None:
         """Run each part of a failed step on its own and end only the requests

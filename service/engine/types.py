@@ -109,8 +109,14 @@ class EngineStats:
 
 
 class EngineObserver(Protocol):
-    """Optional hook the compute thread calls once per engine step. Keep it
-    cheap and non-blocking: it runs between forward passes."""
+    """Optional hooks the compute thread calls between forward passes. Keep
+    them cheap and non-blocking."""
 
     def decode_step(self, batch_size: int) -> None:
         """One decode forward pass ran for `batch_size` requests."""
+
+    def prefix_reused(self, tokens: int) -> None:
+        """A prompt's first `tokens` positions came from the prefix cache."""
+
+    def prefix_blocks_evicted(self, count: int) -> None:
+        """The prefix cache evicted `count` blocks to store new ones."""

@@ -276,7 +276,7 @@ class Scheduler:
         lengths = prompt_chunk_lengths(len(self._decoding), remaining, self._chunk, self._interleaved_chunk)
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
-            if seq.reused and not seq.cached:
+            if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
                 self._prefix_cache.copy_into(seq.reused, slot)
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks

@@ -223,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-async def main_async(args) -> dict:
+async def main_async(args, path: pathlib.Path) -> dict:
     servers = []
     for name in args.servers.split(","):
         if name == "ours":
@@ -251,6 +251,7 @@ async def main_async(args) -> dict:
             log(f"  late-turn TTFT p50 {s['ttft_p50_late']}, reused share {s['cached_share_late']}, "
                 f"errors {s['errors']}, others {entry['others_cores_before']:.2f} cores, wall {entry['wall_seconds']:.1f} s")  # fmt: skip
             result["rounds"].append(entry)
+            path.write_text(json.dumps(result, indent=1))  # after every run: a cut-short benchmark keeps its data
     return result
 
 
@@ -259,10 +260,9 @@ def main(argv=None) -> int:
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return 0
-    result = asyncio.run(main_async(args))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{dt.datetime.now():%Y%m%d-%H%M%S}-multiturn.json"
-    path.write_text(json.dumps(result, indent=1))
+    result = asyncio.run(main_async(args, path))
     print(report(result))
     log(f"results: {path}")
     return 0

@@ -1,6 +1,6 @@
 """What reusing a cached prefix costs against computing it (engine only, real model).
 
-For a prefix of N tokens (N = 128, 512, 1024): the time to copy its blocks
+For a prefix of N tokens (--lengths, default 128, 512, 1024): the time to copy its blocks
 from the prefix cache into a request's slot (PrefixCache.copy_into), to store
 them (PrefixCache.store), and to prefill the same N tokens in passes of
 --prefill-chunk-size, as a request without the cache would. Medians of
@@ -28,7 +28,6 @@ from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner  # noqa: E402
 from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys  # noqa: E402
 
-LENGTHS = (128, 512, 1024)
 
 
 def median_ms(run, repeats: int) -> float:
@@ -49,13 +48,15 @@ def main() -> int:
     p.add_argument("--prefill-chunk-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lengths", default="128,512,1024", help="prefix lengths in tokens (default: %(default)s)")
     args = p.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
     runner = ModelRunner(load_model(args.model), 2, 2048, args.quantization, args.kv_cache_dtype)
-    tokens = list(range(1000, 1000 + max(LENGTHS)))
+    tokens = list(range(1000, 1000 + max(lengths)))
     result = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "loadavg_before": os.getloadavg()}
     with torch.inference_mode():
-        for length in LENGTHS:
+        for length in lengths:
             blocks = length // BLOCK_SIZE
             keys = block_keys(tokens, blocks)
             cache = PrefixCache(runner, blocks)

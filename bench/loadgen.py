@@ -114,7 +114,7 @@ class RequestResult:
     finish_reason: str = ""
     gaps: list[float] = dataclasses.field(default_factory=list)  # between content pieces, seconds
     text_chars: int = 0
-    server_timings: dict | None = None  # llama-server's own per-request timings
+    server_timings: dict | None = None  # the server's own figures (llama-server's timings; ours: cache_n)
 
     @property
     def decode_seconds(self) -> float | None:
@@ -189,7 +189,9 @@ class OursClient(Client):
                     yield "piece", response.content
                 if response.is_final:
                     usage = response.usage
-                    yield "final", (usage.prompt_tokens, usage.completion_tokens, finish_reason_name(response), None)
+                    # "cache_n": prompt tokens reused from the prefix cache, as llama-server's timings name it.
+                    extra = {"cache_n": usage.cached_prompt_tokens}
+                    yield "final", (usage.prompt_tokens, usage.completion_tokens, finish_reason_name(response), extra)
         finally:
             call.cancel()
 

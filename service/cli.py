@@ -182,6 +182,7 @@ class Server:
             quantization=s.quantization,
             kv_cache_dtype=s.kv_cache_dtype,
             max_buffered_tokens=s.max_buffered_tokens,
+            prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
             observer=model_metrics,
         )
         _release_freed_memory()

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
         description="Most prompt tokens in a forward pass that also advances running streams: bounds their "
         "inter-token latency while newcomers are prefilled (each prompt token adds ~1 ms on 2 cores).",
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV cache of prompt prefixes already computed (shared system prompts, earlier "
+        "turns of a chat and the model's answers to them); --no-prefix-caching computes every prompt whole.",
+    )
+    prefix_cache_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Memory for cached prefixes in MiB (float32 KV: 24.6 KB per token, so 512 MiB holds ~21,000 "
+        "tokens); least recently used blocks are evicted beyond it. The default keeps a replica with 16 full "
+        "slots within the chart's 4 GiB limit (idle ~1.1 GiB + slots up to 1.6 GiB + this).",
+    )
     # --- request defaults and limits --------------------------------------
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request leaves it unset.")
     max_tokens_limit: int = Field(default=2048, ge=1, description="Largest max_tokens a request may ask for.")

@@ -288,6 +288,36 @@ def build() -> dict:
         )
         .with_panel(
             series(
+                "Prefix cache: hit ratio and fill",
+                "Share of prompt tokens whose KV was reused from the prefix cache instead of computed, and the "
+                "share of the cache's blocks in use (--prefix-cache-mb), per replica.",
+                "percentunit",
+                [
+                    query(
+                        f"sum by (pod) (rate(qwen_prefix_cache_hit_tokens_total{{{QWEN}}}[{RATE}]))"
+                        f" / sum by (pod) (rate(qwen_prompt_tokens_total{{{QWEN}}}[{RATE}]))",
+                        "{{pod}} hit ratio",
+                    ),
+                    query(
+                        f"max by (pod) (qwen_prefix_cache_blocks_used{{{QWEN}}})"
+                        f" / max by (pod) (qwen_prefix_cache_blocks_limit{{{QWEN}}} > 0)",
+                        "{{pod}} fill",
+                        "B",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            series(
+                "Prefix cache evictions",
+                "Blocks (16 tokens of KV) evicted per second to make room; a steady rate with a low hit ratio "
+                "means --prefix-cache-mb is too small for the traffic's working set.",
+                "short",
+                [query(f"sum by (pod) (rate(qwen_prefix_cache_evictions_total{{{QWEN}}}[{RATE}]))", "{{pod}}")],
+            )
+        )
+        .with_panel(
+            series(
                 "Prompt and output length p95",
                 "Tokens per request.",
                 "short",

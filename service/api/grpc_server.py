@@ -85,6 +85,7 @@ def _final_fields(event: TokenEvent) -> dict:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
         ),
     }
 

@@ -33,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..chat import ChatService, PreparedChat
 from ..config import Settings
-from ..engine.types import FinishReason, TokenEvent
+from ..engine.types import FinishReason, TokenEvent, Usage
 from ..errors import ErrorCode, InvalidArgument, ModelNotFound, Overloaded, ServiceError, SlowConsumer, Unavailable
 from . import openai_protocol as oai
 
@@ -237,6 +237,15 @@ async def chat_completions(request: Request) -> Response:
         return Response(status_code=499)  # nobody reads it; a generation it started is already aborted
 
 
+def _usage(usage: Usage) -> oai.Usage:
+    return oai.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=oai.PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
+    )
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     pieces: list[str] = []
     async for event in chat.generate(prepared):
@@ -256,11 +265,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                         finish_reason=_FINISH_REASONS[event.finish_reason],
                     )
                 ],
-                usage=oai.Usage(
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.total_tokens,
-                ),
+                usage=_usage(usage),
             )
             return Response(body.model_dump_json(), media_type="application/json")
     raise RuntimeError("engine ended a request without a final event")
@@ -291,9 +296,7 @@ async def _sse_body(
                 out += writer.finish(event.text, _FINISH_REASONS[event.finish_reason])
                 if include_usage and event.usage is not None:
                     usage = event.usage
-                    out += writer.usage(oai.Usage(prompt_tokens=usage.prompt_tokens,
-                                                  completion_tokens=usage.completion_tokens,
-                                                  total_tokens=usage.total_tokens))  # fmt: skip
+                    out += writer.usage(_usage(usage))
                 yield out + writer.DONE
                 return
             if event.text:  # pieces that render as nothing yet are not sent (as over gRPC)

@@ -188,10 +188,15 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens reused from the server's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):
@@ -315,6 +320,7 @@ __all__ = [
     "ErrorResponse",
     "ModelList",
     "ModelObject",
+    "PromptTokensDetails",
     "Usage",
     "parse_request",
     "to_chat_params",

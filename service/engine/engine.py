@@ -48,12 +48,14 @@ class Engine:
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
         max_buffered_tokens: int = 256,
+        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
         then runs on the engine's compute thread (the fast way: see Scheduler).
-        `max_buffered_tokens`: see generate()."""
+        `max_buffered_tokens`: see generate().
+        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache)."""
         self.max_model_len = max_model_len
         self._max_buffered_tokens = max_buffered_tokens
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,6 +70,7 @@ class Engine:
             deliver=self._deliver,
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
+            prefix_cache_bytes=prefix_cache_bytes,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded

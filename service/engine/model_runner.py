@@ -426,6 +426,18 @@ class ModelRunner:
 
         return chunk_part
 
+    def slot_positions(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """A view of one slot's cached positions start..end-1, shaped like one
+        block of `allocate_kv_blocks`: [layers, 2, kv_heads, end - start, head_dim]."""
+        return self._kv_cache[:, slot, :, :, start:end]
+
+    def allocate_kv_blocks(self, count: int, block_size: int) -> torch.Tensor:
+        """Zeroed storage for `count` blocks of `block_size` KV positions in the
+        cache's dtype, [count, layers, 2, kv_heads, block_size, head_dim]; memory
+        becomes resident only as blocks are written (see _lazily_zeroed)."""
+        layers, _, pair, heads, _, dim = self._kv_cache.shape
+        return _lazily_zeroed((count, layers, pair, heads, block_size, dim), self._kv_dtype)
+
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another."""
         self._kv_cache[:, target, :, :, :length] = self._kv_cache[:, source, :, :, :length]

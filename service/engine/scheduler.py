@@ -10,9 +10,17 @@ every prompt token in the pass delays their next token). A burst of short
 prompts is prefilled together in one pass, a long prompt is spread over
 several passes, and the running streams advance in every pass.
 
-Slots are kept compact: decoding requests occupy slots 0..B-1 and the
-requests being prefilled follow in queue order. When a request leaves, the
-last decoder moves into its slot (a copy of only its cached positions).
+The policy (what runs in the next pass) is in policy.py, the slot table
+(which request's KV is in which slot) in slots.py; this module applies them
+on the compute thread.
+
+With the prefix cache (prefix_cache.py) on, an admitted prompt is matched
+against the stored blocks; the matched positions are copied into its slot
+in the step that computes its first chunk, which then starts after them.
+Its `cached` counts them only once that step succeeded: a failed step
+leaves it as it was, and the copy is redone. The full blocks of a slot are
+stored as its prompt is computed and when the request ends (its answer
+included, so the next turn of a chat finds prompt and answer).
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .loader import LoadedModel
 from .model_runner import ModelRunner, PrefillChunk
+from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
+from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from .sampling import make_generator, select_tokens
+from .slots import SlotTable
 from .types import (
     EngineObserver,
     EngineOverloaded,
@@ -63,6 +74,20 @@ class _Sequence:
     cached: int = 0  # KV positions written
     next_token: int = -1  # sampled, not yet in the cache
     generated: int = 0
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    block_keys: list[bytes] = dataclasses.field(default_factory=list)  # of the full blocks of prompt + output
+    reused: list[bytes] = dataclasses.field(default_factory=list)  # matched blocks, pinned until copied in
+    cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
+    stored_blocks: int = 0  # of block_keys, in the prefix cache
+
+    @property
+    def start(self) -> int:
+        """First prompt position the next chunk computes."""
+        return self.cached or len(self.reused) * BLOCK_SIZE
+
+    def token_ids(self) -> tuple[int, ...]:
+        """The tokens whose KV the slot holds or will hold."""
+        return self.request.prompt_token_ids + tuple(self.output_ids)
 
     @property
     def prompt_len(self) -> int:
@@ -83,6 +108,7 @@ class Scheduler:
         deliver: Deliver,
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
+        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         self._max_batch = max_batch_size
@@ -100,11 +126,11 @@ class Scheduler:
         self._active_count = 0
         self._stopping = False
         # Owned by the compute thread:
-        self._decoding: list[_Sequence] = []  # index == slot
-        self._prefilling: collections.deque[_Sequence] = collections.deque()  # admitted, prompt not done
         self._outbox: list[tuple[Emit, TokenEvent]] = []
         self._generated_total = 0
         self._kv_used = 0
+        self._prompt_tokens_total = 0  # of admitted prompts
+        self._prefix_hit_tokens_total = 0
         self._last_progress = time.monotonic()  # see EngineStats.last_progress
         # All parallel torch work happens on the compute thread, loading and
         # repacking included. libgomp keeps a worker pool per thread that
@@ -119,6 +145,10 @@ class Scheduler:
             self.loaded = load()
             self._eos = self.loaded.eos_token_ids
             self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization, kv_cache_dtype)
+            self._slots: SlotTable[_Sequence] = SlotTable(self._runner)
+            self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
+            blocks = prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
+            self._prefix_cache = PrefixCache(self._runner, blocks) if blocks else None
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
         self._thread.start()
@@ -152,12 +182,18 @@ class Scheduler:
     def stats(self) -> EngineStats:
         with self._cond:
             running, waiting = self._active_count, len(self._waiting)
+        cache = self._prefix_cache
         return EngineStats(
             running=running,
             waiting=waiting,
             kv_cache_used_tokens=self._kv_used,
             kv_cache_capacity_tokens=self._max_batch * self._max_model_len,
             generated_tokens_total=self._generated_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            prefix_cache_hit_tokens_total=self._prefix_hit_tokens_total,
+            prefix_cache_blocks_used=cache.blocks_used if cache else 0,
+            prefix_cache_blocks_capacity=cache.capacity_blocks if cache else 0,
+            prefix_cache_evictions_total=cache.evictions if cache else 0,
             last_progress=self._last_progress,
         )
 
@@ -213,8 +249,13 @@ class Scheduler:
             if seq.request.sampling.repetition_penalty != 1.0:  # a torch op: on this thread (see __init__)
                 seq.seen = torch.zeros(self._runner.vocab_size, dtype=torch.bool)
                 seq.seen[list(seq.request.prompt_token_ids)] = True
-            self._prefilling.append(seq)
+            if self._prefix_cache is not None:
+                prompt = seq.request.prompt_token_ids
+                seq.block_keys = block_keys(prompt, reusable_blocks(len(prompt), BLOCK_SIZE))
+                seq.reused = self._prefix_cache.match(seq.block_keys)
+            self._slots.admit(seq)
             self._active_count += 1
+            self._prompt_tokens_total += seq.prompt_len
 
     def _drop_aborted_and_expired(self, aborts: set[str]) -> None:
         now = time.monotonic()
@@ -233,22 +274,15 @@ class Scheduler:
             self._release(seq, FinishReason.CANCELLED)
 
     def _plan_chunks(self) -> list[PrefillChunk]:
-        """Prompt chunks for this step: admitted prompts in FIFO order, up to
-        the per-step token budget. Only the last one may be cut short, so at
-        most one request is ever part-way through its prompt, and it is the
-        head of the prefill queue."""
-        chunks: list[PrefillChunk] = []
-        # Nobody waits on a pass without decoders; with decoders, each prompt token delays all of them.
-        budget = self._interleaved_chunk if self._decoding else self._chunk
-        slot = len(self._decoding)
-        for seq in self._prefilling:
-            if budget <= 0:
-                break
-            prompt = seq.request.prompt_token_ids
-            tokens = prompt[seq.cached : seq.cached + budget]
-            chunks.append(PrefillChunk(slot, tokens, seq.cached))
-            budget -= len(tokens)
-            slot += 1
+        """Prompt chunks for this step (policy.prompt_chunk_lengths), after
+        copying the reused prefix of each prompt that starts now into its slot."""
+        remaining = [seq.prompt_len - seq.start for seq in self._prefilling]
+        lengths = prompt_chunk_lengths(len(self._decoding), remaining, self._chunk, self._interleaved_chunk)
+        chunks = []
+        for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
+            if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
+                self._prefix_cache.copy_into(seq.reused, slot)
+            chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
     def _step(self) -> None:
@@ -269,24 +303,51 @@ class Scheduler:
         for seq in decoding:
             seq.cached += 1
         self._kv_used += len(decoding)
-        if decoding and self._observer is not None:
-            try:
-                self._observer.decode_step(len(decoding))
-            except Exception:  # an observer bug must not fail requests
-                _LOG.exception("engine observer failed")
+        if decoding:
+            self._observe("decode_step", len(decoding))
         # Requests whose prompt is complete join the decoders: their slots
         # (right after the decoders', in order) already are the next ones.
         sampled, rows = decoding, list(range(len(decoding)))
         for index, (seq, chunk) in enumerate(zip(prefilling, chunks)):
-            seq.cached += len(chunk.token_ids)
-            self._kv_used += len(chunk.token_ids)
+            if seq.reused:
+                self._reuse_done(seq, chunk.start)
+            self._kv_used += chunk.end - seq.cached
+            seq.cached = chunk.end
+            self._store_blocks(seq, chunk.slot)
             if seq.cached == seq.prompt_len:
-                self._prefilling.popleft()
-                self._decoding.append(seq)
+                self._slots.prompt_done()
                 sampled = sampled + [seq]
                 rows.append(len(decoding) + index)
         if sampled:
             self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits)
+
+    def _reuse_done(self, seq: _Sequence, reused_tokens: int) -> None:
+        """The step that started after a prompt's reused prefix succeeded."""
+        seq.cached_prompt_tokens = reused_tokens
+        self._prefix_hit_tokens_total += reused_tokens
+        self._prefix_cache.unpin(seq.reused)
+        seq.reused = []
+        self._observe("prefix_reused", reused_tokens)
+
+    def _store_blocks(self, seq: _Sequence, slot: int) -> None:
+        """Keep the full blocks of a slot's valid positions in the prefix cache."""
+        if self._prefix_cache is None:
+            return
+        count = storable_blocks(seq.cached, BLOCK_SIZE)
+        if count <= seq.stored_blocks:
+            return
+        seq.block_keys = block_keys(seq.token_ids(), count, known=seq.block_keys)
+        evictions = self._prefix_cache.evictions
+        seq.stored_blocks = self._prefix_cache.store(seq.block_keys[:count], slot)
+        if self._prefix_cache.evictions > evictions:
+            self._observe("prefix_blocks_evicted", self._prefix_cache.evictions - evictions)
+
+    def _observe(self, hook: str, value: int) -> None:
+        if self._observer is not None:
+            try:
+                getattr(self._observer, hook)(value)
+            except Exception:  # an observer bug must not fail requests
+                _LOG.exception("engine observer failed")
 
     def _isolate_failure(self, decoding: list[_Sequence], chunks: list[PrefillChunk], prefilling: list[_Sequence]) -> None:
         """Run each part of a failed step on its own and end only the requests
@@ -352,6 +413,7 @@ class Scheduler:
         if seq.first_token is None:
             seq.first_token = time.monotonic()
         seq.next_token = token
+        seq.output_ids.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
         if token in self._eos:
@@ -368,26 +430,19 @@ class Scheduler:
     def _release(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
         """Free the slot of an admitted request and send its final event."""
         self._kv_used -= seq.cached
-        if seq in self._prefilling:
-            # Only the head of the prefill queue has written cache rows (in
-            # slot B); when it leaves, the next head starts from nothing.
-            self._prefilling.remove(seq)
-        else:
-            slot = self._decoding.index(seq)
-            last = self._decoding.pop()
-            if last is not seq:
-                self._runner.move_slot(len(self._decoding), slot, last.cached)
-                self._decoding[slot] = last
-            if self._prefilling and self._prefilling[0].cached:
-                self._runner.move_slot(len(self._decoding) + 1, len(self._decoding), self._prefilling[0].cached)
-        # Slots stay compact, so the one just past the occupied ones is the one freed.
-        self._runner.release_slot(len(self._decoding) + bool(self._prefilling and self._prefilling[0].cached))
+        if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
+            self._store_blocks(seq, self._slots.slot_of(seq))
+        if seq.reused:
+            self._prefix_cache.unpin(seq.reused)
+        self._slots.remove(seq)
         with self._cond:
             self._active_count -= 1
         self._finish(seq, reason, text=text, error=error)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
-        usage = Usage(prompt_tokens=seq.prompt_len, completion_tokens=seq.generated)
+        usage = Usage(
+            prompt_tokens=seq.prompt_len, completion_tokens=seq.generated, cached_prompt_tokens=seq.cached_prompt_tokens
+        )
         timing = RequestTiming(seq.submitted, seq.admitted, seq.first_token, time.monotonic())
         event = TokenEvent(text=text, finish_reason=reason, usage=usage, error=error, timing=timing)
         self._outbox.append((seq.emit, event))

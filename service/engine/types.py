@@ -48,6 +48,7 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prefix cache instead of computed
 
     @property
     def total_tokens(self) -> int:
@@ -104,6 +105,11 @@ class EngineStats:
     kv_cache_used_tokens: int
     kv_cache_capacity_tokens: int
     generated_tokens_total: int
+    prompt_tokens_total: int = 0  # of admitted requests
+    prefix_cache_hit_tokens_total: int = 0  # of those, taken from the prefix cache
+    prefix_cache_blocks_used: int = 0
+    prefix_cache_blocks_capacity: int = 0
+    prefix_cache_evictions_total: int = 0
     # time.monotonic() when the compute thread last woke up for work or
     # finished a step: the liveness check's sign of progress.
     last_progress: float = 0.0
@@ -117,8 +123,14 @@ class EngineStats:
 
 
 class EngineObserver(Protocol):
-    """Optional hook the compute thread calls once per engine step. Keep it
-    cheap and non-blocking: it runs between forward passes."""
+    """Optional hooks the compute thread calls between forward passes. Keep
+    them cheap and non-blocking."""
 
     def decode_step(self, batch_size: int) -> None:
         """One decode forward pass ran for `batch_size` requests."""
+
+    def prefix_reused(self, tokens: int) -> None:
+        """A prompt's first `tokens` positions came from the prefix cache."""
+
+    def prefix_blocks_evicted(self, count: int) -> None:
+        """The prefix cache evicted `count` blocks to store new ones."""

@@ -162,6 +162,25 @@ class Metrics:
             "Fraction of KV-cache positions holding tokens (0..1).",
             m, registry=r,
         )  # fmt: skip
+        self.prefix_cache_hit_tokens = Counter(
+            "qwen_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV was reused from the prefix cache instead of computed (divide by "
+            "qwen_prompt_tokens_total for the hit ratio).",
+            m, registry=r,
+        )  # fmt: skip
+        self.prefix_cache_blocks_used = Gauge(
+            "qwen_prefix_cache_blocks_used", "Blocks of 16 KV positions held by the prefix cache.", m, registry=r
+        )
+        self.prefix_cache_blocks_limit = Gauge(
+            "qwen_prefix_cache_blocks_limit",
+            "Blocks the prefix cache may hold (--prefix-cache-mb; 0 with --no-prefix-caching).",
+            m, registry=r,
+        )  # fmt: skip
+        self.prefix_cache_evictions = Counter(
+            "qwen_prefix_cache_evictions",
+            "Prefix-cache blocks evicted (least recently used) to make room for new ones.",
+            m, registry=r,
+        )  # fmt: skip
         self.decode_batch_size = Histogram(
             "qwen_decode_batch_size",
             "Requests decoded together, one sample per engine decode step.",
@@ -204,6 +223,10 @@ class ModelMetrics:
         self.request_prompt_tokens = metrics.request_prompt_tokens.labels(model)
         self.request_generation_tokens = metrics.request_generation_tokens.labels(model)
         self.decode_batch_size = metrics.decode_batch_size.labels(model)
+        self.prefix_cache_hit_tokens = metrics.prefix_cache_hit_tokens.labels(model)
+        self.prefix_cache_evictions = metrics.prefix_cache_evictions.labels(model)
+        self._prefix_cache_blocks_used = metrics.prefix_cache_blocks_used.labels(model)
+        self._prefix_cache_blocks_limit = metrics.prefix_cache_blocks_limit.labels(model)
         self._running = metrics.requests_running.labels(model)
         self._waiting = metrics.requests_waiting.labels(model)
         self._running_limit = metrics.requests_running_limit.labels(model)
@@ -212,9 +235,15 @@ class ModelMetrics:
         self.finished = {reason: metrics.requests_finished.labels(model, reason) for reason in FINISH_REASONS}
         self.failed = {reason: metrics.requests_failed.labels(model, reason) for reason in FAILURE_REASONS}
 
-    # EngineObserver: called on the compute thread once per decode step.
+    # EngineObserver: called on the compute thread.
     def decode_step(self, batch_size: int) -> None:
         self.decode_batch_size.observe(batch_size)
+
+    def prefix_reused(self, tokens: int) -> None:
+        self.prefix_cache_hit_tokens.inc(tokens)
+
+    def prefix_blocks_evicted(self, count: int) -> None:
+        self.prefix_cache_evictions.inc(count)
 
     def track_engine(self, stats: Callable[[], object], *, max_running: int, max_waiting: int) -> None:
         """Load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""
@@ -226,6 +255,8 @@ class ModelMetrics:
             return s.kv_cache_used_tokens / s.kv_cache_capacity_tokens if s.kv_cache_capacity_tokens else 0.0
 
         self._kv_usage.set_function(kv_usage)
+        self._prefix_cache_blocks_used.set_function(lambda: stats().prefix_cache_blocks_used)
+        self._prefix_cache_blocks_limit.set_function(lambda: stats().prefix_cache_blocks_capacity)
         self._running_limit.set(max_running)
         self._waiting_limit.set(max_waiting)
 

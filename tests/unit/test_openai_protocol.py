@@ -54,13 +54,16 @@ def test_unsupported_features_are_refused_by_name(fields, param):
 
 def test_emitted_shapes_validate_against_the_openai_sdk_types():
     writer = oai.ChunkWriter("chatcmpl-1", "m", include_usage=True)
-    usage = oai.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    usage = oai.Usage(
+        prompt_tokens=3, completion_tokens=2, total_tokens=5, prompt_tokens_details=oai.PromptTokensDetails(cached_tokens=1)
+    )
     events = [writer.role(), writer.content("Hel"), writer.finish("lo", "length"), writer.usage(usage)]
     chunks = [SDKChatCompletionChunk.model_validate_json(e.removeprefix(b"data: ").strip()) for e in events]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:3]) == "Hello"
     assert chunks[2].choices[0].finish_reason == "length"
     assert chunks[3].choices == [] and chunks[3].usage.total_tokens == 5
+    assert chunks[3].usage.prompt_tokens_details.cached_tokens == 1
     assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
     plain = oai.ChunkWriter("chatcmpl-1", "m", include_usage=False).content("x")
     assert "usage" not in json.loads(plain.removeprefix(b"data: "))
@@ -70,6 +73,7 @@ def test_emitted_shapes_validate_against_the_openai_sdk_types():
     )  # fmt: skip
     parsed = SDKChatCompletion.model_validate_json(completion.model_dump_json())
     assert parsed.choices[0].message.content == "Hello" and parsed.usage.completion_tokens == 2
+    assert parsed.usage.prompt_tokens_details.cached_tokens == 1
 
 
 def test_http_settings(monkeypatch):

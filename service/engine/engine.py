@@ -9,9 +9,10 @@ import asyncio
 import logging
 from typing import AsyncIterator, Callable, Sequence
 
+from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
-from .types import EngineObserver, EngineStats, GenerationRequest, SamplingParams, TokenEvent
+from .types import EngineObserver, EngineStats, GenerationRequest, OutputConstraint, SamplingParams, TokenEvent
 
 _LOG = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Engine:
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
+        self._grammars = GrammarCompiler(
+            self.loaded.tokenizer, self.loaded.model.config.vocab_size, self.loaded.eos_token_ids
+        )
 
     @property
     def model_name(self) -> str:
@@ -70,6 +74,12 @@ class Engine:
                 emit(event)
 
         loop.call_soon_threadsafe(dispatch)
+
+    def compile_grammar(self, constraint: OutputConstraint) -> Grammar:
+        """A constraint compiled for GenerationRequest.grammar (cached per
+        distinct constraint). Raises grammar.InvalidGrammar. CPU work of
+        milliseconds for a typical schema: call it off the event loop."""
+        return self._grammars.compile(constraint)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids for a conversation, via the tokenizer's chat template."""

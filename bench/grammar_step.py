@@ -4,8 +4,9 @@ Schema grammar, each step = forward pass + select_tokens (masks for the
 constrained rows, sampling at temperature 0.7, feeding the grammars).
 
 Configurations alternate within each round (0, 1, 16, 0, 1, 16, ...) because
-the machine is shared; the table gives the median step time over rounds with
-the spread, and the part spent in select_tokens. Grammars restart every
+the machine is shared; each round takes the median step (robust to a step
+preempted by another process), the table the median over rounds with the
+spread, and the part spent in select_tokens. Grammars restart every
 `--cycle` steps so they stay mid-document (the expensive states).
 
     python bench/grammar_step.py [--rounds 5] [--steps 60] [--threads 2]
@@ -78,8 +79,8 @@ def main() -> None:
                         raise failed[0]
                     steps.append(end - start)
                     selects.append(end - selected)
-                step_ms[constrained].append(statistics.mean(steps) * 1e3)
-                select_ms[constrained].append(statistics.mean(selects) * 1e3)
+                step_ms[constrained].append(statistics.median(steps) * 1e3)
+                select_ms[constrained].append(statistics.median(selects) * 1e3)
     print(f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{l:.1f}' for l in loads)}")
     print("| constrained rows of 16 | step ms | of which select_tokens ms | step overhead vs 0 (median of per-round ratios) |")
     print("|---|---|---|---|")

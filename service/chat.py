@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import contextvars
 import dataclasses
+import enum
+import json
 import math
 import time
 import uuid
@@ -18,15 +20,19 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from .config import LEGACY_MODEL_NAME, Settings
 from .engine.engine import Engine
+from .engine.grammar import Grammar, InvalidGrammar
 from .engine.types import (
+    ConstraintKind,
     EngineOverloaded,
     EngineStopped,
     FinishReason,
     GenerationRequest,
+    OutputConstraint,
     SamplingParams,
     TokenEvent,
 )
 from .errors import (
+    ContextLengthExceeded,
     DeadlineExceeded,
     InternalError,
     InvalidArgument,
@@ -43,6 +49,12 @@ T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_BYTES = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A form's schema is a few KiB; compiling one costs milliseconds per KiB on
+# the tokenizer thread, so a bound keeps one request from holding it long.
+MAX_SCHEMA_BYTES = 64 * 1024
+# JSON mode: any JSON object (as OpenAI's json_object).
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # RESOURCE_EXHAUSTED carries this retry hint; a slot frees up within about
 # one short answer's time on a busy replica.
 RETRY_AFTER_SECONDS = 1.0
@@ -52,6 +64,18 @@ RETRY_AFTER_SECONDS = 1.0
 class ChatMessage:
     role: str
     content: str
+
+
+class ResponseFormatType(str, enum.Enum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON valid against ResponseFormat.json_schema
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseFormat:
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    json_schema: str = ""  # the JSON Schema as JSON text, for JSON_SCHEMA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +91,7 @@ class ChatParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    response_format: ResponseFormat | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +197,9 @@ class ChatService:
         )
         if not 0.0 < penalty <= 2.0:
             raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {penalty}")
+        if params.seed is not None and not INT64_MIN <= params.seed <= INT64_MAX:
+            # As OpenAI: a seed is an int64 (a wider one would wrap onto another seed's text).
+            raise InvalidArgument("seed", f"must be between {INT64_MIN} and {INT64_MAX}, got {params.seed}")
         if len(params.stop) > MAX_STOP_SEQUENCES:
             raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop)}")
         for index, stop in enumerate(params.stop):
@@ -205,6 +233,26 @@ class ChatService:
                 f"the context window is {self._settings.max_model_len} tokens",
             )
         return size
+
+    def _grammar(self, response_format: ResponseFormat | None) -> Grammar | None:
+        """The compiled constraint for a response format (None: free text)."""
+        if response_format is None or response_format.type is ResponseFormatType.TEXT:
+            return None
+        source = JSON_OBJECT_SCHEMA
+        if response_format.type is ResponseFormatType.JSON_SCHEMA:
+            source = response_format.json_schema
+            if len(source.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_BYTES:
+                raise InvalidArgument("response_format", f"the JSON schema exceeds {MAX_SCHEMA_BYTES} bytes")
+            try:
+                schema = json.loads(source)
+            except ValueError as exc:
+                raise InvalidArgument("response_format", f"the JSON schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise InvalidArgument("response_format", "the JSON schema must be a JSON object")
+        try:
+            return self._engine.compile_grammar(OutputConstraint(ConstraintKind.JSON_SCHEMA, source))
+        except InvalidGrammar as exc:
+            raise InvalidArgument("response_format", f"unsupported or invalid JSON schema: {exc}") from None
 
     def count_tokens(self, messages: Sequence[ChatMessage], model: str = "") -> int:
         self.resolve_model(model)
@@ -257,11 +305,14 @@ class ChatService:
             model, messages, sampling, size = self._check(params)
             self._check_capacity()
             self._tokenizing += 1
+            # The schema is compiled on the tokenizer thread too (milliseconds, cached).
+            encode = lambda: (self._engine.encode_chat(messages), self._grammar(params.response_format))
             try:
-                prompt = await self._on_tokenizer_thread(lambda: self._engine.encode_chat(messages), size)
+                prompt, grammar = await self._on_tokenizer_thread(encode, size)
             finally:
                 self._tokenizing -= 1
-            prepared = self._build(model, sampling, prompt, None if timeout is None else arrival + timeout, telemetry)
+            deadline = None if timeout is None else arrival + timeout
+            prepared = self._build(model, sampling, prompt, grammar, deadline, telemetry)
         except BaseException as exc:
             telemetry.fail(exc)
             raise
@@ -276,8 +327,8 @@ class ChatService:
         telemetry = self._telemetry.start(arrival)
         try:
             model, messages, sampling, _ = self._check(params)
-            prompt = self._engine.encode_chat(messages)
-            prepared = self._build(model, sampling, prompt, None if timeout is None else arrival + timeout, telemetry)
+            prompt, grammar = self._engine.encode_chat(messages), self._grammar(params.response_format)
+            prepared = self._build(model, sampling, prompt, grammar, None if timeout is None else arrival + timeout, telemetry)
         except BaseException as exc:
             telemetry.fail(exc)
             raise
@@ -298,11 +349,12 @@ class ChatService:
         model: str,
         sampling: SamplingParams,
         prompt: list[int],
+        grammar: Grammar | None,
         deadline: float | None,
         telemetry: RequestTelemetry,
     ) -> PreparedChat:
         if len(prompt) >= self._settings.max_model_len:
-            raise InvalidArgument(
+            raise ContextLengthExceeded(
                 "messages",
                 f"prompt is {len(prompt)} tokens; the context window is {self._settings.max_model_len} tokens",
             )
@@ -311,6 +363,7 @@ class ChatService:
             prompt_token_ids=tuple(prompt),
             sampling=sampling,
             deadline=deadline,
+            grammar=grammar,
         )
         return PreparedChat(request=request, model=model, telemetry=telemetry)
 

@@ -140,6 +140,7 @@ class Server:
                 self._http_backend,
                 middleware=http_middleware(settings, auth=auth, limiter=limiter),
                 max_body_bytes=settings.max_request_bytes,
+                cors_allowed_origins=settings.cors_allowed_origins,
             )
             self._http = HttpServer(settings, app)
             self.http_port = self._http.port

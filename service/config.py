@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     http_port: int = Field(
         default=8000, ge=0, le=65535, description="HTTP port for the OpenAI-compatible API (0 picks a free one)."
     )
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins (e.g. `https://app.example.com`, or `*`) whose web pages may call "
+        "the HTTP API from a browser (CORS). Default: none, so browsers refuse cross-origin calls.",
+        json_schema_extra={"doc_default": "none"},
+    )
     drain_timeout: float = Field(
         default=30.0,
         ge=0.0,
@@ -292,7 +298,7 @@ class Settings(BaseSettings):
     @classmethod
     def _names_from_csv(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name in ("served_model_name", "api_keys", "allowed_hosts"):
+            for name in ("served_model_name", "api_keys", "allowed_hosts", "cors_allowed_origins"):
                 if name in data:
                     data = {**data, name: _split_names(data[name])}
         return data

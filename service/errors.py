@@ -45,6 +45,11 @@ class InvalidArgument(ServiceError):
         self.field = field
 
 
+class ContextLengthExceeded(InvalidArgument):
+    """The prompt does not fit the context window (OpenAI's
+    context_length_exceeded, which clients key on)."""
+
+
 class ModelNotFound(ServiceError):
     code = ErrorCode.NOT_FOUND
 

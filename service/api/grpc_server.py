@@ -15,10 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat
+from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseFormat, ResponseFormatType
 from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
-from ..errors import Unavailable
+from ..errors import InvalidArgument, Unavailable
 from ..pb.qwen import qwen_service_pb2 as pb
 from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from ..auth import ApiKeyAuth
@@ -55,6 +55,26 @@ def _messages(request_messages) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content) for m in request_messages]
 
 
+_RESPONSE_FORMAT_TYPES = {
+    pb.ResponseFormat.TYPE_UNSPECIFIED: ResponseFormatType.TEXT,
+    pb.ResponseFormat.TYPE_TEXT: ResponseFormatType.TEXT,
+    pb.ResponseFormat.TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    pb.ResponseFormat.TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
+}
+
+
+def _response_format(request: pb.ChatRequest) -> ResponseFormat | None:
+    if not request.HasField("response_format"):
+        return None
+    wire = request.response_format
+    if wire.type not in _RESPONSE_FORMAT_TYPES:  # a value from a newer proto
+        raise InvalidArgument("response_format.type", f"unknown type {wire.type}")
+    kind = _RESPONSE_FORMAT_TYPES[wire.type]
+    if wire.json_schema and kind is not ResponseFormatType.JSON_SCHEMA:
+        raise InvalidArgument("response_format.json_schema", "is only allowed with TYPE_JSON_SCHEMA")
+    return ResponseFormat(kind, wire.json_schema)
+
+
 def chat_params(request: pb.ChatRequest) -> ChatParams:
     """Wire -> service. Unset optional fields stay None (server defaults);
     0 on the legacy fields from clients without field presence reads as unset."""
@@ -73,6 +93,7 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         repetition_penalty=present("repetition_penalty"),
         seed=present("seed"),
         stop=tuple(request.stop),
+        response_format=_response_format(request),
     )
 
 

@@ -26,6 +26,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -34,7 +35,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..chat import ChatService, PreparedChat
 from ..config import Settings
 from ..engine.types import FinishReason, TokenEvent, Usage
-from ..errors import ErrorCode, InvalidArgument, ModelNotFound, Overloaded, ServiceError, SlowConsumer, Unavailable
+from ..errors import (
+    ContextLengthExceeded,
+    ErrorCode,
+    InvalidArgument,
+    ModelNotFound,
+    Overloaded,
+    ServiceError,
+    SlowConsumer,
+    Unavailable,
+)
 from . import openai_protocol as oai
 
 _LOG = logging.getLogger(__name__)
@@ -60,6 +70,9 @@ STATUS_BY_CODE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
 _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+REQUEST_ID_HEADER = "x-request-id"
+# A client's x-request-id is echoed only if it is this short and printable ASCII.
+MAX_CLIENT_REQUEST_ID = 256
 
 T = TypeVar("T")
 
@@ -84,6 +97,8 @@ def error_detail(exc: ServiceError) -> tuple[int, oai.ErrorDetail]:
     status, kind, code = STATUS_BY_CODE[exc.code]
     if isinstance(exc, SlowConsumer):
         code = "slow_consumer"
+    elif isinstance(exc, ContextLengthExceeded):
+        code = "context_length_exceeded"  # OpenAI's code; clients key on it
     param = exc.field if isinstance(exc, InvalidArgument) else ("model" if isinstance(exc, ModelNotFound) else None)
     return status, oai.ErrorDetail(message=exc.message, type=kind, param=param, code=code)
 
@@ -97,20 +112,40 @@ def _error_response(status: int, detail: oai.ErrorDetail, headers: dict[str, str
     )
 
 
+def client_request_id(request: Request) -> str | None:
+    """The client's x-request-id, if it is one worth echoing."""
+    value = request.headers.get(REQUEST_ID_HEADER)
+    if value and len(value) <= MAX_CLIENT_REQUEST_ID and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def _request_id_headers(request: Request, fallback: str | None = None) -> dict[str, str]:
+    """x-request-id: the client's, else `fallback` (the completion id)."""
+    request_id = client_request_id(request) or fallback
+    return {REQUEST_ID_HEADER: request_id} if request_id else {}
+
+
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     status, detail = error_detail(exc)
-    headers = None
+    headers = _request_id_headers(request)
     if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
     return _error_response(status, detail, headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-    return _error_response(exc.status_code, oai.ErrorDetail(message=str(exc.detail), type=kind, code=code), exc.headers)
+    code = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+    }.get(exc.status_code)
+    headers = {**(exc.headers or {}), **_request_id_headers(request)}
+    return _error_response(exc.status_code, oai.ErrorDetail(message=str(exc.detail), type=kind, code=code), headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
@@ -224,17 +259,35 @@ async def retrieve_model(request: Request) -> Response:
     return Response(_model_object(card, request.app.state.created).model_dump_json(), media_type="application/json")
 
 
+def _require_json(request: Request) -> None:
+    """Only application/json bodies: a web page can POST text/plain or form
+    data cross-origin without a CORS preflight, so parsing those as JSON
+    would let any page make its visitors' browsers use a keyless server."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(415, f"Content-Type must be application/json, got {media_type or 'none'!r}")
+
+
+def _completion_id(prepared: PreparedChat) -> str:
+    return prepared.request.request_id.replace("chat-", "chatcmpl-", 1)
+
+
 async def chat_completions(request: Request) -> Response:
     chat = _chat(request)
+    _require_json(request)
     try:
         wire = oai.parse_request(await _read_body(request))
         prepared = await chat.prepare_async(oai.to_chat_params(wire))  # tokenizes off the event loop
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+        headers = _request_id_headers(request, _completion_id(prepared))
         if wire.stream:
-            return await _stream(request, chat, prepared, include_usage)
-        return await until_disconnect(request, _complete(chat, prepared))
+            response = await _stream(request, chat, prepared, include_usage)
+        else:
+            response = await until_disconnect(request, _complete(chat, prepared))
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; a generation it started is already aborted
+    response.headers.update(headers)
+    return response
 
 
 def _usage(usage: Usage) -> oai.Usage:
@@ -256,7 +309,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
             usage = event.usage
             assert usage is not None
             body = oai.ChatCompletion(
-                id=prepared.request.request_id.replace("chat-", "chatcmpl-", 1),
+                id=_completion_id(prepared),
                 created=oai.now(),
                 model=prepared.model,
                 choices=[
@@ -277,7 +330,7 @@ async def _stream(request: Request, chat: ChatService, prepared: PreparedChat, i
     instead of a 200 followed by an in-band error."""
     events = chat.generate(prepared)
     first = await until_disconnect(request, anext(events))
-    writer = oai.ChunkWriter(prepared.request.request_id.replace("chat-", "chatcmpl-", 1), prepared.model, include_usage)
+    writer = oai.ChunkWriter(_completion_id(prepared), prepared.model, include_usage)
     return EventStreamResponse(_sse_body(writer, first, events, include_usage))
 
 
@@ -319,11 +372,27 @@ async def _sse_body(
 
 
 def create_app(
-    backend: HttpBackend, *, middleware: Sequence[Middleware] = (), max_body_bytes: int = MAX_BODY_BYTES
+    backend: HttpBackend,
+    *,
+    middleware: Sequence[Middleware] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+    cors_allowed_origins: Sequence[str] = (),
 ) -> Starlette:
     """The ASGI app. `middleware` wraps every route (outermost first):
     the place for auth (api/http_access.py), metrics and tracing. Bodies
-    above max_body_bytes (qwen-serve: --max-request-bytes) get 413."""
+    above max_body_bytes (qwen-serve: --max-request-bytes) get 413.
+    Browsers may call the API cross-origin only from cors_allowed_origins
+    (qwen-serve: --cors-allowed-origins; none by default)."""
+    if cors_allowed_origins:
+        # Outermost: a preflight carries no API key and must not meet auth.
+        cors = Middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
+        )
+        middleware = [cors, *middleware]
     app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),

@@ -4,9 +4,11 @@ chunk and error shapes. Nothing here knows about a web framework.
 
 Supported: messages (string or text-part content; "developer" is read as
 "system"), model, temperature, top_p, max_tokens / max_completion_tokens,
-stop, seed, stream, stream_options.include_usage, and the extensions top_k and
-repetition_penalty (as vLLM accepts them). Fields that would change the answer
-in ways this server cannot honour (n > 1, tools, logprobs, JSON mode, non-zero
+stop, seed, stream, stream_options.include_usage, response_format (text,
+json_object, json_schema: grammar-constrained decoding), and the extensions
+top_k and repetition_penalty (as vLLM accepts them). null is accepted for
+every optional field, as OpenAI does. Fields that would change the answer
+in ways this server cannot honour (n > 1, tools, logprobs, non-zero
 presence/frequency penalties, logit_bias) are refused with 400 naming the
 field; fields that change nothing here (user, metadata, store, ...) are
 accepted and ignored; any other field is refused like OpenAI does.
@@ -14,13 +16,14 @@ accepted and ignored; any other field is refused like OpenAI does.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat import ChatMessage, ChatParams
+from ..chat import ChatMessage, ChatParams, ResponseFormat, ResponseFormatType
 from ..errors import InvalidArgument
 
 # ----------------------------------------------------------------- requests
@@ -50,12 +53,21 @@ class Message(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's extension; accepted only as false
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's extension; accepted only as false
 
 
-class ResponseFormat(_Strict):
-    type: str
+class JsonSchemaFormat(_Strict):
+    name: str  # required by OpenAI; not used here
+    description: str | None = None
+    # The JSON Schema; absent means any JSON value. ("schema" would shadow a BaseModel attribute.)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here
+
+
+class ResponseFormatWire(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Strict):
@@ -67,7 +79,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     # Extensions (vLLM and TGI accept these too).
     top_k: int | None = None
@@ -82,7 +94,7 @@ class ChatCompletionRequest(_Strict):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormatWire | None = None
     # Accepted and ignored: they do not change the answer.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -147,13 +159,25 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         raise InvalidArgument("tools", "tool calling is not supported")
     if request.tool_choice not in (None, "none", "auto"):
         raise InvalidArgument("tool_choice", "tool calling is not supported")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise InvalidArgument("response_format.type", "only 'text' is supported")
     if request.stream_options is not None:
         if not request.stream:
             raise InvalidArgument("stream_options", "is only allowed when stream is true")
         if request.stream_options.continuous_usage_stats:
             raise InvalidArgument("stream_options.continuous_usage_stats", "is not supported")
+
+
+def _response_format(wire: ResponseFormatWire | None) -> ResponseFormat | None:
+    if wire is None:
+        return None
+    kind = ResponseFormatType(wire.type)
+    if kind is ResponseFormatType.JSON_SCHEMA:
+        if wire.json_schema is None:
+            raise InvalidArgument("response_format.json_schema", "is required when type is 'json_schema'")
+        schema = wire.json_schema.json_schema
+        return ResponseFormat(kind, json.dumps({} if schema is None else schema))
+    if wire.json_schema is not None:
+        raise InvalidArgument("response_format.json_schema", "is only allowed when type is 'json_schema'")
+    return ResponseFormat(kind)
 
 
 def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
@@ -182,6 +206,7 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         repetition_penalty=request.repetition_penalty,
         seed=request.seed,
         stop=stop,
+        response_format=_response_format(request.response_format),
     )
 
 
@@ -299,7 +324,9 @@ class ChunkWriter:
         return self._chunk({"content": text})
 
     def finish(self, text: str, finish_reason: str) -> bytes:
-        return self._chunk({"content": text} if text else {}, finish_reason)
+        """The last text (if any) in its own chunk, then the finish reason
+        with an empty delta, as OpenAI sends it."""
+        return (self.content(text) if text else b"") + self._chunk({}, finish_reason)
 
     def usage(self, usage: Usage) -> bytes:
         return self._event(ChatCompletionChunk(**self._base, choices=[], usage=usage))

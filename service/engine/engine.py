@@ -10,9 +10,10 @@ import dataclasses
 import logging
 from typing import AsyncIterator, Callable, Sequence
 
+from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
-from .types import EngineObserver, EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from .types import EngineObserver, EngineStats, FinishReason, GenerationRequest, OutputConstraint, SamplingParams, TokenEvent
 
 _LOG = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ class Engine:
         )
         self.loaded = self._scheduler.loaded
         self.max_token_bytes = _max_token_bytes(self.loaded.tokenizer)
+        self._grammars = GrammarCompiler(
+            self.loaded.tokenizer, self.loaded.model.config.vocab_size, self.loaded.eos_token_ids
+        )
 
     @property
     def model_name(self) -> str:
@@ -95,6 +99,12 @@ class Engine:
                 emit(event)
 
         loop.call_soon_threadsafe(dispatch)
+
+    def compile_grammar(self, constraint: OutputConstraint) -> Grammar:
+        """A constraint compiled for GenerationRequest.grammar (cached per
+        distinct constraint). Raises grammar.InvalidGrammar. CPU work of
+        milliseconds for a typical schema: call it off the event loop."""
+        return self._grammars.compile(constraint)
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids for a conversation, via the tokenizer's chat template."""

@@ -3,13 +3,15 @@
 Greedy rows (temperature 0) take the argmax in one batched call; sampled rows
 apply repetition penalty, temperature, top-k and top-p, then draw with the
 request's own torch.Generator so a seed reproduces the same text whatever
-else shares the batch.
+else shares the batch. Rows with a grammar are masked to the tokens it
+allows before selection (a batch without one pays nothing for this).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .grammar import GrammarMatcher, allocate_bitmask, apply_bitmask
 from .types import SamplingParams
 
 
@@ -58,15 +60,39 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(token_ids[choice])
 
 
+def constrain(logits: torch.Tensor, grammars: list[GrammarMatcher | None], failed: list[object]) -> None:
+    """In place: mask each grammar row of logits [B, vocab] to the tokens its
+    grammar allows next. A row whose mask cannot be computed gets the
+    exception in failed[row] and is left alone."""
+    rows = [row for row, grammar in enumerate(grammars) if grammar is not None and failed[row] is None]
+    if not rows:
+        return
+    bitmask = allocate_bitmask(len(rows), logits.shape[-1])
+    masked = []
+    for index, row in enumerate(rows):
+        try:
+            grammars[row].fill_mask(bitmask, index)  # type: ignore[union-attr]
+            masked.append(index)
+        except Exception as exc:  # noqa: BLE001 - reported per row
+            failed[row] = exc
+    if masked:
+        selected = torch.tensor([rows[index] for index in masked])
+        constrained = logits[selected]
+        apply_bitmask(constrained, bitmask[masked])
+        logits[selected] = constrained
+
+
 def select_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
     seen_tokens: list[torch.Tensor | None],
+    grammars: list[GrammarMatcher | None] | None = None,
 ) -> list[int | Exception]:
     """logits: float32 [B, vocab] (modified in place). seen_tokens[i] holds the
     distinct token ids of request i's prompt + output when it uses a
-    repetition penalty, else None.
+    repetition penalty, else None. grammars[i] is request i's grammar state
+    (None: unconstrained); the selected token is fed to it.
 
     Rows are independent: a row whose selection raises gets the exception in
     its place, and every other row is computed exactly as without it (its
@@ -78,12 +104,21 @@ def select_tokens(
                 apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
             except Exception as exc:  # noqa: BLE001 - reported per row
                 chosen[row] = exc
+    if grammars is not None:
+        constrain(logits, grammars, chosen)
     if all(p.greedy for p in params) and not any(chosen):
-        return logits.argmax(-1).tolist()
+        chosen = logits.argmax(-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if chosen[row] is None:
             try:
                 chosen[row] = int(logits[row].argmax()) if p.greedy else sample_one(logits[row], p, generator)
+            except Exception as exc:  # noqa: BLE001 - reported per row
+                chosen[row] = exc
+    for row, grammar in enumerate(grammars or ()):
+        token = chosen[row]
+        if grammar is not None and isinstance(token, int):
+            try:
+                grammar.accept(token)
             except Exception as exc:  # noqa: BLE001 - reported per row
                 chosen[row] = exc
     return chosen  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarMatcher
 from .loader import LoadedModel
 from .model_runner import ModelRunner, PrefillChunk
 from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
@@ -69,6 +70,7 @@ class _Sequence:
     generator: torch.Generator
     submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
     seen: torch.Tensor | None = None  # bool [vocab] of prompt+output ids, for repetition penalty (set on admission)
+    grammar: GrammarMatcher | None = None  # constrained decoding state
     admitted: float | None = None
     first_token: float | None = None
     cached: int = 0  # KV positions written
@@ -165,6 +167,7 @@ class Scheduler:
             detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, sampling.stop),
             generator=make_generator(sampling.seed),
             submitted=time.monotonic(),
+            grammar=request.grammar.matcher() if request.grammar is not None else None,
         )
         with self._cond:
             if self._stopping:
@@ -379,6 +382,7 @@ class Scheduler:
                 [seq.request.sampling for seq in batch],
                 [seq.generator for seq in batch],
                 [seq.seen for seq in batch],
+                [seq.grammar for seq in batch],
             )
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
@@ -401,7 +405,9 @@ class Scheduler:
     def _select_alone(seq: _Sequence, logits: torch.Tensor) -> int | Exception:
         """Select one row's token on its own."""
         try:
-            (token,) = select_tokens(logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen])
+            (token,) = select_tokens(
+                logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen], [seq.grammar]
+            )
         except Exception as exc:  # noqa: BLE001 - reported by _checked
             return exc
         return token

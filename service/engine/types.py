@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 
 class FinishReason(str, enum.Enum):
@@ -16,6 +19,19 @@ class FinishReason(str, enum.Enum):
     # not reading its stream): the slot is freed instead of generating
     # max_tokens into a buffer nobody drains.
     SLOW_CONSUMER = "slow_consumer"
+
+
+class ConstraintKind(str, enum.Enum):
+    JSON_SCHEMA = "json_schema"  # a JSON Schema as JSON text
+    LARK = "lark"  # a Lark grammar (llguidance's dialect; may embed JSON Schemas)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConstraint:
+    """The answer must match this grammar (constrained decoding)."""
+
+    kind: ConstraintKind
+    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +58,9 @@ class GenerationRequest:
     sampling: SamplingParams
     # time.monotonic() after which the request is aborted; None = no deadline.
     deadline: float | None = None
+    # Constrained decoding: from Engine.compile_grammar (compiled off the
+    # compute thread); None = unconstrained.
+    grammar: Grammar | None = None
 
 
 @dataclasses.dataclass(frozen=True)

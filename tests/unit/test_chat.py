@@ -6,13 +6,17 @@ import math
 
 import pytest
 
-from service.chat import ChatMessage, ChatParams, ChatService
+from service.chat import ChatMessage, ChatParams, ChatService, ResponseFormat, ResponseFormatType
 from service.config import LEGACY_MODEL_NAME, Settings
 from service.engine.engine import Engine
 from service.engine.loader import load_model
-from service.errors import InvalidArgument, ModelNotFound, Unavailable
+from service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, Unavailable
 
 USER = (ChatMessage("user", "Hello"),)
+
+
+def schema_format(text: str) -> ResponseFormat:
+    return ResponseFormat(ResponseFormatType.JSON_SCHEMA, text)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,14 @@ def test_the_prompt_is_the_chat_template_applied(engine):
         (ChatParams(messages=USER, stop=("ok", "x" * 300)), "stop[1]"),
         (ChatParams(messages=USER, stop=tuple("abcdefghijklmnopq")), "stop"),
         (ChatParams(messages=(ChatMessage("user", "word " * 400),)), "messages"),
+        (ChatParams(messages=USER, seed=2**64 + 42), "seed"),
+        (ChatParams(messages=USER, seed=2**63), "seed"),
+        (ChatParams(messages=USER, seed=-(2**63) - 1), "seed"),
+        (ChatParams(messages=USER, response_format=schema_format('{"type": "object"')), "response_format"),
+        (ChatParams(messages=USER, response_format=schema_format("[1, 2]")), "response_format"),
+        (ChatParams(messages=USER, response_format=schema_format('{"type": "foo"}')), "response_format"),
+        (ChatParams(messages=USER, response_format=schema_format('{"$ref": "#/$defs/missing"}')), "response_format"),
+        (ChatParams(messages=USER, response_format=schema_format(" " * 70_000 + "{}")), "response_format"),
     ],
 )
 def test_each_bad_field_is_named(engine, params, field):
@@ -105,3 +117,22 @@ def test_draining_refuses_new_requests(engine):
     chat.begin_drain()
     with pytest.raises(Unavailable):
         chat.prepare(ChatParams(messages=USER))
+
+
+def test_int64_seeds_and_valid_response_formats_are_accepted(engine):
+    chat = service(engine)
+    for seed in (-(2**63), 2**63 - 1):
+        assert chat.prepare(ChatParams(messages=USER, seed=seed)).request.sampling.seed == seed
+    assert chat.prepare(ChatParams(messages=USER)).request.grammar is None
+    assert chat.prepare(ChatParams(messages=USER, response_format=ResponseFormat())).request.grammar is None
+    json_mode = chat.prepare(ChatParams(messages=USER, response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT)))
+    assert json_mode.request.grammar is not None
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    prepared = chat.prepare(ChatParams(messages=USER, response_format=schema_format(schema)))
+    assert prepared.request.grammar is not None and prepared.request.grammar.constraint.source == schema
+
+
+def test_a_prompt_over_the_context_window_is_context_length_exceeded(engine):
+    with pytest.raises(ContextLengthExceeded) as error:
+        service(engine).prepare(ChatParams(messages=(ChatMessage("user", "word " * 400),)))
+    assert error.value.field == "messages"

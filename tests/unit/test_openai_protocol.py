@@ -10,6 +10,7 @@ from openai.types.chat import ChatCompletion as SDKChatCompletion
 from openai.types.chat import ChatCompletionChunk as SDKChatCompletionChunk
 
 from service.api import openai_protocol as oai
+from service.chat import ResponseFormat, ResponseFormatType
 from service.config import load_settings
 from service.errors import InvalidArgument
 
@@ -41,7 +42,11 @@ def test_mapping_to_chat_params():
         ({"logprobs": True}, "logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": []}}}, "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "f"}}}, "response_format.json_schema"),
         ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
         ({"logit_bias": {"1": 2.0}}, "logit_bias"),
     ],
@@ -52,19 +57,41 @@ def test_unsupported_features_are_refused_by_name(fields, param):
     assert exc_info.value.field == param
 
 
+def test_response_format_and_nulls_map_as_openai_sends_them():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = parse(response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": schema, "strict": True}})
+    assert fmt.response_format == ResponseFormat(ResponseFormatType.JSON_SCHEMA, json.dumps(schema))
+    no_schema = parse(response_format={"type": "json_schema", "json_schema": {"name": "any"}})
+    assert no_schema.response_format.json_schema == "{}"
+    assert parse(response_format={"type": "json_object"}).response_format == ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    assert parse(response_format={"type": "text"}).response_format == ResponseFormat()
+    assert parse().response_format is None
+    nulls = dict.fromkeys(["stream", "stream_options", "temperature", "seed", "stop", "response_format", "n", "user"])
+    wire = oai.parse_request(json.dumps({"messages": [{"role": "user", "content": "hi"}], **nulls}).encode())
+    assert not wire.stream and oai.to_chat_params(wire).seed is None
+
+
+def sse_events(data: bytes) -> list[bytes]:
+    assert data.startswith(b"data: ") and data.endswith(b"\n\n")
+    return [event.removeprefix(b"data: ") for event in data.split(b"\n\n")[:-1]]
+
+
 def test_emitted_shapes_validate_against_the_openai_sdk_types():
     writer = oai.ChunkWriter("chatcmpl-1", "m", include_usage=True)
     usage = oai.Usage(
         prompt_tokens=3, completion_tokens=2, total_tokens=5, prompt_tokens_details=oai.PromptTokensDetails(cached_tokens=1)
     )
-    events = [writer.role(), writer.content("Hel"), writer.finish("lo", "length"), writer.usage(usage)]
-    chunks = [SDKChatCompletionChunk.model_validate_json(e.removeprefix(b"data: ").strip()) for e in events]
+    data = writer.role() + writer.content("Hel") + writer.finish("lo", "length") + writer.usage(usage)
+    chunks = [SDKChatCompletionChunk.model_validate_json(event) for event in sse_events(data)]
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks[:3]) == "Hello"
-    assert chunks[2].choices[0].finish_reason == "length"
-    assert chunks[3].choices == [] and chunks[3].usage.total_tokens == 5
-    assert chunks[3].usage.prompt_tokens_details.cached_tokens == 1
-    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:4]) == "Hello"
+    # As OpenAI: the last text in its own chunk, the finish reason with an empty delta.
+    assert chunks[2].choices[0].finish_reason is None and chunks[2].choices[0].delta.content == "lo"
+    assert chunks[3].choices[0].finish_reason == "length"
+    assert json.loads(sse_events(data)[3])["choices"][0]["delta"] == {}
+    assert chunks[4].choices == [] and chunks[4].usage.total_tokens == 5
+    assert chunks[4].usage.prompt_tokens_details.cached_tokens == 1
+    assert len(sse_events(writer.finish("", "stop"))) == 1
     plain = oai.ChunkWriter("chatcmpl-1", "m", include_usage=False).content("x")
     assert "usage" not in json.loads(plain.removeprefix(b"data: "))
     completion = oai.ChatCompletion(

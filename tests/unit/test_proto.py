@@ -62,6 +62,19 @@ def test_old_clients_and_new_server_agree_on_bytes(tmp_path):
     assert new.HasField("temperature") and not new.HasField("top_p")
     assert new.SerializeToString() == old.SerializeToString()
 
+    # Nothing an old client sends asks for a response format: free text, as before.
+    assert not new.HasField("response_format")
+    from service.api.grpc_server import chat_params
+
+    assert chat_params(new).response_format is None
+    # A new client's response format is a field an old server skips; the old fields read the same.
+    with_format = pb.ChatRequest(
+        messages=[pb.Message(role="user", content="héllo")], max_tokens=64,
+        response_format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema='{"type": "object"}'),
+    )  # fmt: skip
+    seen_by_old_server = OldRequest.FromString(with_format.SerializeToString())
+    assert seen_by_old_server.max_tokens == 64 and seen_by_old_server.messages[0].content == "héllo"
+
     # An old client that leaves temperature at 0 sends nothing: the server sees "unset".
     assert not pb.ChatRequest.FromString(OldRequest(temperature=0.0).SerializeToString()).HasField("temperature")
 
@@ -85,6 +98,7 @@ def test_legacy_field_numbers_and_types_are_frozen():
     assert fields["model"] == (2, F.TYPE_STRING)
     assert fields["temperature"] == (3, F.TYPE_FLOAT)
     assert fields["max_tokens"] == (4, F.TYPE_INT32)
+    assert fields["response_format"] == (10, F.TYPE_MESSAGE)
     out = {f.name: (f.number, f.type) for f in pb.ChatResponse.DESCRIPTOR.fields}
     assert out["id"] == (1, F.TYPE_STRING) and out["content"] == (2, F.TYPE_STRING)
     assert out["is_final"] == (3, F.TYPE_BOOL) and out["index"] == (4, F.TYPE_INT32)

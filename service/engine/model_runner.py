@@ -17,8 +17,6 @@ import ctypes
 import dataclasses
 import math
 import mmap
-import pathlib
-import warnings
 from typing import Sequence
 
 import torch
@@ -42,6 +40,8 @@ class PrefillChunk:
 QUANTIZATIONS = ("none", "int8", "int8-weight-only")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Keys per block of the CPU attention kernel (flash attention's kv split).
+_KV_BLOCK = 512
 
 
 def _fuse(*linears: nn.Linear) -> nn.Linear:
@@ -96,20 +96,19 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
     """The same int8 weights; activations quantized to int8 with one scale
     per row (token), products in int8 (torch._int_mm).
 
-    For down_proj: Qwen's massive activations (a few tokens, a few channels,
-    values in the thousands) reach its input. With one scale per tensor,
-    as in fbgemm's dynamic Linear, they crush every other row's precision
-    (+10 % perplexity); with one per row the cost is about 1 %. The
-    weight-only kernel is 2-3x slower from 6 rows up (a step with 16 streams,
-    a prompt chunk), faster for 2-4 rows."""
+    One scale per row makes a row's output depend on that row alone: the
+    integer products are exact, and everything else is elementwise. With one
+    scale per tensor (fbgemm's dynamic Linear) a token's numbers, and so a
+    request's text, changed with whatever else shared the batch. Per row also
+    keeps Qwen's massive activations (a few tokens, a few channels, values in
+    the thousands) from crushing the other rows' precision."""
 
-    weight_only_rows = range(2, 5)
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        self.bias = None if linear.bias is None else linear.bias.data.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] in self.weight_only_rows:
-            return super().forward(x)
-        flat = flat.float()
+        flat = x.reshape(-1, x.shape[-1]).float()
         row_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
         quantized = torch.round(flat / row_scale).to(torch.int8)
         out = torch._int_mm(quantized, self.weight.t()).float() * (row_scale * self.float_scale)
@@ -138,45 +137,6 @@ def _owned(module: nn.Module) -> nn.Module:
     for parameter in module.parameters():
         parameter.data = parameter.data.clone()
     return module
-
-
-def _cpu_has_vnni() -> bool:
-    """x86 VNNI accumulates u8 x s8 products in int32; without it fbgemm's
-    AVX2 kernels sum pairs in int16, which full-range activations can
-    overflow."""
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
-class DynamicInt8Linear(nn.Module):
-    """Dynamic int8 (fbgemm): int8 weights per output channel, activations
-    quantized per step, int8 matrix products, float32 in and out. The
-    fastest path here, batched or not.
-
-    Activations use the full 8-bit range where the CPU allows it (VNNI):
-    torch.ao's quantized Linear always reduces them to 7 bits, which cost up
-    to 8 % perplexity on code."""
-
-    full_range_activations = _cpu_has_vnni()
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        ints, scale = _int8_rows(linear.weight.data)
-        with warnings.catch_warnings():
-            # Quantized tensors are deprecated in favour of torchao; fbgemm's packed weights still take them.
-            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
-            qweight = torch._make_per_channel_quantized_tensor(
-                ints, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-            )
-        bias = None if linear.bias is None else linear.bias.data.float()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        self._reduce_range = not self.full_range_activations
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=self._reduce_range)
 
 
 def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -242,11 +202,9 @@ class ModelRunner:
         self.dtype = torch.float32 if quantization == "int8" else loaded.dtype
         pack = {
             "none": _owned,
-            "int8": DynamicInt8Linear,
+            "int8": RowwiseInt8Linear,
             "int8-weight-only": Int8WeightOnlyLinear,
         }[quantization]
-        # down_proj's input carries Qwen's massive activations: see RowwiseInt8Linear.
-        pack_down = RowwiseInt8Linear if quantization == "int8" else pack
 
         embed = model.model.embed_tokens
         self._embed = _owned(embed) if quantization == "none" else Int8Embedding(embed)
@@ -264,7 +222,7 @@ class ModelRunner:
                     o_proj=pack(attn.o_proj),
                     post_norm=self._norm_weight(layer.post_attention_layernorm),
                     gate_up=pack(_fuse(mlp.gate_proj, mlp.up_proj)),
-                    down=pack_down(mlp.down_proj),
+                    down=pack(mlp.down_proj),
                 )
             )
             # Drop the originals as we go so peak memory stays near one copy,
@@ -391,40 +349,43 @@ class ModelRunner:
         returning [part rows, heads * d]. Masks are built once per step."""
         plan = []
         if batch:
-            span = int(decode_positions.max()) + 1
-            mask = (self._positions[:span] <= decode_positions.unsqueeze(1)).view(batch, 1, 1, span)
-
-            def decode_part(queries, keys, values):
-                # The query heads sharing a KV head go in as rows of one
-                # query (one position each, so one mask fits all): no GQA
-                # expansion of the keys (measured 1.5x faster at 16 streams).
-                grouped = queries[:batch].view(batch, self._num_kv_heads, -1, self._head_dim)
-                out = F.scaled_dot_product_attention(
-                    grouped, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=mask
-                )
-                return out.reshape(batch, -1)
-
-            plan.append(decode_part)
+            plan.append(self._rows_attention(slice(0, batch), slice(0, batch), decode_positions))
         first = batch
         for chunk in chunks:
-            plan.append(self._chunk_attention(chunk, first))
-            first += len(chunk.token_ids)
+            # Each prompt token is attended to as a decoded one would be (its
+            # slot's keys as a stride-0 batch, no copy): the same kernel call
+            # per row, so a token's numbers do not depend on how its prompt
+            # was split into chunks, nor on whether it was decoded or prefilled.
+            rows = slice(first, first + len(chunk.token_ids))
+            plan.append(self._rows_attention(rows, slice(chunk.slot, chunk.slot + 1), self._positions[chunk.start : chunk.end]))
+            first = rows.stop
         return plan
 
-    def _chunk_attention(self, chunk: PrefillChunk, first: int):
-        steps, start, end, slot = len(chunk.token_ids), chunk.start, chunk.end, chunk.slot
-        # Query i (absolute position start+i) sees keys 0..start+i.
-        mask = None if start == 0 else self._positions[:end] <= self._positions[start:end].unsqueeze(1)
+    def _rows_attention(self, rows: slice, slots: slice, positions: torch.Tensor):
+        """Attention of query rows at `positions` over the cached keys of
+        `slots` (one slot per row, or one slot for all rows).
 
-        def chunk_part(queries, keys, values):
+        Batch-invariant by construction: the query heads sharing a KV head go
+        in as the rows of one query (one position each, so one mask fits all;
+        no GQA expansion of the keys), and the keys span whole blocks of
+        _KV_BLOCK positions. The CPU kernel reduces over keys a block at a
+        time; in a full block a row's masked keys add exact zeros, and a block
+        wholly past the row is an exact no-op. A shorter span would make a
+        row's sums depend on the longest sequence in the batch (the matrix
+        product's summation order changes with its length)."""
+        count = rows.stop - rows.start
+        span = min(-(-(int(positions.max()) + 1) // _KV_BLOCK) * _KV_BLOCK, self.max_model_len)
+        mask = (self._positions[:span] <= positions.unsqueeze(1)).view(count, 1, 1, span)
+        shape = (count, self._num_kv_heads, span, self._head_dim)
+
+        def attend(queries, keys, values):
+            grouped = queries[rows].view(count, self._num_kv_heads, -1, self._head_dim)
             out = F.scaled_dot_product_attention(
-                queries[first : first + steps].transpose(0, 1).unsqueeze(0),
-                keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end],
-                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+                grouped, keys[slots, :, :span].expand(shape), values[slots, :, :span].expand(shape), attn_mask=mask
             )
-            return out[0].transpose(0, 1).reshape(steps, -1)
+            return out.reshape(count, -1)
 
-        return chunk_part
+        return attend
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` cached positions of one slot to another."""

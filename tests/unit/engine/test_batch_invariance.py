@@ -4,9 +4,11 @@ how its prompt is split into prefill chunks (README: `seed`)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
+from service.engine.model_runner import ModelRunner, PrefillChunk
 from service.engine.types import SamplingParams
 
 from batch_invariance import arrangements, assert_all_equal
@@ -64,3 +66,21 @@ async def test_output_does_not_depend_on_prefill_chunking(tiny_model_dir, quanti
         assert_all_equal(results)
         texts.append(results["alone"][0])
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("quantization,dtype", INVARIANT)
+def test_decoded_tokens_equal_prefilled_ones(tiny_model_dir, quantization, dtype):
+    """The keys, values and logits of a token computed in a decode step are
+    bitwise those of the same token prefilled (what a prefix cache reuses)."""
+    loaded = load_model(str(tiny_model_dir), dtype=dtype)
+    runner = ModelRunner(loaded, num_slots=2, max_model_len=1024, quantization=quantization)
+    prompt = list(loaded.tokenizer.encode("The quick brown fox " * 30))
+    tokens, decoded_logits = [int(runner.prefill(0, prompt, 0).argmax())], []
+    for position in range(len(prompt), len(prompt) + 12):
+        decoded_logits.append(runner.decode([tokens[-1]], [position])[0])
+        tokens.append(int(decoded_logits[-1].argmax()))
+    text = prompt + tokens[:-1]
+    prefilled_logits = runner.step([], [], [PrefillChunk(1, text, 0)], logit_rows=range(len(prompt), len(text)))
+    assert torch.equal(torch.stack(decoded_logits), prefilled_logits)
+    cache = runner._kv_cache[:, :, :, :, : len(text)]
+    assert torch.equal(cache[:, 0], cache[:, 1])

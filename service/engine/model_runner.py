@@ -48,7 +48,7 @@ def _fuse(*linears: nn.Linear) -> nn.Linear:
     """One Linear whose output is the concatenation of the given ones'."""
     weight = torch.cat([lin.weight.data for lin in linears], dim=0)
     has_bias = linears[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype, device=weight.device)
     fused.weight.data = weight
     if has_bias:
         fused.bias.data = torch.cat([lin.bias.data for lin in linears], dim=0)
@@ -59,8 +59,8 @@ def _int8_rows(weight: torch.Tensor, rows_per_block: int = 4096) -> tuple[torch.
     """Symmetric int8 with one float32 scale per row (amax / 127), a block of
     rows at a time: the float32 copy is a few MB, not the whole matrix (the
     151936-row output layer is 545 MB in float32)."""
-    ints = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0])
+    ints = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
     for start in range(0, weight.shape[0], rows_per_block):
         block = weight[start : start + rows_per_block].float()
         scale = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
@@ -80,9 +80,11 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight, self.float_scale = _int8_rows(linear.weight.data)
-        self.scale = self.float_scale.to(self.compute_dtype)
-        self.bias = None if linear.bias is None else linear.bias.data.to(self.compute_dtype)
+        weight, float_scale = _int8_rows(linear.weight.data)
+        self.register_buffer("weight", weight)
+        self.register_buffer("float_scale", float_scale)
+        self.register_buffer("scale", float_scale.to(self.compute_dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(self.compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
@@ -124,7 +126,9 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
-        self.weight, self.scale = _int8_rows(embedding.weight.data)
+        weight, scale = _int8_rows(embedding.weight.data)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].float() * self.scale[ids, None]
@@ -163,14 +167,15 @@ def _release_pages(tensor: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
-@dataclasses.dataclass
-class _Block:
-    input_norm: torch.Tensor  # RMSNorm weights
-    qkv: nn.Module
-    o_proj: nn.Module
-    post_norm: torch.Tensor
-    gate_up: nn.Module
-    down: nn.Module
+class _Block(nn.Module):
+    """One transformer layer's packed weights (RMSNorm weights as buffers)."""
+
+    def __init__(self, input_norm: torch.Tensor, qkv: nn.Module, o_proj: nn.Module, post_norm: torch.Tensor,
+                 gate_up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("input_norm", input_norm)
+        self.register_buffer("post_norm", post_norm)
+        self.qkv, self.o_proj, self.gate_up, self.down = qkv, o_proj, gate_up, down
 
 
 class ModelRunner:
@@ -182,6 +187,10 @@ class ModelRunner:
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
     ) -> None:
+        """Repacks the loaded model's weights, or takes them from
+        loaded.packed (read from the weight cache; the model is then a
+        skeleton on the meta device). A fresh packing is stored in
+        loaded.weight_cache when there is one."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -231,10 +240,26 @@ class ModelRunner:
         lm_head = model.lm_head
         if lm_head.weight is embed.weight and quantization == "none":
             # tied: the head needs its own copy (int8 packing makes one itself)
-            lm_head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype)
+            lm_head = nn.Linear(
+                lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype,
+                device=lm_head.weight.device,
+            )
             lm_head.weight.data = self._embed.weight.data.clone()
         self._lm_head = pack(lm_head)
         model.lm_head = model.model.embed_tokens = None
+        self._weights = nn.Module()
+        self._weights.embed, self._weights.lm_head = self._embed, self._lm_head
+        self._weights.blocks = nn.ModuleList(self._blocks)
+        self._weights.register_buffer("norm", self._norm)
+        cache = loaded.weight_cache
+        if cache is not None and cache.quantization != quantization:
+            raise ValueError(f"the weight cache is for {cache.quantization!r}, not {quantization!r}")
+        if loaded.packed is not None:
+            self._weights.load_state_dict(loaded.packed, strict=True, assign=True)
+            self._norm = self._weights.norm
+            loaded.packed = None
+        elif cache is not None:
+            cache.store(self.packed_weights())
 
         self._qk_size = (self._num_heads + self._num_kv_heads) * self._head_dim
         # Keys and values of a layer side by side, so one indexed write stores both.
@@ -247,12 +272,17 @@ class ModelRunner:
         with torch.inference_mode():
             positions = torch.arange(max_model_len).unsqueeze(0)
             probe = torch.zeros(1, dtype=self.dtype)
-            cos, sin = model.model.rotary_emb(probe, positions)
+            # A fresh rotary table: the model's own may be a meta-device skeleton.
+            cos, sin = type(model.model.rotary_emb)(config=config)(probe, positions)
         half = self._head_dim // 2
         self._cos = cos[0].to(self.dtype)  # [max_model_len, head_dim]
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated.
         self._sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(self.dtype)
         self._positions = torch.arange(max_model_len)
+
+    def packed_weights(self) -> dict[str, torch.Tensor]:
+        """Every packed weight by name (what the weight cache stores)."""
+        return self._weights.state_dict()
 
     def release_slot(self, slot: int) -> None:
         """Return a free slot's cache pages to the OS, so resident memory

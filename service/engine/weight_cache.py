@@ -98,3 +98,26 @@ class WeightCache:
         finally:
             if temporary is not None:
                 pathlib.Path(temporary).unlink(missing_ok=True)
+
+
+def main() -> None:
+    """Write the cache ahead of time, e.g. where the model is fetched, so that
+    every replica starts from it. Pass the settings the server will run with."""
+    import argparse
+
+    from .loader import load_model
+    from .model_runner import ModelRunner
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--quantization", required=True)
+    parser.add_argument("--weight-cache-dir", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    loaded = load_model(args.model, args.dtype, args.quantization, args.weight_cache_dir)
+    ModelRunner(loaded, num_slots=1, max_model_len=16, quantization=args.quantization)
+
+
+if __name__ == "__main__":
+    main()

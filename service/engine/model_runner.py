@@ -207,7 +207,7 @@ class ModelRunner:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._intermediate = config.intermediate_size
-        # Dynamic int8 computes in float32; everything else in the loaded dtype.
+        # int8 computes in float32 (its activations are quantized per call); everything else in the loaded dtype.
         self.dtype = torch.float32 if quantization == "int8" else loaded.dtype
         pack = {
             "none": _owned,
@@ -387,7 +387,8 @@ class ModelRunner:
             # per row, so a token's numbers do not depend on how its prompt
             # was split into chunks, nor on whether it was decoded or prefilled.
             rows = slice(first, first + len(chunk.token_ids))
-            plan.append(self._rows_attention(rows, slice(chunk.slot, chunk.slot + 1), self._positions[chunk.start : chunk.end]))
+            slot = slice(chunk.slot, chunk.slot + 1)
+            plan.append(self._rows_attention(rows, slot, self._positions[chunk.start : chunk.end]))
             first = rows.stop
         return plan
 

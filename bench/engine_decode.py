@@ -8,15 +8,19 @@ Quantizations are measured one after another in one process, on this thread
 (as the engine does). A benchmark, not a test: run it on a quiet machine.
 
     python bench/engine_decode.py [--quantizations none,int8,int8-weight-only] [--threads 2]
+    python bench/engine_decode.py --quantizations int8 --baseline /work/main --rounds 3   # A/B
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import pathlib
 import sys
 import time
+import types
 
 import torch
 
@@ -41,10 +45,20 @@ def _median_ms(run, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def measure(model: str, quantization: str) -> dict:
+def _baseline_runner_class(checkout: pathlib.Path) -> type:
+    """Another checkout's ModelRunner, imported under its own package name."""
+    for name, folder in (("qwen_baseline", "service"), ("qwen_baseline.engine", "service/engine")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(checkout / folder)]
+        sys.modules[name] = package
+    return importlib.import_module("qwen_baseline.engine.model_runner").ModelRunner
+
+
+def prepare(model: str, quantization: str, runner_class: type = ModelRunner) -> tuple[dict, object]:
+    """Load and repack; perplexities; every slot prefilled with a 30-token prompt."""
     loaded = load_model(model)
     started = time.perf_counter()
-    runner = ModelRunner(loaded, num_slots=max(BATCHES) + 1, max_model_len=1024, quantization=quantization)
+    runner = runner_class(loaded, num_slots=max(BATCHES) + 1, max_model_len=1024, quantization=quantization)
     result: dict = {"quantization": quantization, "repack_s": round(time.perf_counter() - started, 2)}
     with torch.inference_mode():
         for name, text in TEXTS.items():
@@ -52,6 +66,11 @@ def measure(model: str, quantization: str) -> dict:
         prompt = list(range(1000, 1030))
         for slot in range(max(BATCHES)):
             runner.prefill(slot, prompt, 0)
+    return result, runner
+
+
+def time_steps(runner, result: dict) -> dict:
+    with torch.inference_mode():
         for batch in BATCHES:
             ms = _median_ms(lambda: runner.decode([1234] * batch, [30] * batch), 30)
             result[f"decode_ms_B{batch}"] = round(ms, 2)
@@ -62,15 +81,41 @@ def measure(model: str, quantization: str) -> dict:
     return result
 
 
+def measure(model: str, quantization: str) -> dict:
+    result, runner = prepare(model, quantization)
+    return time_steps(runner, result)
+
+
+def compare(model: str, quantization: str, baseline: pathlib.Path, rounds: int) -> list[dict]:
+    """This checkout against `baseline`, in one process, alternating every
+    round (so a change in machine load hits both alike)."""
+    sides = {
+        f"{quantization} ({baseline})": prepare(model, quantization, _baseline_runner_class(baseline)),
+        f"{quantization} (this checkout)": prepare(model, quantization),
+    }
+    results = []
+    for round_ in range(rounds):
+        for label, (prepared, runner) in sides.items():
+            load = os.getloadavg()[0]
+            results.append(time_steps(runner, {**prepared, "quantization": f"{label} round {round_ + 1}, load {load:.1f}"}))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(default_model_path()))
     parser.add_argument("--quantizations", default="none,int8,int8-weight-only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=pathlib.Path, help="write the results as JSON here too")
+    parser.add_argument("--baseline", type=pathlib.Path,
+                        help="another checkout (e.g. /work/main): its ModelRunner and this one's, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: alternations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [measure(args.model, q) for q in args.quantizations.split(",")]
+    if args.baseline:
+        results = [r for q in args.quantizations.split(",") for r in compare(args.model, q, args.baseline, args.rounds)]
+    else:
+        results = [measure(args.model, q) for q in args.quantizations.split(",")]
     print("| quantization | perplexity prose / code | " + " | ".join(f"B={b} tok/s" for b in BATCHES)
           + " | prefill 32 / 256 tokens ms | repack s |")
     print("|---" * (len(BATCHES) + 4) + "|")

@@ -173,7 +173,7 @@ class Server:
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
         self.engine = await asyncio.to_thread(
             Engine,
-            functools.partial(load_model, s.model, s.dtype),
+            functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir),
             max_batch_size=s.max_batch_size,
             max_waiting=s.max_waiting,
             max_model_len=s.max_model_len,

@@ -10,7 +10,9 @@ import time
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from .weight_cache import WeightCache
 
 _LOG = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ class LoadedModel:
     name: str  # the model's own name (folder / file stem / hub id)
     eos_token_ids: frozenset[int]
     dtype: torch.dtype  # of the loaded weights
+    weight_cache: WeightCache | None = None  # where the runner stores its packed weights
+    # The packed weights read from weight_cache; `model` is then a skeleton on the meta device.
+    packed: dict[str, torch.Tensor] | None = None
 
 
 def model_name(source: str) -> str:
@@ -69,11 +74,27 @@ def check_weight_files(folder: pathlib.Path) -> None:
             raise ValueError(f"cannot read the weights file {file}: {exc}") from exc
 
 
-def load_model(source: str, dtype: str = "bfloat16") -> LoadedModel:
+def load_model(
+    source: str, dtype: str = "bfloat16", quantization: str | None = None, weight_cache_dir: str = ""
+) -> LoadedModel:
+    """With a weight_cache_dir and the quantization the runner will use, a
+    valid cache of the packed weights replaces reading the checkpoint's."""
     start = time.monotonic()
     torch_dtype = _DTYPES[dtype]
     path = pathlib.Path(source)
-    if path.suffix == ".gguf":
+    cache = packed = None
+    if weight_cache_dir and quantization is not None and path.is_dir():  # a model folder (not .gguf)
+        cache = WeightCache(pathlib.Path(weight_cache_dir), source, dtype, quantization)
+        packed = cache.load()
+    if packed is not None:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch_dtype)
+        try:  # from_pretrained reads it too: it holds the end-of-sequence ids
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass
+    elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {source}")
         model, tokenizer = load_from_gguf(path, torch_dtype)
@@ -107,4 +128,6 @@ def load_model(source: str, dtype: str = "bfloat16") -> LoadedModel:
         name=model_name(source),
         eos_token_ids=frozenset(eos),
         dtype=torch_dtype,
+        weight_cache=cache,
+        packed=packed,
     )

@@ -17,8 +17,6 @@ import ctypes
 import dataclasses
 import math
 import mmap
-import pathlib
-import warnings
 from typing import Sequence
 
 import torch
@@ -42,13 +40,15 @@ class PrefillChunk:
 QUANTIZATIONS = ("none", "int8", "int8-weight-only")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Keys per block of the CPU attention kernel (flash attention's kv split).
+_KV_BLOCK = 512
 
 
 def _fuse(*linears: nn.Linear) -> nn.Linear:
     """One Linear whose output is the concatenation of the given ones'."""
     weight = torch.cat([lin.weight.data for lin in linears], dim=0)
     has_bias = linears[0].bias is not None
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype, device=weight.device)
     fused.weight.data = weight
     if has_bias:
         fused.bias.data = torch.cat([lin.bias.data for lin in linears], dim=0)
@@ -59,8 +59,8 @@ def _int8_rows(weight: torch.Tensor, rows_per_block: int = 4096) -> tuple[torch.
     """Symmetric int8 with one float32 scale per row (amax / 127), a block of
     rows at a time: the float32 copy is a few MB, not the whole matrix (the
     151936-row output layer is 545 MB in float32)."""
-    ints = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0])
+    ints = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
     for start in range(0, weight.shape[0], rows_per_block):
         block = weight[start : start + rows_per_block].float()
         scale = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
@@ -80,9 +80,11 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight, self.float_scale = _int8_rows(linear.weight.data)
-        self.scale = self.float_scale.to(self.compute_dtype)
-        self.bias = None if linear.bias is None else linear.bias.data.to(self.compute_dtype)
+        weight, float_scale = _int8_rows(linear.weight.data)
+        self.register_buffer("weight", weight)
+        self.register_buffer("float_scale", float_scale)
+        self.register_buffer("scale", float_scale.to(self.compute_dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(self.compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
@@ -96,20 +98,19 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
     """The same int8 weights; activations quantized to int8 with one scale
     per row (token), products in int8 (torch._int_mm).
 
-    For down_proj: Qwen's massive activations (a few tokens, a few channels,
-    values in the thousands) reach its input. With one scale per tensor,
-    as in fbgemm's dynamic Linear, they crush every other row's precision
-    (+10 % perplexity); with one per row the cost is about 1 %. The
-    weight-only kernel is 2-3x slower from 6 rows up (a step with 16 streams,
-    a prompt chunk), faster for 2-4 rows."""
+    One scale per row makes a row's output depend on that row alone: the
+    integer products are exact, and everything else is elementwise. With one
+    scale per tensor (fbgemm's dynamic Linear) a token's numbers, and so a
+    request's text, changed with whatever else shared the batch. Per row also
+    keeps Qwen's massive activations (a few tokens, a few channels, values in
+    the thousands) from crushing the other rows' precision."""
 
-    weight_only_rows = range(2, 5)
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        self.bias = None if linear.bias is None else linear.bias.data.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] in self.weight_only_rows:
-            return super().forward(x)
-        flat = flat.float()
+        flat = x.reshape(-1, x.shape[-1]).float()
         row_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
         quantized = torch.round(flat / row_scale).to(torch.int8)
         out = torch._int_mm(quantized, self.weight.t()).float() * (row_scale * self.float_scale)
@@ -125,7 +126,9 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
-        self.weight, self.scale = _int8_rows(embedding.weight.data)
+        weight, scale = _int8_rows(embedding.weight.data)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].float() * self.scale[ids, None]
@@ -138,45 +141,6 @@ def _owned(module: nn.Module) -> nn.Module:
     for parameter in module.parameters():
         parameter.data = parameter.data.clone()
     return module
-
-
-def _cpu_has_vnni() -> bool:
-    """x86 VNNI accumulates u8 x s8 products in int32; without it fbgemm's
-    AVX2 kernels sum pairs in int16, which full-range activations can
-    overflow."""
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
-
-
-class DynamicInt8Linear(nn.Module):
-    """Dynamic int8 (fbgemm): int8 weights per output channel, activations
-    quantized per step, int8 matrix products, float32 in and out. The
-    fastest path here, batched or not.
-
-    Activations use the full 8-bit range where the CPU allows it (VNNI):
-    torch.ao's quantized Linear always reduces them to 7 bits, which cost up
-    to 8 % perplexity on code."""
-
-    full_range_activations = _cpu_has_vnni()
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        ints, scale = _int8_rows(linear.weight.data)
-        with warnings.catch_warnings():
-            # Quantized tensors are deprecated in favour of torchao; fbgemm's packed weights still take them.
-            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
-            qweight = torch._make_per_channel_quantized_tensor(
-                ints, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-            )
-        bias = None if linear.bias is None else linear.bias.data.float()
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        self._reduce_range = not self.full_range_activations
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=self._reduce_range)
 
 
 def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -203,14 +167,15 @@ def _release_pages(tensor: torch.Tensor) -> None:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
-@dataclasses.dataclass
-class _Block:
-    input_norm: torch.Tensor  # RMSNorm weights
-    qkv: nn.Module
-    o_proj: nn.Module
-    post_norm: torch.Tensor
-    gate_up: nn.Module
-    down: nn.Module
+class _Block(nn.Module):
+    """One transformer layer's packed weights (RMSNorm weights as buffers)."""
+
+    def __init__(self, input_norm: torch.Tensor, qkv: nn.Module, o_proj: nn.Module, post_norm: torch.Tensor,
+                 gate_up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("input_norm", input_norm)
+        self.register_buffer("post_norm", post_norm)
+        self.qkv, self.o_proj, self.gate_up, self.down = qkv, o_proj, gate_up, down
 
 
 class ModelRunner:
@@ -222,6 +187,10 @@ class ModelRunner:
         quantization: str = "none",
         kv_cache_dtype: str = "auto",
     ) -> None:
+        """Repacks the loaded model's weights, or takes them from
+        loaded.packed (read from the weight cache; the model is then a
+        skeleton on the meta device). A fresh packing is stored in
+        loaded.weight_cache when there is one."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -238,15 +207,13 @@ class ModelRunner:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._intermediate = config.intermediate_size
-        # Dynamic int8 computes in float32; everything else in the loaded dtype.
+        # int8 computes in float32 (its activations are quantized per call); everything else in the loaded dtype.
         self.dtype = torch.float32 if quantization == "int8" else loaded.dtype
         pack = {
             "none": _owned,
-            "int8": DynamicInt8Linear,
+            "int8": RowwiseInt8Linear,
             "int8-weight-only": Int8WeightOnlyLinear,
         }[quantization]
-        # down_proj's input carries Qwen's massive activations: see RowwiseInt8Linear.
-        pack_down = RowwiseInt8Linear if quantization == "int8" else pack
 
         embed = model.model.embed_tokens
         self._embed = _owned(embed) if quantization == "none" else Int8Embedding(embed)
@@ -264,7 +231,7 @@ class ModelRunner:
                     o_proj=pack(attn.o_proj),
                     post_norm=self._norm_weight(layer.post_attention_layernorm),
                     gate_up=pack(_fuse(mlp.gate_proj, mlp.up_proj)),
-                    down=pack_down(mlp.down_proj),
+                    down=pack(mlp.down_proj),
                 )
             )
             # Drop the originals as we go so peak memory stays near one copy,
@@ -273,10 +240,26 @@ class ModelRunner:
         lm_head = model.lm_head
         if lm_head.weight is embed.weight and quantization == "none":
             # tied: the head needs its own copy (int8 packing makes one itself)
-            lm_head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype)
+            lm_head = nn.Linear(
+                lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype,
+                device=lm_head.weight.device,
+            )
             lm_head.weight.data = self._embed.weight.data.clone()
         self._lm_head = pack(lm_head)
         model.lm_head = model.model.embed_tokens = None
+        self._weights = nn.Module()
+        self._weights.embed, self._weights.lm_head = self._embed, self._lm_head
+        self._weights.blocks = nn.ModuleList(self._blocks)
+        self._weights.register_buffer("norm", self._norm)
+        cache = loaded.weight_cache
+        if cache is not None and cache.quantization != quantization:
+            raise ValueError(f"the weight cache is for {cache.quantization!r}, not {quantization!r}")
+        if loaded.packed is not None:
+            self._weights.load_state_dict(loaded.packed, strict=True, assign=True)
+            self._norm = self._weights.norm
+            loaded.packed = None
+        elif cache is not None:
+            cache.store(self.packed_weights())
 
         self._qk_size = (self._num_heads + self._num_kv_heads) * self._head_dim
         # Keys and values of a layer side by side, so one indexed write stores both.
@@ -289,12 +272,17 @@ class ModelRunner:
         with torch.inference_mode():
             positions = torch.arange(max_model_len).unsqueeze(0)
             probe = torch.zeros(1, dtype=self.dtype)
-            cos, sin = model.model.rotary_emb(probe, positions)
+            # A fresh rotary table: the model's own may be a meta-device skeleton.
+            cos, sin = type(model.model.rotary_emb)(config=config)(probe, positions)
         half = self._head_dim // 2
         self._cos = cos[0].to(self.dtype)  # [max_model_len, head_dim]
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated.
         self._sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).to(self.dtype)
         self._positions = torch.arange(max_model_len)
+
+    def packed_weights(self) -> dict[str, torch.Tensor]:
+        """Every packed weight by name (what the weight cache stores)."""
+        return self._weights.state_dict()
 
     def release_slot(self, slot: int) -> None:
         """Return a free slot's cache pages to the OS, so resident memory
@@ -391,40 +379,44 @@ class ModelRunner:
         returning [part rows, heads * d]. Masks are built once per step."""
         plan = []
         if batch:
-            span = int(decode_positions.max()) + 1
-            mask = (self._positions[:span] <= decode_positions.unsqueeze(1)).view(batch, 1, 1, span)
-
-            def decode_part(queries, keys, values):
-                # The query heads sharing a KV head go in as rows of one
-                # query (one position each, so one mask fits all): no GQA
-                # expansion of the keys (measured 1.5x faster at 16 streams).
-                grouped = queries[:batch].view(batch, self._num_kv_heads, -1, self._head_dim)
-                out = F.scaled_dot_product_attention(
-                    grouped, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=mask
-                )
-                return out.reshape(batch, -1)
-
-            plan.append(decode_part)
+            plan.append(self._rows_attention(slice(0, batch), slice(0, batch), decode_positions))
         first = batch
         for chunk in chunks:
-            plan.append(self._chunk_attention(chunk, first))
-            first += len(chunk.token_ids)
+            # Each prompt token is attended to as a decoded one would be (its
+            # slot's keys as a stride-0 batch, no copy): the same kernel call
+            # per row, so a token's numbers do not depend on how its prompt
+            # was split into chunks, nor on whether it was decoded or prefilled.
+            rows = slice(first, first + len(chunk.token_ids))
+            slot = slice(chunk.slot, chunk.slot + 1)
+            plan.append(self._rows_attention(rows, slot, self._positions[chunk.start : chunk.end]))
+            first = rows.stop
         return plan
 
-    def _chunk_attention(self, chunk: PrefillChunk, first: int):
-        steps, start, end, slot = len(chunk.token_ids), chunk.start, chunk.end, chunk.slot
-        # Query i (absolute position start+i) sees keys 0..start+i.
-        mask = None if start == 0 else self._positions[:end] <= self._positions[start:end].unsqueeze(1)
+    def _rows_attention(self, rows: slice, slots: slice, positions: torch.Tensor):
+        """Attention of query rows at `positions` over the cached keys of
+        `slots` (one slot per row, or one slot for all rows).
 
-        def chunk_part(queries, keys, values):
+        Batch-invariant by construction: the query heads sharing a KV head go
+        in as the rows of one query (one position each, so one mask fits all;
+        no GQA expansion of the keys), and the keys span whole blocks of
+        _KV_BLOCK positions. The CPU kernel reduces over keys a block at a
+        time; in a full block a row's masked keys add exact zeros, and a block
+        wholly past the row is an exact no-op. A shorter span would make a
+        row's sums depend on the longest sequence in the batch (the matrix
+        product's summation order changes with its length)."""
+        count = rows.stop - rows.start
+        span = min(-(-(int(positions.max()) + 1) // _KV_BLOCK) * _KV_BLOCK, self.max_model_len)
+        mask = (self._positions[:span] <= positions.unsqueeze(1)).view(count, 1, 1, span)
+        shape = (count, self._num_kv_heads, span, self._head_dim)
+
+        def attend(queries, keys, values):
+            grouped = queries[rows].view(count, self._num_kv_heads, -1, self._head_dim)
             out = F.scaled_dot_product_attention(
-                queries[first : first + steps].transpose(0, 1).unsqueeze(0),
-                keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end],
-                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+                grouped, keys[slots, :, :span].expand(shape), values[slots, :, :span].expand(shape), attn_mask=mask
             )
-            return out[0].transpose(0, 1).reshape(steps, -1)
+            return out.reshape(count, -1)
 
-        return chunk_part
+        return attend
 
     def slot_positions(self, slot: int, start: int, end: int) -> torch.Tensor:
         """A view of one slot's cached positions start..end-1, shaped like one

@@ -12,13 +12,19 @@ one as soon as the previous answer ended) for a fixed number of rounds;
 every request asks for --max-tokens tokens, greedy. Each server is started
 fresh for each level, configured for it (ours: --max-batch-size C,
 llama-server: -np C, the same per-request context), and only one runs at a
-time: ours, llama, ours, llama, ... See bench/README.md for the metrics.
+time. With --compare-llamacpp every level is measured --alternations times
+(default 5), the servers taking turns in ABBA order (ours, llama, llama,
+ours, ...) so a drift of the host's speed during the run hits both alike;
+ratios are the median of the per-round ratios, with the worst round and the
+spread beside them. --co-runner runs a memory-bandwidth-heavy process
+(bench/membw.py) beside each server in turn. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -28,7 +34,9 @@ import os
 import pathlib
 import platform
 import shlex
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -51,16 +59,35 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # as service/model_fetch.
 RESULTS_DIR = ROOT / "bench" / "results"
 CONTEXT_MARGIN = 64  # tokens per slot beyond prompt + max_tokens (template differences, safety)
 
-# issue #3's targets, as (metric key, comparison, bound, kind): "ratio" bounds
-# ours/llama, "abs" bounds our own figure.
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A bound on the median over rounds of ours/llama ("ratio") or on our own
+    figure in its worst round ("abs"); `worst` bounds the worst round's ratio too."""
+
+    op: str  # ">=" or "<="
+    bound: float
+    kind: str  # "ratio" or "abs"
+    text: str
+    worst: float | None = None
+
+    def holds(self, value: float | None, bound: float | None = None) -> bool | None:
+        if value is None:
+            return None
+        bound = self.bound if bound is None else bound
+        return value >= bound if self.op == ">=" else value <= bound
+
+
+# The project's speed targets (issues #3 and #17), keyed by (metric key, concurrency).
 TARGETS = {
-    ("agg_tok_s", 16): (">=", 2.0, "ratio", "≥ 2.0×"),
-    ("agg_tok_s", 32): (">=", 2.5, "ratio", "≥ 2.5×"),
-    ("decode_tok_s", 1): (">=", 1.0, "ratio", "≥ 1.0×"),
-    ("ttft_p50", 1): ("<=", 0.6, "ratio", "≤ 0.6×"),
-    ("ttft_p95", 16): ("<=", 0.3, "ratio", "≤ 0.3×"),
-    ("itl_p95", 16): ("<=", 0.100, "abs", "ours ≤ 100 ms"),
-    ("rss_peak", None): ("<=", 1.6e9, "abs", "ours ≤ 1.6 GB"),
+    ("agg_tok_s", 16): Target(">=", 2.5, "ratio", "≥ 2.5×"),
+    ("agg_tok_s", 32): Target(">=", 2.5, "ratio", "≥ 2.5×"),
+    ("decode_tok_s", 1): Target(">=", 1.3, "ratio", "≥ 1.3×, worst round ≥ 1.1×", worst=1.1),
+    ("ttft_p50", 1): Target("<=", 0.6, "ratio", "≤ 0.6×"),
+    ("ttft_p95", 16): Target("<=", 0.3, "ratio", "≤ 0.3×"),
+    ("itl_p95", 16): Target("<=", 0.100, "abs", "ours ≤ 100 ms"),
+    ("rss_peak", None): Target("<=", 1.6e9, "abs", "ours ≤ 1.6 GB"),
 }
 
 
@@ -457,6 +484,30 @@ def _pid_listening_on(target: str) -> int | None:
 # ------------------------------------------------------------- one level
 
 
+class CoRunner:
+    """bench/membw.py running beside a server while one level is measured."""
+
+    def __init__(self, mib: int) -> None:
+        self.mib = mib
+        self.result: dict | None = None
+
+    def __enter__(self) -> "CoRunner":
+        argv = [sys.executable, str(ROOT / "bench" / "membw.py"), "--mib", str(self.mib)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError("the co-runner (bench/membw.py) did not start")
+        self.cpu_start = procstat.process_cpu_seconds(self.proc.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        cpu = procstat.process_cpu_seconds(self.proc.pid) - self.cpu_start
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        self.result = {**json.loads(out.strip().splitlines()[-1]), "cpu_seconds": cpu, "mib": self.mib}
+
+
+
 async def run_level(server, plan: LevelPlan, args: argparse.Namespace) -> dict:
     concurrency = plan.concurrency
     clients = [server.client() for _ in range(concurrency)]
@@ -481,21 +532,29 @@ async def run_level(server, plan: LevelPlan, args: argparse.Namespace) -> dict:
             await one_request(clients[stream], plan.workload.messages(number), plan.max_tokens, result, args.request_timeout)
             results.append(result)
 
+    co_runner = CoRunner(args.co_runner_mib) if args.co_runner else None
     sampler = procstat.Sampler(server.pid, interval=args.sample_interval) if server.pid else None
-    if sampler:
-        sampler.__enter__()
-    level_start = time.perf_counter()
-    try:
-        await asyncio.gather(*(stream_worker(s) for s in range(concurrency)))
-        wall = time.perf_counter() - level_start
-    finally:
+    with contextlib.ExitStack() as measuring:
+        if co_runner:
+            measuring.enter_context(co_runner)
         if sampler:
-            sampler.__exit__(None, None, None)
-        for client in clients:
-            await client.close()
+            measuring.enter_context(sampler)
+        level_start = time.perf_counter()
+        try:
+            await asyncio.gather(*(stream_worker(s) for s in range(concurrency)))
+            wall = time.perf_counter() - level_start
+        finally:
+            for client in clients:
+                await client.close()
     process = sampler.result() if sampler else {"error": "server pid unknown (pass --target-pid)"}
     results.sort(key=lambda r: (r.round, r.stream))
-    return {"wall_seconds": wall, "summary": summarize(results, wall, args), "process": process, "requests": [r.to_json() for r in results]}
+    return {
+        "wall_seconds": wall,
+        "summary": summarize(results, wall, args),
+        "process": process,
+        "co_runner": co_runner.result if co_runner else None,
+        "requests": [r.to_json() for r in results],
+    }
 
 
 def summarize(results: list[RequestResult], wall: float, args: argparse.Namespace) -> dict:
@@ -559,21 +618,23 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 0) -> str:
 
 def markdown_levels(levels: list[dict], noise_threshold: float) -> str:
     head = (
-        "| workload | server | C | reqs | err | prompt tok | out tok/req | agg tok/s | TTFT p50 ms | TTFT p95 ms "
-        "| ITL p50 ms | ITL p95 ms | 1-stream decode tok/s | RSS peak MiB | server CPU s | others' cores |"
+        "| workload | server | C | round | reqs | err | prompt tok | out tok/req | agg tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| ITL p50 ms | ITL p95 ms | 1-stream decode tok/s | RSS peak MiB | server CPU s | others' cores | co-runner GiB/s |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for level in levels:
         s, p = level["summary"], level["process"]
-        others = p.get("others_cores_mean")
+        others = _others_cores(level) if "wall_seconds" in p else None
         noisy = " ⚠" if others is not None and others > noise_threshold else ""
+        co_runner = level.get("co_runner")
         rows.append(
-            f"| {level['workload']} | {level['server']} | {level['concurrency']} | {s['requests']} | {s['errors']} "
+            f"| {level['workload']} | {level['server']} | {level['concurrency']} | {level.get('alternation', 0) + 1} "
+            f"| {s['requests']} | {s['errors']} "
             f"| {_fmt(s['prompt_tokens_mean'])} | {_fmt(s['completion_tokens_mean'], digits=1)} | {_fmt(s['agg_tok_s'], digits=1)} "
             f"| {_fmt(s['ttft_p50'], 1000)} | {_fmt(s['ttft_p95'], 1000)} | {_fmt(s['itl_p50'], 1000, 1)} "
             f"| {_fmt(s['itl_p95'], 1000, 1)} | {_fmt(s['decode_tok_s_median'], digits=1) if level['concurrency'] == 1 else '—'} "
             f"| {_fmt(p.get('server_rss_peak_bytes'), 1 / 2**20)} | {_fmt(p.get('server_cpu_seconds'), digits=1)} "
-            f"| {_fmt(others, digits=2)}{noisy} |"
+            f"| {_fmt(others, digits=2)}{noisy} | {_fmt(co_runner and co_runner['gib_per_s'], digits=1)} |"
         )
     return "\n".join(rows)
 
@@ -604,40 +665,67 @@ RATIO_ROWS = [
 
 
 def ratio_rows(levels: list[dict]) -> list[dict]:
+    """ours / llama per metric: the median over the rounds (alternations) of
+    the per-round ratio, the worst round's ratio and the spread."""
     out = []
     workloads = list(dict.fromkeys(lv["workload"] for lv in levels))
     concurrencies = sorted({lv["concurrency"] for lv in levels})
+    rounds = sorted({lv.get("alternation", 0) for lv in levels})
     for workload in workloads:
         for label, key, conc, scale, digits in RATIO_ROWS:
             for c in concurrencies if conc == "all" else [conc]:
-                ours = _metric(levels, "ours", workload, key, c)
-                llama = _metric(levels, "llama", workload, key, c)
-                if ours is None and llama is None:
+                pairs = []
+                for round_ in rounds:
+                    in_round = [lv for lv in levels if lv.get("alternation", 0) == round_]
+                    pair = (_metric(in_round, "ours", workload, key, c), _metric(in_round, "llama", workload, key, c))
+                    if pair != (None, None):
+                        pairs.append(pair)
+                if not pairs:
                     continue
-                ratio = ours / llama if ours is not None and llama else None
+                ours_values = [o for o, _ in pairs if o is not None]
+                llama_values = [ll for _, ll in pairs if ll is not None]
+                ratios = [o / ll for o, ll in pairs if o is not None and ll]
                 target = TARGETS.get((key, c))
-                verdict = None
+                # The worst round is the one furthest from the target's side
+                # (without a target: higher is better for throughput, lower for the rest).
+                higher_is_better = target.op == ">=" if target else key in ("agg_tok_s", "decode_tok_s")
+                worst_of = min if higher_is_better else max
+                ratio = statistics.median(ratios) if ratios else None
+                worst_ratio = worst_of(ratios) if ratios else None
+                met = worst_met = None
                 if target:
-                    op, bound, kind, _ = target
-                    value = ratio if kind == "ratio" else ours
-                    if value is not None:
-                        verdict = value >= bound if op == ">=" else value <= bound
+                    if target.kind == "ratio":
+                        met = target.holds(ratio)
+                        worst_met = target.holds(worst_ratio, target.worst) if target.worst is not None else None
+                    else:
+                        met = target.holds(worst_of(ours_values) if ours_values else None)
                 out.append({
                     "workload": workload, "metric": label.format(c=c), "key": key, "concurrency": c,
-                    "ours": ours, "llama": llama, "ratio": ratio, "scale": scale, "digits": digits,
-                    "target": target[3] if target else None,
-                    "met": verdict,
+                    "ours": statistics.median(ours_values) if ours_values else None,
+                    "llama": statistics.median(llama_values) if llama_values else None,
+                    "ratio": ratio, "ratio_worst": worst_ratio,
+                    "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
+                    "ratios": ratios, "rounds": len(pairs),
+                    "scale": scale, "digits": digits,
+                    "target": target.text if target else None,
+                    "met": met, "worst_met": worst_met,
                 })  # fmt: skip
     return out
 
 
 def markdown_ratios(rows: list[dict]) -> str:
-    lines = ["| workload | metric | ours | llama-server | ours / llama | target (issue #3) | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | metric | ours (median) | llama-server (median) | ours / llama (median) | worst round | spread | rounds | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        verdicts = [v for v in (row["met"], row.get("worst_met")) if v is not None]
+        met = "" if not verdicts else ("yes" if all(verdicts) else "**no**")
+        spread = f"{_fmt(row.get('ratio_min'), digits=2)}–{_fmt(row.get('ratio_max'), digits=2)}"
         lines.append(
             f"| {row['workload']} | {row['metric']} | {_fmt(row['ours'], row['scale'], row['digits'])} "
             f"| {_fmt(row['llama'], row['scale'], row['digits'])} | {_fmt(row['ratio'], digits=2)} "
+            f"| {_fmt(row.get('ratio_worst'), digits=2)} | {spread} | {row.get('rounds', 1)} "
             f"| {row['target'] or ''} | {met} |"
         )
     return "\n".join(lines)
@@ -650,7 +738,8 @@ def token_count_table(levels: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     pairs: dict[tuple[str, int], dict[str, dict]] = {}
     for level in levels:
-        pairs.setdefault((level["workload"], level["concurrency"]), {})[level["server"]] = level["summary"]
+        # The first round of each level (later rounds produce the same greedy answers).
+        pairs.setdefault((level["workload"], level["concurrency"]), {}).setdefault(level["server"], level["summary"])
     for (workload, c), sides in pairs.items():
         o, l = sides.get("ours", {}), sides.get("llama", {})
         lines.append(
@@ -690,6 +779,16 @@ def machine_info() -> dict:
     }
 
 
+def _others_cores(level: dict) -> float:
+    """Cores the rest of the machine kept busy during a level, not counting the
+    co-runner that --co-runner put there on purpose."""
+    others = level["process"].get("others_cores_mean") or 0.0
+    co_runner, wall = level.get("co_runner"), level["process"].get("wall_seconds")
+    if co_runner and wall:
+        others -= co_runner["cpu_seconds"] / wall
+    return max(0.0, others)
+
+
 def others_cores_now(seconds: float = 2.0) -> float:
     """Cores kept busy by the rest of the machine over the next `seconds` (before any server runs)."""
     busy0, mine0, t0 = procstat.machine_busy_seconds(), procstat.process_cpu_seconds(), time.monotonic()
@@ -719,6 +818,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="compute threads for both servers (default: %(default)s)")
     p.add_argument("--concurrency", default="1,4,8,16,32", help="comma-separated stream counts (default: %(default)s)")
     p.add_argument("--workloads", default="short,long", help="short, long or both (default: %(default)s)")
+    p.add_argument(
+        "--alternations",
+        type=int,
+        help="measure every level this many times, the servers taking turns in ABBA order; ratios are the median "
+        "over them, with the worst round and the spread (default: 5 with --compare-llamacpp, else 1)",
+    )
+    p.add_argument(
+        "--co-runner",
+        action="store_true",
+        help="run a memory-bandwidth-heavy process (bench/membw.py, one thread) beside each server while it is measured",
+    )
+    p.add_argument("--co-runner-mib", type=int, default=256, help="the co-runner's buffer size (default: %(default)s MiB)")
     p.add_argument("--rounds", type=int, default=3, help="requests each stream sends per level (default: %(default)s)")
     p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level: low concurrency gets more rounds (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens requested, greedy (default: %(default)s)")
@@ -733,6 +844,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR, help="default: %(default)s")
     args = p.parse_args(argv)
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.alternations is None:
+        args.alternations = 5 if args.compare_llamacpp else 1
+    if args.alternations < 1:
+        p.error("--alternations must be at least 1")
     args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not args.concurrency_levels or min(args.concurrency_levels) < 1:
         p.error("--concurrency needs positive integers")
@@ -741,6 +856,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.target and args.target_pid is None and ":" not in args.target:
         p.error("--target must be host:port")
     return args
+
+
+def turns(sides: Sequence[Any], alternation: int) -> list[Any]:
+    """The servers' order in one round: ABBA (ours, llama | llama, ours | ...),
+    so a steady drift of the host's speed during a run favours neither side."""
+    return list(sides) if alternation % 2 == 0 else list(sides)[::-1]
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -784,26 +905,30 @@ async def main_async(args: argparse.Namespace) -> dict:
             per_stream = max(args.rounds, math.ceil(args.min_requests / concurrency))
             ctx = workload.prompt_tokens["max"] + args.max_tokens + CONTEXT_MARGIN
             plan = LevelPlan(workload, concurrency, per_stream, args.max_tokens, ctx)
-            for side in sides:  # ours, llama, ours, llama, ...
-                log(f"{workload.name} C={concurrency}: starting {side.name} ({per_stream} requests per stream)")
-                try:
-                    side.start(plan)
-                    level = await run_level(side, plan, args)
-                finally:
-                    if not args.target or side.name != "ours":
-                        side.stop()
-                level.update(
-                    server=side.name, workload=workload.name, concurrency=concurrency, requests_per_stream=per_stream,
-                    ctx_per_slot=ctx, server_start_seconds=side.start_seconds, server_argv=side.argv,
-                )  # fmt: skip
-                s = level["summary"]
-                level["noisy"] = (level["process"].get("others_cores_mean") or 0) > args.noise_threshold
-                log(
-                    f"  {side.name}: {s['requests']} requests, {s['errors']} errors, {_fmt(s['agg_tok_s'], digits=1)} tok/s, "
-                    f"TTFT p50 {_fmt(s['ttft_p50'], 1000)} ms, ITL p50 {_fmt(s['itl_p50'], 1000, 1)} ms, "
-                    f"others {_fmt(level['process'].get('others_cores_mean'), digits=2)} cores"
-                )
-                levels.append(level)
+            for alternation in range(args.alternations):
+                for side in turns(sides, alternation):
+                    log(f"{workload.name} C={concurrency} round {alternation + 1}/{args.alternations}: "
+                        f"starting {side.name} ({per_stream} requests per stream)")  # fmt: skip
+                    try:
+                        side.start(plan)
+                        level = await run_level(side, plan, args)
+                    finally:
+                        if not args.target or side.name != "ours":
+                            side.stop()
+                    level.update(
+                        server=side.name, workload=workload.name, concurrency=concurrency, alternation=alternation,
+                        requests_per_stream=per_stream, ctx_per_slot=ctx, server_start_seconds=side.start_seconds,
+                        server_argv=side.argv,
+                    )  # fmt: skip
+                    s = level["summary"]
+                    level["noisy"] = _others_cores(level) > args.noise_threshold
+                    log(
+                        f"  {side.name}: {s['requests']} requests, {s['errors']} errors, {_fmt(s['agg_tok_s'], digits=1)} tok/s, "
+                        f"TTFT p50 {_fmt(s['ttft_p50'], 1000)} ms, ITL p50 {_fmt(s['itl_p50'], 1000, 1)} ms, "
+                        f"others {_fmt(_others_cores(level), digits=2)} cores"
+                        + (f", co-runner {level['co_runner']['gib_per_s']:.1f} GiB/s" if level["co_runner"] else "")
+                    )
+                    levels.append(level)
 
     result = {
         "schema": 1,
@@ -827,6 +952,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             "llama_args": args.llama_args,
             "llama_server_version": llama_version,
             "noise_threshold_cores": args.noise_threshold,
+            "alternations": args.alternations,
+            "co_runner_mib": args.co_runner_mib if args.co_runner else None,
         },
         "levels": levels,
         "ratios": ratio_rows(levels) if args.compare_llamacpp else [],
@@ -856,9 +983,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_llamacpp:
         print("\n## Tokens actually produced (greedy, both sides stop at EOS or max_tokens)\n")
         print(token_count_table(result["levels"]))
-        print("\n## Ratios, ours / llama-server (same run)\n")
+        print(f"\n## Ratios, ours / llama-server (same run, median of {result['config'].get('alternations', 1)} rounds)\n")
         print(markdown_ratios(result["ratios"]))
-    noisy = [f"{lv['workload']}/{lv['server']}/C={lv['concurrency']}" for lv in result["levels"] if lv["noisy"]]
+    noisy = [
+        f"{lv['workload']}/{lv['server']}/C={lv['concurrency']}/round {lv.get('alternation', 0) + 1}"
+        for lv in result["levels"]
+        if lv["noisy"]
+    ]
     if noisy:
         print(f"\n⚠ other processes kept > {args.noise_threshold} cores busy during: {', '.join(noisy)} — rerun on a quiet machine.")
     errors = sum(lv["summary"]["errors"] for lv in result["levels"])

@@ -158,6 +158,70 @@ def test_ratio_rows_divide_ours_by_llama_and_check_issue_targets():
     rows = ratio_rows([level("ours", 16, 300.0, 0.5, 1_500_000_000), level("llama", 16, 100.0, 1.0, 800_000_000)])
     by_metric = {row["metric"]: row for row in rows}
     assert by_metric["aggregate tok/s @16"]["ratio"] == pytest.approx(3.0) and by_metric["aggregate tok/s @16"]["met"]
+    assert by_metric["aggregate tok/s @16"]["rounds"] == 1  # levels without an alternation are one round
     assert by_metric["TTFT p95 ms @16"]["ratio"] == pytest.approx(0.5) and by_metric["TTFT p95 ms @16"]["met"] is False
     assert by_metric["ITL p95 ms @16"]["met"] is True  # absolute: ours 50 ms <= 100 ms
     assert by_metric["RSS peak MiB (max over levels)"]["met"] is True  # 1.5 GB <= 1.6 GB
+
+
+def _level(server, c, agg, ttft95, rss, alternation=0, decode=None):
+    summary = {"agg_tok_s": agg, "ttft_p95": ttft95, "ttft_p50": None, "itl_p95": 0.05, "decode_tok_s_median": decode}
+    process = {"server_rss_peak_bytes": rss, "server_rss_anon_peak_sampled_bytes": rss // 2}
+    return {"server": server, "workload": "short", "concurrency": c, "alternation": alternation, "summary": summary, "process": process}
+
+
+def test_ratio_rows_take_the_median_round_and_report_the_worst():
+    from bench.loadgen import ratio_rows
+
+    # Five rounds of single-stream decode: ratios 1.5, 1.4, 1.05, 1.35, 1.32.
+    levels = []
+    for alternation, (ours, llama) in enumerate([(75, 50), (70, 50), (63, 60), (67.5, 50), (66, 50)]):
+        levels += [_level("ours", 1, ours, 0.1, 1_000_000_000, alternation, decode=ours),
+                   _level("llama", 1, llama, 0.2, 800_000_000, alternation, decode=llama)]  # fmt: skip
+    by_metric = {row["metric"]: row for row in ratio_rows(levels)}
+    decode = by_metric["single-stream decode tok/s"]
+    assert decode["rounds"] == 5
+    assert decode["ratio"] == pytest.approx(1.35)  # the median round
+    assert decode["ratio_worst"] == pytest.approx(1.05) and decode["ratio_min"] == pytest.approx(1.05)
+    assert decode["ratio_max"] == pytest.approx(1.5)
+    assert decode["ours"] == pytest.approx(67.5) and decode["llama"] == pytest.approx(50)
+    assert decode["met"] is True and decode["worst_met"] is False  # median >= 1.3x, worst round < 1.1x
+    # Lower is better for TTFT: its worst round is the highest ratio (0.1/0.2 in every round here).
+    ttft = by_metric["single-stream TTFT p50 ms"] if "single-stream TTFT p50 ms" in by_metric else None
+    assert ttft is None  # ttft_p50 is None on both sides: no row
+    # An absolute bound holds for our worst round, not the median.
+    rss = by_metric["RSS peak MiB (max over levels)"]
+    assert rss["met"] is True
+    levels[0]["process"]["server_rss_peak_bytes"] = 1_700_000_000
+    assert {row["metric"]: row for row in ratio_rows(levels)}["RSS peak MiB (max over levels)"]["met"] is False
+
+
+def test_servers_take_turns_in_abba_order():
+    from bench.loadgen import turns
+
+    assert [turns(["ours", "llama"], r) for r in range(4)] == [
+        ["ours", "llama"], ["llama", "ours"], ["ours", "llama"], ["llama", "ours"]
+    ]  # fmt: skip
+
+
+def test_alternations_and_co_runner_are_recorded(tiny_model_dir, tmp_path):
+    """Two rounds of one level with the memory-bandwidth co-runner beside the
+    server: both rounds are recorded, each with the bandwidth the co-runner got."""
+    argv = [
+        sys.executable, str(REPO_ROOT / "bench" / "loadgen.py"),
+        "--model", str(tiny_model_dir), "--concurrency", "1", "--workloads", "short",
+        "--rounds", "1", "--min-requests", "1", "--max-tokens", "4", "--threads", "1",
+        "--alternations", "2", "--co-runner", "--co-runner-mib", "8",
+        "--out-dir", str(tmp_path), "--label", "alt",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("*-alt.json")
+    result = json.loads(path.read_text())
+    assert result["config"]["alternations"] == 2 and result["config"]["co_runner_mib"] == 8
+    assert [lv["alternation"] for lv in result["levels"]] == [0, 1]
+    for level in result["levels"]:
+        assert level["summary"]["errors"] == 0
+        co_runner = level["co_runner"]
+        assert co_runner["gib_per_s"] > 0 and co_runner["cpu_seconds"] > 0 and co_runner["mib"] == 8
+    assert "| C | round |" in proc.stdout and "co-runner GiB/s" in proc.stdout

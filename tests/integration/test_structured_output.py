@@ -90,6 +90,27 @@ def test_json_schema_over_a_stream_and_over_grpc(server, stub):
         jsonschema.validate(json.loads(reply.content), FORM_SCHEMA)
 
 
+def test_the_python_sdk_constrains_to_a_schema_or_to_json(server):
+    """QwenClient's json_schema= (a pydantic model, a dict or JSON text) and
+    json_mode=: sampled answers at temperature 1 are always valid."""
+    from qwen_grpc_client import QwenClient, build_request
+
+    assert not build_request(HELLO).HasField("response_format")  # old behaviour unless asked
+    assert build_request(HELLO, json_mode=True).response_format.type == pb.ResponseFormat.TYPE_JSON_OBJECT
+    with QwenClient(server.target, timeout=60) as client:
+        for seed, schema in enumerate([Form, FORM_SCHEMA, json.dumps(FORM_SCHEMA)]):
+            answer = client.chat(HELLO, json_schema=schema, temperature=1.0, seed=seed, max_tokens=200)
+            assert answer.finish_reason == "stop", answer.content
+            jsonschema.validate(json.loads(answer.content), FORM_SCHEMA)
+        pieces = list(client.stream(HELLO, json_mode=True, temperature=1.0, seed=7, max_tokens=200))
+        assert pieces[-1].finish_reason == pb.FINISH_REASON_STOP
+        assert isinstance(json.loads("".join(piece.content for piece in pieces)), dict)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.chat(HELLO, json_schema={"type": "no-such-type"})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith("response_format")
+
+
 @pytest.mark.parametrize(
     "response_format",
     [

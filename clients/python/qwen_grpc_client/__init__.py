@@ -21,6 +21,7 @@ capability.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
@@ -87,9 +88,22 @@ def build_request(
     repetition_penalty: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    json_schema: Mapping[str, Any] | str | type | None = None,
+    json_mode: bool = False,
 ) -> pb.ChatRequest:
-    """Only the parameters you pass are sent; the rest take server defaults."""
+    """Only the parameters you pass are sent; the rest take server defaults.
+
+    Structured output: `json_schema=` (a JSON Schema as a dict or JSON text,
+    or a pydantic model class) makes the server constrain the answer to JSON
+    valid against it; `json_mode=True` to any JSON object."""
     request = pb.ChatRequest(messages=_messages(messages), model=model, stop=list(stop))
+    if json_schema is not None:
+        if hasattr(json_schema, "model_json_schema"):  # a pydantic model, without importing pydantic
+            json_schema = json_schema.model_json_schema()
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        request.response_format.CopyFrom(pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=text))
+    elif json_mode:
+        request.response_format.CopyFrom(pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_OBJECT))
     for name, value in (
         ("temperature", temperature),
         ("max_tokens", max_tokens),
@@ -121,6 +135,8 @@ class ChatResult:
     # The replica that answered (its `qwen-replica` header: the pod name on
     # Kubernetes); "" from servers that do not send it.
     replica: str = ""
+    # Prompt tokens the replica took from its prefix cache (0 from servers without one).
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def from_response(cls, response: pb.ChatResponse, replica: str = "") -> "ChatResult":
@@ -132,6 +148,7 @@ class ChatResult:
             completion_tokens=response.usage.completion_tokens,
             model=response.model,
             replica=replica,
+            cached_prompt_tokens=response.usage.cached_prompt_tokens,
         )
 
 

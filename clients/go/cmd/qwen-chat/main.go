@@ -75,6 +75,8 @@ type options struct {
 	useTLS                           bool
 	rootCerts, clientCert, clientKey string
 	tlsServerName                    string
+	jsonSchema                       string
+	jsonMode                         bool
 	set                              map[string]bool // flags given on the command line
 }
 
@@ -92,6 +94,8 @@ func parseFlags(args []string) (*options, []string, error) {
 	fs.Var(&o.stop, "stop", "stop string (repeatable)")
 	fs.DurationVar(&o.timeout, "timeout", 300*time.Second, "deadline of the call")
 	fs.DurationVar(&o.keepalive, "keepalive", 30*time.Second, "keepalive ping interval (the server accepts >= 10s by default)")
+	fs.StringVar(&o.jsonSchema, "json-schema", "", "answer as JSON valid against the JSON Schema in this file")
+	fs.BoolVar(&o.jsonMode, "json", false, "answer as a JSON object")
 	fs.BoolVar(&o.usage, "usage", false, "print finish reason, token usage and replica to stderr")
 	fs.StringVar(&o.apiKey, "api-key", os.Getenv("QWEN_API_KEY"), "sent as 'authorization: Bearer KEY' (default: $QWEN_API_KEY)")
 	fs.BoolVar(&o.useTLS, "tls", false, "use TLS (implied by the certificate flags)")
@@ -106,6 +110,13 @@ func parseFlags(args []string) (*options, []string, error) {
 	fs.Visit(func(f *flag.Flag) { o.set[f.Name] = true })
 	if (o.clientCert == "") != (o.clientKey == "") {
 		return nil, nil, errors.New("-client-cert and -client-key go together")
+	}
+	if o.jsonSchema != "" {
+		schema, err := ioutil.ReadFile(o.jsonSchema)
+		if err != nil {
+			return nil, nil, err
+		}
+		o.jsonSchema = string(schema)
 	}
 	return o, fs.Args(), nil
 }
@@ -171,6 +182,12 @@ func buildRequest(o *options, prompt string) *qwenpb.ChatRequest {
 	if o.set["seed"] {
 		v := o.seed
 		request.Seed = &v
+	}
+	// The server constrains decoding to the format (ChatRequest.response_format).
+	if o.jsonSchema != "" {
+		request.ResponseFormat = &qwenpb.ResponseFormat{Type: qwenpb.ResponseFormat_TYPE_JSON_SCHEMA, JsonSchema: o.jsonSchema}
+	} else if o.jsonMode {
+		request.ResponseFormat = &qwenpb.ResponseFormat{Type: qwenpb.ResponseFormat_TYPE_JSON_OBJECT}
 	}
 	return request
 }

@@ -1,6 +1,12 @@
 package main
 
-import "testing"
+import (
+	"io/ioutil"
+	"path/filepath"
+	"testing"
+
+	"github.com/qwen-grpc/qwen-grpc/clients/go/qwenpb"
+)
 
 func TestDialTargetAddsDNSScheme(t *testing.T) {
 	cases := map[string]string{
@@ -43,5 +49,38 @@ func TestOnlyGivenFlagsAreSent(t *testing.T) {
 func TestClientCertNeedsKey(t *testing.T) {
 	if _, _, err := parseFlags([]string{"-client-cert", "c.pem", "x"}); err == nil {
 		t.Fatal("a client certificate without its key was accepted")
+	}
+}
+
+func TestJSONFlagsSetTheResponseFormat(t *testing.T) {
+	o, _, err := parseFlags([]string{"hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if buildRequest(o, "hi").ResponseFormat != nil {
+		t.Error("a response format was sent without -json or -json-schema")
+	}
+	o, _, err = parseFlags([]string{"-json", "hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := buildRequest(o, "hi").GetResponseFormat().GetType(); got != qwenpb.ResponseFormat_TYPE_JSON_OBJECT {
+		t.Errorf("-json: type %v, want TYPE_JSON_OBJECT", got)
+	}
+	schema := `{"type": "object", "properties": {"on": {"type": "boolean"}}}`
+	path := filepath.Join(t.TempDir(), "schema.json")
+	if err := ioutil.WriteFile(path, []byte(schema), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o, _, err = parseFlags([]string{"-json-schema", path, "hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	format := buildRequest(o, "hi").GetResponseFormat()
+	if format.GetType() != qwenpb.ResponseFormat_TYPE_JSON_SCHEMA || format.GetJsonSchema() != schema {
+		t.Errorf("-json-schema: %v", format)
+	}
+	if _, _, err := parseFlags([]string{"-json-schema", filepath.Join(t.TempDir(), "missing.json"), "hi"}); err == nil {
+		t.Error("a missing schema file was accepted")
 	}
 }

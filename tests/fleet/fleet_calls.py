@@ -19,6 +19,10 @@ PROMPT = [{"role": "user", "content": "Stream tokens over gRPC to the edge."}]
 # client has read, so a stream lasts as long as the client takes to read it
 # (like an edge terminal on a slow link), however fast the tiny model is.
 SLOW_READER_CHANNEL_ARGS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+# Such a reader falls far behind the tiny model, so servers in these tests
+# buffer a whole 600-token SlowStream for it instead of ending it as a slow
+# consumer (--max-buffered-tokens, 256 by default).
+SLOW_READER_SERVER_ARGS = ("--max-buffered-tokens", "1000")
 
 
 @dataclasses.dataclass

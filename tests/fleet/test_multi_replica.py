@@ -22,7 +22,7 @@ import time
 import pytest
 
 import fleet_net
-from fleet_calls import PROMPT, SLOW_READER_CHANNEL_ARGS, SlowStream, UnaryLoop
+from fleet_calls import PROMPT, SLOW_READER_CHANNEL_ARGS, SLOW_READER_SERVER_ARGS, SlowStream, UnaryLoop
 from harness import SOURCE_PATH
 from lb_assertions import assert_no_failures, assert_spread  # shared with tests/kind
 from qwen_grpc_client import QwenClient
@@ -37,6 +37,7 @@ SERVER_ARGS = [
     # The test client pings every second; production clients every 30 s.
     "--keepalive-min-ping-interval", "0.5",
     "--drain-timeout", "20",
+    *SLOW_READER_SERVER_ARGS,
 ]  # fmt: skip
 REPLICAS = ("r1", "r2", "r3")
 # Every A record change must reach the client within a second.

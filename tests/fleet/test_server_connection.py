@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fleet_calls import SLOW_READER_CHANNEL_ARGS, SlowStream
+from fleet_calls import SLOW_READER_CHANNEL_ARGS, SLOW_READER_SERVER_ARGS, SlowStream
 from harness import running_server
 from qwen_grpc_client import QwenClient, fleet_channel
 from service.api.grpc_server import server_options
@@ -78,7 +78,8 @@ def test_short_grace_cuts_streams_long_grace_does_not(tiny_model_dir):
     the fleet test really outlive their connection's age)."""
     outcomes = {}
     for grace in ("1", "30"):
-        with running_server(tiny_model_dir, "--threads", "1", "--max-connection-age", "1", "--max-connection-age-grace", grace) as server:
+        with running_server(tiny_model_dir, "--threads", "1", "--max-connection-age", "1", "--max-connection-age-grace", grace,
+                            *SLOW_READER_SERVER_ARGS) as server:
             with QwenClient(server.target, timeout=30, extra_options=SLOW_READER_CHANNEL_ARGS) as client:
                 stream = SlowStream(client, max_tokens=600)
                 stream.start()
@@ -108,7 +109,7 @@ def test_refused_call_is_not_committed(tiny_model_dir):
     """A draining server refuses with UNAVAILABLE before sending any header,
     so the SDK's retry policy may move the call (here: there is no other
     replica, so all attempts are refused and the caller sees UNAVAILABLE)."""
-    with running_server(tiny_model_dir, "--threads", "1", "--drain-timeout", "10") as server:
+    with running_server(tiny_model_dir, "--threads", "1", "--drain-timeout", "10", *SLOW_READER_SERVER_ARGS) as server:
         with QwenClient(server.target, timeout=10, extra_options=SLOW_READER_CHANNEL_ARGS) as slow:
             stream = SlowStream(slow, max_tokens=600)  # keeps the server draining
             stream.start()

@@ -334,6 +334,11 @@ def test_server_still_answers_correctly_after_the_attack(stub, server, baseline)
     """Runs after the properties above (file order): same greedy answer as
     before them, no traceback in the log, still alive."""
     again = stub.Chat(NORMAL, timeout=CALL_TIMEOUT)
-    assert again.content == baseline.content and again.usage == baseline.usage
+    assert again.content == baseline.content
+    # The same counts (the second time the prompt may come from the prefix cache).
+    assert (again.usage.prompt_tokens, again.usage.completion_tokens) == (
+        baseline.usage.prompt_tokens,
+        baseline.usage.completion_tokens,
+    )
     assert server.process.poll() is None
     assert "Traceback" not in server.log, server.log[-5000:]

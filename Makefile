@@ -105,7 +105,7 @@ soak: model  ## 10 minutes of mixed load with cancels, deadlines, disconnects an
 	mkdir -p bench/results
 	$(PY) bench/soak.py --duration 600 --report bench/results/soak.json $(SOAK_ARGS)
 
-proto: setup  ## regenerate the stubs from proto/: service/pb and the client's (committed; a test checks they match)
+proto: setup  ## regenerate the stubs from proto/ into the client package (committed; a test checks they match)
 	$(PY) proto/generate.py
 
 # The two project packages are editable installs, so the lock leaves them out.

@@ -52,8 +52,8 @@ from bench import procstat, prompts  # noqa: E402
 from bench.sse_client import HttpConnection  # noqa: E402
 from qwen_grpc_client import build_request, finish_reason_name  # noqa: E402
 from service.config import default_cache_dir, default_model_path  # noqa: E402
-from service.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
 
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # as service/model_fetch.py names it
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -150,8 +150,8 @@ class GrpcClient:
     def __init__(self, target: str, max_tokens: int) -> None:
         from grpc import aio
 
-        from service.pb.qwen import qwen_service_pb2 as pb
-        from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+        from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+        from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
         self._pb = pb
         self._channel = aio.insecure_channel(target)

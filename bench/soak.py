@@ -56,8 +56,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from harness import ServerProcess, health_status  # noqa: E402
-from service.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
 
 OK = grpc.StatusCode.OK
 FULL = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -85,7 +85,7 @@ PROMPTS = [
 
 _KILLED_CLIENT = """
 import sys, time, grpc
-from service.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
 channel = grpc.insecure_channel(sys.argv[1])
 request = pb.ChatRequest(messages=[pb.Message(role="user", content="Tell me a long story.")], max_tokens=int(sys.argv[2]))
 try:
@@ -101,7 +101,7 @@ time.sleep(600)
 # Small, fixed HTTP/2 windows (no BDP probing), so not reading stops the server's writes.
 _NO_READ_CLIENT = """
 import sys, time, grpc
-from service.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
 target, max_tokens, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 channel = grpc.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)])
 request = pb.ChatRequest(messages=[pb.Message(role="user", content="Tell me a long story.")], max_tokens=max_tokens)

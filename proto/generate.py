@@ -1,13 +1,12 @@
-"""Generate the Python stubs for proto/qwen/*.proto, for the server
-(service/pb/qwen/) and for the client package
-(clients/python/qwen_grpc_client/pb/qwen/), in one run.
+"""Generate the Python stubs for proto/qwen/*.proto into the client package
+(clients/python/qwen_grpc_client/pb/qwen/). The server imports them from
+there too (it depends on the client package): one copy, so a process never
+registers two versions of the same descriptors.
 
 The stubs are committed (so `pip install` needs no protoc) and a test checks
-both copies match this script's output. protoc writes absolute imports
+they match this script's output. protoc writes absolute imports
 (`from qwen import ...`); they are rewritten to package-relative ones so the
-stubs live inside their package. Both copies are the same bytes: a process
-that imports the server and the client package registers one identical
-descriptor twice, which protobuf accepts (a stale copy would be refused).
+stubs live inside their package.
 """
 
 from __future__ import annotations
@@ -21,11 +20,8 @@ from grpc_tools import protoc
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
-# Where the committed stubs live: the server's and the client package's.
-OUTPUTS = {
-    "server": REPO_ROOT / "service" / "pb",
-    "client": REPO_ROOT / "clients" / "python" / "qwen_grpc_client" / "pb",
-}
+# Where the committed stubs live.
+OUTPUT = REPO_ROOT / "clients" / "python" / "qwen_grpc_client" / "pb"
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -52,10 +48,8 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=pathlib.Path, help="write one copy here instead of the committed locations")
-    out = parser.parse_args().out
-    for out_dir in [out] if out else OUTPUTS.values():
-        generate(out_dir)
+    parser.add_argument("--out", type=pathlib.Path, help="write them here instead of the committed location")
+    generate(parser.parse_args().out or OUTPUT)
     return 0
 
 

@@ -19,8 +19,8 @@ from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseF
 from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
-from ..pb.qwen import qwen_service_pb2 as pb
-from ..pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from ..auth import ApiKeyAuth
 from ..ratelimit import RateLimiter, limiter_from_settings
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor

@@ -19,8 +19,8 @@ import pytest
 
 from chart_render import REPO_ROOT
 from harness import free_port, running_server
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 PROXY_DIR = REPO_ROOT / "deploy" / "proxy"
 

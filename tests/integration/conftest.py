@@ -6,7 +6,7 @@ import pytest
 from harness import running_server
 from service.cli import Server
 from service.config import Settings
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from grpc import aio
 from harness import running_server
 
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 MB_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 23000)[:1_000_000]
 PROMPT_150KB = MB_PROMPT[:150_000]  # below the byte bound (8192 tokens x 24 bytes): must be tokenized

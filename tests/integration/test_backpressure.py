@@ -13,8 +13,8 @@ import grpc
 import pytest
 from harness import running_server
 
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 BUFFERED = 32
 LONG = pb.ChatRequest(messages=[pb.Message(role="user", content="Tell me a long story.")], max_tokens=8000)

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc import aio
 
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 POISON_SEED = 666
 

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import REPO_ROOT
 from service.config import LEGACY_MODEL_NAME
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 
 def ask(text: str = "What is the capital of France?", **fields) -> pb.ChatRequest:

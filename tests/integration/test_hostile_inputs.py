@@ -15,8 +15,8 @@ import grpc
 import pytest
 from harness import ServerProcess
 
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 
 def test_errors_quote_a_bounded_part_of_huge_inputs(server):

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from harness import ServerProcess, free_port, health_status, running_server
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 HELLO = [{"role": "user", "content": "Hello, world! Stream tokens to the edge."}]
 MODEL = "Qwen2.5-0.5B-Instruct"  # the legacy name every replica also answers to

@@ -17,8 +17,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from harness import REPO_ROOT, health_status, load_script, running_server
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 RUNNING, WAITING = 16, 32
 STREAMS = 200

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from harness import running_server
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 SYSTEM = "You are a careful assistant. The quick brown fox jumps over the lazy dog. Stream tokens over gRPC."
 BLOCK = 16

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness import ServerProcess, running_server
-from service.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 
 HELLO = [{"role": "user", "content": "Fill in the form."}]
 

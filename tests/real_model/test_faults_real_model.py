@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from harness import REPO_ROOT, ServerProcess
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.real_model
 
@@ -72,7 +72,7 @@ def test_sigterm_cancels_streams_past_the_drain_timeout(real_model_dir):
 _KILLED_CLIENT = textwrap.dedent(
     """
     import sys, time, grpc
-    from service.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
+    from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb, qwen_service_pb2_grpc as pb_grpc
     channel = grpc.insecure_channel(sys.argv[1])
     request = pb.ChatRequest(messages=[pb.Message(role="user", content="Write a long story about the number 3.")], max_tokens=1000)
     stream = pb_grpc.QwenServiceStub(channel).ChatStream(request)

@@ -12,8 +12,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness import running_server
-from service.pb.qwen import qwen_service_pb2 as pb
-from service.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.real_model
 

@@ -9,7 +9,7 @@ import sys
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from service.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -27,14 +27,15 @@ message Message      { string role = 1; string content = 2; }
 
 
 def test_committed_stubs_match_the_generator(tmp_path):
-    """Both committed copies (the server's and the client package's) are
-    exactly what the generator writes."""
+    """The committed stubs (in the client package, which the server imports
+    them from) are exactly what the generator writes."""
     subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*") if "__pycache__" not in p.parts)
     assert generated, "the generator wrote nothing"
-    for committed in (REPO / "service" / "pb", REPO / "clients" / "python" / "qwen_grpc_client" / "pb"):
-        for rel in generated:
-            assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{committed / rel} is stale: run `make proto`"
+    committed = REPO / "clients" / "python" / "qwen_grpc_client" / "pb"
+    for rel in generated:
+        assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{committed / rel} is stale: run `make proto`"
+    assert not (REPO / "service" / "pb").exists(), "one copy of the stubs: the server imports the client package's"
 
 
 def _legacy_messages(tmp_path):

@@ -48,6 +48,9 @@ def _admitted_within(stub, seconds: float) -> float | None:
 def test_a_grpc_client_that_does_not_read_loses_its_slot(server):
     with grpc.insecure_channel(server.target, options=NO_READ_OPTIONS) as lazy, grpc.insecure_channel(server.target) as other:
         stream = pb_grpc.QwenServiceStub(lazy).ChatStream(LONG, timeout=120)  # started, never read (yet)
+        # Headers come with the first token: the stream holds the only slot
+        # before the short calls start (else one of them could take it first).
+        stream.initial_metadata()
         stub = pb_grpc.QwenServiceStub(other)
         waited = _admitted_within(stub, 20)
         # 8000 tokens would hold the slot far longer; the buffer bound ends it.

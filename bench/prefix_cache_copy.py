@@ -16,13 +16,13 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.engine_decode import _median_ms  # noqa: E402
 from service.config import default_model_path  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner  # noqa: E402
@@ -31,13 +31,7 @@ from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys  # n
 
 
 def median_ms(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return round(sorted(times)[len(times) // 2] * 1e3, 2)
+    return round(_median_ms(run, repeats), 2)
 
 
 def main() -> int:

@@ -27,9 +27,9 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.config import default_model_path  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner, PrefillChunk  # noqa: E402
-from service.config import default_model_path  # noqa: E402
 
 TEXTS = {name: (REPO / "tests" / "real_model" / f"quality_{name}.txt").read_text() for name in ("text", "code")}
 BATCHES = (1, 4, 16, 32)
@@ -97,7 +97,9 @@ def compare(model: str, quantization: str, baseline: pathlib.Path, rounds: int) 
     for round_ in range(rounds):
         for label, (prepared, runner) in sides.items():
             load = os.getloadavg()[0]
-            results.append(time_steps(runner, {**prepared, "quantization": f"{label} round {round_ + 1}, load {load:.1f}"}))
+            results.append(
+                time_steps(runner, {**prepared, "quantization": f"{label} round {round_ + 1}, load {load:.1f}"})
+            )
     return results
 
 
@@ -107,8 +109,11 @@ def main() -> None:
     parser.add_argument("--quantizations", default="none,int8,int8-weight-only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=pathlib.Path, help="write the results as JSON here too")
-    parser.add_argument("--baseline", type=pathlib.Path,
-                        help="another checkout (e.g. /work/main): its ModelRunner and this one's, alternating")
+    parser.add_argument(
+        "--baseline",
+        type=pathlib.Path,
+        help="another checkout (e.g. /work/main): its ModelRunner and this one's, alternating",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="with --baseline: alternations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,13 +121,18 @@ def main() -> None:
         results = [r for q in args.quantizations.split(",") for r in compare(args.model, q, args.baseline, args.rounds)]
     else:
         results = [measure(args.model, q) for q in args.quantizations.split(",")]
-    print("| quantization | perplexity prose / code | " + " | ".join(f"B={b} tok/s" for b in BATCHES)
-          + " | prefill 32 / 256 tokens ms | repack s |")
+    print(
+        "| quantization | perplexity prose / code | "
+        + " | ".join(f"B={b} tok/s" for b in BATCHES)
+        + " | prefill 32 / 256 tokens ms | repack s |"
+    )
     print("|---" * (len(BATCHES) + 4) + "|")
     for r in results:
-        print(f"| {r['quantization']} | {r['perplexity_text']} / {r['perplexity_code']} | "
-              + " | ".join(str(r[f"tok_s_B{b}"]) for b in BATCHES)
-              + f" | {r['prefill_ms_32']} / {r['prefill_ms_256']} | {r['repack_s']} |")
+        print(
+            f"| {r['quantization']} | {r['perplexity_text']} / {r['perplexity_code']} | "
+            + " | ".join(str(r[f"tok_s_B{b}"]) for b in BATCHES)
+            + f" | {r['prefill_ms_32']} / {r['prefill_ms_256']} | {r['repack_s']} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
+from harness import ServerProcess  # noqa: E402
+
 from bench import prompts  # noqa: E402
 from bench.loadgen import log, percentile  # noqa: E402
-from harness import ServerProcess  # noqa: E402
 from qwen_grpc_client import QwenClient  # noqa: E402
 from service.config import default_model_path  # noqa: E402
 
@@ -92,16 +93,23 @@ class Conversation(threading.Thread):
 
     def run(self) -> None:
         # The first line makes every conversation of every run distinct.
-        history = [{"role": "system", "content": f"{self.name}. {prompts.SYSTEM}"},
-                   {"role": "user", "content": first_message(self.args.doc_lines)}]  # fmt: skip
+        history = [
+            {"role": "system", "content": f"{self.name}. {prompts.SYSTEM}"},
+            {"role": "user", "content": first_message(self.args.doc_lines)},
+        ]
         try:
             for turn in range(self.args.turns):
                 if turn:
                     history.append({"role": "user", "content": FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]})
                 started = time.monotonic()
                 ttft, answer, final = None, [], None
-                with self.client.stream(history, temperature=0, max_tokens=self.args.max_tokens,
-                                        session_id=self.session_id, timeout=self.args.timeout) as stream:  # fmt: skip
+                with self.client.stream(
+                    history,
+                    temperature=0,
+                    max_tokens=self.args.max_tokens,
+                    session_id=self.session_id,
+                    timeout=self.args.timeout,
+                ) as stream:
                     for message in stream:
                         if ttft is None and message.content:
                             ttft = time.monotonic() - started
@@ -110,11 +118,17 @@ class Conversation(threading.Thread):
                             final = message
                     replica = stream.replica()
                 history.append({"role": "assistant", "content": "".join(answer)})
-                self.turns.append({
-                    "turn": turn + 1, "ttft": ttft, "total": time.monotonic() - started, "replica": replica,
-                    "prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
-                    "cached_prompt_tokens": cached_prompt_tokens(final.usage),
-                })  # fmt: skip
+                self.turns.append(
+                    {
+                        "turn": turn + 1,
+                        "ttft": ttft,
+                        "total": time.monotonic() - started,
+                        "replica": replica,
+                        "prompt_tokens": final.usage.prompt_tokens,
+                        "completion_tokens": final.usage.completion_tokens,
+                        "cached_prompt_tokens": cached_prompt_tokens(final.usage),
+                    }
+                )
         except Exception as error:  # recorded and reported: a failed turn invalidates the run
             self.error = f"{type(error).__name__}: {error}"
 
@@ -143,7 +157,8 @@ def run_mode(client: QwenClient, mode: str, round_number: int, args: argparse.Na
         "late_turns_from": late_from,
         "late_ttft_p50": percentile(late, 50),
         # Share of the late turns' prompt tokens served from a prefix cache (None: not reported).
-        "late_cached_share": None if None in cached or not late_turns
+        "late_cached_share": None
+        if None in cached or not late_turns
         else sum(cached) / sum(t["prompt_tokens"] for t in late_turns),
         "first_turn_ttft_p50": percentile([t["ttft"] for t in turns if t["turn"] == 1 and t["ttft"]], 50),
         "replicas_per_conversation": [len({t["replica"] for t in c.turns}) for c in conversations],
@@ -166,7 +181,9 @@ def start_fleet(args: argparse.Namespace) -> list[ServerProcess]:
     replicas = []
     try:
         for index, host in enumerate(REPLICA_HOSTS):
-            replicas.append(ServerProcess(args.model, "--no-http", "--replica-name", f"r{index + 1}", *flags, host=host))
+            replicas.append(
+                ServerProcess(args.model, "--no-http", "--replica-name", f"r{index + 1}", *flags, host=host)
+            )
         for replica in replicas:
             replica.wait_serving(args.server_timeout)
     except BaseException:
@@ -188,10 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=6, help="turns per conversation (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="affinity/round_robin pairs (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=24, help="answer length per turn (default %(default)s)")
-    parser.add_argument("--doc-lines", type=int, default=60, help="document lines in the first message (default %(default)s)")
+    parser.add_argument(
+        "--doc-lines", type=int, default=60, help="document lines in the first message (default %(default)s)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per turn, seconds")
     parser.add_argument("--server-timeout", type=float, default=300.0)
-    parser.add_argument("--out", type=pathlib.Path, help="JSON report (default bench/results/fleet-affinity-<time>.json)")
+    parser.add_argument(
+        "--out", type=pathlib.Path, help="JSON report (default bench/results/fleet-affinity-<time>.json)"
+    )
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
@@ -206,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 order = MODES if round_number % 2 else MODES[::-1]
                 for mode in order:
                     run = run_mode(client, mode, round_number, args)
-                    log(f"round {round_number} {mode:11s}: late-turn TTFT p50 {run['late_ttft_p50']:.3f} s, "
+                    log(
+                        f"round {round_number} {mode:11s}: late-turn TTFT p50 {run['late_ttft_p50']:.3f} s, "
                         f"first turn {run['first_turn_ttft_p50']:.3f} s, replicas per conversation "
                         f"{run['replicas_per_conversation']}, {run['seconds']:.0f} s, load {run['load_after']:.2f}"
-                        + (f", ERRORS {run['errors']}" if run["errors"] else ""))  # fmt: skip
+                        + (f", ERRORS {run['errors']}" if run["errors"] else "")
+                    )
                     runs.append(run)
     finally:
         for replica in replicas:
@@ -222,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(ratios)
     failed = [e for r in runs for e in r["errors"]]
     report = {
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "args": {k: str(v) for k, v in vars(args).items()},
         "load_before": load_before,
         "load_after": os.getloadavg(),
@@ -232,19 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         "met": ratio <= TARGET_RATIO and not failed,
         "runs": runs,
     }
-    out = args.out or RESULTS_DIR / f"fleet-affinity-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out = args.out or RESULTS_DIR / f"fleet-affinity-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 
-    print(f"\n| round | mode | late-turn TTFT p50 (turns >= {runs[0]['late_turns_from']}) | first-turn TTFT p50 "
-          "| late-turn prompt tokens from cache | replicas per conversation | load |")  # fmt: skip
+    print(
+        f"\n| round | mode | late-turn TTFT p50 (turns >= {runs[0]['late_turns_from']}) | first-turn TTFT p50 "
+        "| late-turn prompt tokens from cache | replicas per conversation | load |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run in runs:
         share = "n/a" if run["late_cached_share"] is None else f"{run['late_cached_share']:.0%}"
-        print(f"| {run['round']} | {run['mode']} | {run['late_ttft_p50'] * 1000:.0f} ms | {run['first_turn_ttft_p50'] * 1000:.0f} ms "
-              f"| {share} | {run['replicas_per_conversation']} | {run['load_after']:.2f} |")  # fmt: skip
-    print(f"\naffinity / round_robin, late-turn TTFT p50: median {ratio:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)}); "
-          f"target <= {TARGET_RATIO}: {'met' if report['met'] else 'NOT met'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")  # fmt: skip
+        print(
+            f"| {run['round']} | {run['mode']} | {run['late_ttft_p50'] * 1000:.0f} ms | {run['first_turn_ttft_p50'] * 1000:.0f} ms "
+            f"| {share} | {run['replicas_per_conversation']} | {run['load_after']:.2f} |"
+        )
+    print(
+        f"\naffinity / round_robin, late-turn TTFT p50: median {ratio:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)}); "
+        f"target <= {TARGET_RATIO}: {'met' if report['met'] else 'NOT met'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
     if failed:
         print(f"{len(failed)} conversations failed: {failed}")
     print(f"report: {out}")

@@ -27,7 +27,8 @@ import os
 import random
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 VOCAB = 151_936
 
@@ -67,7 +68,11 @@ def documents(count: int, seed: int = 0) -> list[str]:
             "email": f"{word()}.{index}@example.com",
             "subscribed": rng.random() < 0.5,
             "tags": [word() for _ in range(rng.randint(0, 4))],
-            "address": {"street": f"{rng.randint(1, 999)} {word().title()} Street", "city": word().title(), "zip": f"{rng.randint(10000, 99999)}"},
+            "address": {
+                "street": f"{rng.randint(1, 999)} {word().title()} Street",
+                "city": word().title(),
+                "zip": f"{rng.randint(10000, 99999)}",
+            },
             "role": rng.choice(["admin", "user", "guest"]),
         }
         docs.append(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
@@ -109,7 +114,6 @@ class XGrammar:
         return matcher.accept_token(token)
 
 
-
 class LLGuidance:
     name = "llguidance"
 
@@ -125,7 +129,9 @@ class LLGuidance:
         return self.llg.hf.from_tokenizer(tokenizer, n_vocab=VOCAB)
 
     def compile(self, tokenizer: Any) -> Any:
-        grammar = self.llg.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"})
+        grammar = self.llg.LLMatcher.grammar_from_json_schema(
+            SCHEMA, defaults={"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+        )
         matcher = self.llg.LLMatcher(tokenizer, grammar)  # builds the lexer: llguidance's "compile"
         if matcher.is_error():
             raise RuntimeError(matcher.get_error())
@@ -144,10 +150,11 @@ class LLGuidance:
         return matcher.consume_token(token)
 
 
-
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -197,7 +204,6 @@ class OutlinesCore:
         return True
 
 
-
 LIBRARIES: list[Callable[[], Any]] = [XGrammar, LLGuidance, OutlinesCore]
 
 
@@ -235,7 +241,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="tokenizer folder (default: the server's default model)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", default="1,16")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the engine's compute thread has its own)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the engine's compute thread has its own)"
+    )
     args = parser.parse_args()
 
     import torch

@@ -81,8 +81,12 @@ def main() -> None:
                     selects.append(end - selected)
                 step_ms[constrained].append(statistics.median(steps) * 1e3)
                 select_ms[constrained].append(statistics.median(selects) * 1e3)
-    print(f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{l:.1f}' for l in loads)}")
-    print("| constrained rows of 16 | step ms | of which select_tokens ms | step overhead vs 0 (median of per-round ratios) |")
+    print(
+        f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{l:.1f}' for l in loads)}"
+    )
+    print(
+        "| constrained rows of 16 | step ms | of which select_tokens ms | step overhead vs 0 (median of per-round ratios) |"
+    )
     print("|---|---|---|---|")
     for constrained in CONSTRAINED:
         ratios = [a / b - 1 for a, b in zip(step_ms[constrained], step_ms[0])]
@@ -90,8 +94,10 @@ def main() -> None:
         def cell(values: list[float], fmt: str = ".2f") -> str:
             return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
-        print(f"| {constrained} | {cell(step_ms[constrained])} | {cell(select_ms[constrained])} | "
-              f"{statistics.median(ratios) * 100:+.1f} % ({min(ratios) * 100:+.1f}..{max(ratios) * 100:+.1f}) |")  # fmt: skip
+        print(
+            f"| {constrained} | {cell(step_ms[constrained])} | {cell(select_ms[constrained])} | "
+            f"{statistics.median(ratios) * 100:+.1f} % ({min(ratios) * 100:+.1f}..{max(ratios) * 100:+.1f}) |"
+        )
 
 
 if __name__ == "__main__":

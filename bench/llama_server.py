@@ -133,10 +133,20 @@ def build_binary(jobs: int | None = None) -> pathlib.Path:
         sdist = cache / f"{name}.tar.gz"
         if not sdist.is_file():
             _run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(cache)],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                    "-d",
+                    str(cache),
+                ],
                 cache / "dl.log",
-            )  # fmt: skip
+            )
         source = cache / name
         if not (source / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
             with tarfile.open(sdist) as tar:
@@ -181,17 +191,24 @@ class LlamaServerProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         self.argv = [
             str(binary),
-            "-m", str(gguf),
-            "--host", self.host,
-            "--port", str(port),
-            "-t", str(threads),
-            "-tb", str(threads),
-            "-np", str(parallel),
-            "-c", str(parallel * ctx_per_slot),
+            "-m",
+            str(gguf),
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-np",
+            str(parallel),
+            "-c",
+            str(parallel * ctx_per_slot),
             "-cb",
             "--no-webui",
             *extra_args,
-        ]  # fmt: skip
+        ]
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
 

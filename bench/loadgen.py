@@ -40,7 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,14 +52,13 @@ from grpc import aio  # noqa: E402
 from bench import procstat, prompts  # noqa: E402
 from bench.sse_client import HttpConnection  # noqa: E402
 from qwen_grpc_client import build_request, finish_reason_name  # noqa: E402
-from service.config import default_cache_dir, default_model_path  # noqa: E402
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
+from service.config import default_cache_dir, default_model_path  # noqa: E402
 
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # as service/model_fetch.py names it
 RESULTS_DIR = ROOT / "bench" / "results"
 CONTEXT_MARGIN = 64  # tokens per slot beyond prompt + max_tokens (template differences, safety)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +289,7 @@ async def one_request(client: Client, messages, max_tokens: int, result: Request
         result.total = time.perf_counter() - sent
         if not result.ok:
             result.error = "stream ended without a final message"
-    except (asyncio.TimeoutError, Exception) as exc:  # a failed request is counted, never fatal
+    except (TimeoutError, Exception) as exc:  # a failed request is counted, never fatal
         result.ok = False
         result.total = time.perf_counter() - sent
         result.error = f"{type(exc).__name__}: {exc}"[:500]
@@ -331,11 +331,18 @@ async def build_workloads(names: list[str], counter: OursClient, long_target: in
         def make_long(n: int, lines: int = lines) -> list[dict[str, str]]:
             return prompts.long_messages(n, lines)
 
-        workloads["long"] = Workload("long", make_long, f"code review of a fixed module ({lines} lines), ~{long_target} tokens")
+        workloads["long"] = Workload(
+            "long", make_long, f"code review of a fixed module ({lines} lines), ~{long_target} tokens"
+        )
     for workload in workloads.values():
         counts = [await counter.count_tokens(workload.messages(n)) for n in (1, 9, 99, 999)]
         digest = hashlib.sha256(json.dumps([workload.messages(n) for n in range(1, 65)]).encode()).hexdigest()[:16]
-        workload.prompt_tokens = {"min": min(counts), "max": max(counts), "mean": sum(counts) / len(counts), "sha256_16": digest}
+        workload.prompt_tokens = {
+            "min": min(counts),
+            "max": max(counts),
+            "mean": sum(counts) / len(counts),
+            "sha256_16": digest,
+        }
     return workloads
 
 
@@ -373,17 +380,24 @@ class OursServer:
         from harness import ServerProcess
 
         extra = [
-            "--threads", str(self.args.threads),
-            "--log-level", "warning",
-        ]  # fmt: skip
+            "--threads",
+            str(self.args.threads),
+            "--log-level",
+            "warning",
+        ]
         if plan is not None:
             extra += [
-                "--max-batch-size", str(plan.concurrency),
-                "--max-waiting", str(max(64, plan.concurrency)),
-                "--max-model-len", str(plan.ctx_per_slot),
-                "--max-tokens-default", str(plan.max_tokens),
-                "--max-tokens-limit", str(plan.max_tokens),
-            ]  # fmt: skip
+                "--max-batch-size",
+                str(plan.concurrency),
+                "--max-waiting",
+                str(max(64, plan.concurrency)),
+                "--max-model-len",
+                str(plan.ctx_per_slot),
+                "--max-tokens-default",
+                str(plan.max_tokens),
+                "--max-tokens-limit",
+                str(plan.max_tokens),
+            ]
         extra += shlex.split(self.args.ours_args)
         self.proc = ServerProcess(self.args.model, *extra)
         self.argv = self.proc.argv
@@ -491,7 +505,7 @@ class CoRunner:
         self.mib = mib
         self.result: dict | None = None
 
-    def __enter__(self) -> "CoRunner":
+    def __enter__(self) -> CoRunner:
         argv = [sys.executable, str(ROOT / "bench" / "membw.py"), "--mib", str(self.mib)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         if self.proc.stdout.readline().strip() != "ready":
@@ -505,7 +519,6 @@ class CoRunner:
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=60)
         self.result = {**json.loads(out.strip().splitlines()[-1]), "cpu_seconds": cpu, "mib": self.mib}
-
 
 
 async def run_level(server, plan: LevelPlan, args: argparse.Namespace) -> dict:
@@ -529,7 +542,9 @@ async def run_level(server, plan: LevelPlan, args: argparse.Namespace) -> dict:
         for round_ in range(plan.requests_per_stream):
             number = 1 + stream + round_ * concurrency  # the same prompt for the same slot on every server
             result = RequestResult(stream, round_, number, time.perf_counter() - level_start)
-            await one_request(clients[stream], plan.workload.messages(number), plan.max_tokens, result, args.request_timeout)
+            await one_request(
+                clients[stream], plan.workload.messages(number), plan.max_tokens, result, args.request_timeout
+            )
             results.append(result)
 
     co_runner = CoRunner(args.co_runner_mib) if args.co_runner else None
@@ -601,7 +616,9 @@ def summarize(results: list[RequestResult], wall: float, args: argparse.Namespac
         "decode_tok_s_median": percentile(decode, 50),
         # llama-server reports how many prompt tokens it took from a slot's cache;
         # with distinct prompts this should stay at the template's first few tokens.
-        "server_cached_prompt_tokens_mean": _mean([r.server_timings["cache_n"] for r in ok if r.server_timings and "cache_n" in r.server_timings]),
+        "server_cached_prompt_tokens_mean": _mean(
+            [r.server_timings["cache_n"] for r in ok if r.server_timings and "cache_n" in r.server_timings]
+        ),
         "total_p50": percentile([r.total for r in ok], 50),
         "total_p95": percentile([r.total for r in ok], 95),
     }
@@ -699,17 +716,27 @@ def ratio_rows(levels: list[dict]) -> list[dict]:
                         worst_met = target.holds(worst_ratio, target.worst) if target.worst is not None else None
                     else:
                         met = target.holds(worst_of(ours_values) if ours_values else None)
-                out.append({
-                    "workload": workload, "metric": label.format(c=c), "key": key, "concurrency": c,
-                    "ours": statistics.median(ours_values) if ours_values else None,
-                    "llama": statistics.median(llama_values) if llama_values else None,
-                    "ratio": ratio, "ratio_worst": worst_ratio,
-                    "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
-                    "ratios": ratios, "rounds": len(pairs),
-                    "scale": scale, "digits": digits,
-                    "target": target.text if target else None,
-                    "met": met, "worst_met": worst_met,
-                })  # fmt: skip
+                out.append(
+                    {
+                        "workload": workload,
+                        "metric": label.format(c=c),
+                        "key": key,
+                        "concurrency": c,
+                        "ours": statistics.median(ours_values) if ours_values else None,
+                        "llama": statistics.median(llama_values) if llama_values else None,
+                        "ratio": ratio,
+                        "ratio_worst": worst_ratio,
+                        "ratio_min": min(ratios, default=None),
+                        "ratio_max": max(ratios, default=None),
+                        "ratios": ratios,
+                        "rounds": len(pairs),
+                        "scale": scale,
+                        "digits": digits,
+                        "target": target.text if target else None,
+                        "met": met,
+                        "worst_met": worst_met,
+                    }
+                )
     return out
 
 
@@ -734,8 +761,10 @@ def markdown_ratios(rows: list[dict]) -> str:
 def token_count_table(levels: list[dict]) -> str:
     """Both servers decode greedily until EOS or max_tokens; their answers can
     differ in length, so the token counts each side actually produced are shown."""
-    lines = ["| workload | C | ours prompt tok | llama prompt tok | ours out tok (min/mean) | llama out tok (min/mean) | ours finish | llama finish |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| workload | C | ours prompt tok | llama prompt tok | ours out tok (min/mean) | llama out tok (min/mean) | ours finish | llama finish |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     pairs: dict[tuple[str, int], dict[str, dict]] = {}
     for level in levels:
         # The first round of each level (later rounds produce the same greedy answers).
@@ -804,11 +833,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="host:port of a qwen-serve already running (not restarted per level)")
     p.add_argument("--target-pid", type=int, help="its pid, for RSS/CPU (default: found from the listening port)")
-    p.add_argument("--model", default=default_model_path(), help="model for the qwen-serve we start (default: %(default)s)")
+    p.add_argument(
+        "--model", default=default_model_path(), help="model for the qwen-serve we start (default: %(default)s)"
+    )
     p.add_argument("--ours-args", default="", help='extra qwen-serve flags, e.g. "--quantization int8" (appended last)')
-    p.add_argument("--compare-llamacpp", action="store_true", help="also run llama-server on the same GGUF, alternating per level")
-    p.add_argument("--llama-server", type=pathlib.Path, help="llama-server binary (default: cached build, see bench/llama_server.py)")
-    p.add_argument("--gguf", type=pathlib.Path, default=default_cache_dir() / "gguf" / GGUF_NAME, help="default: %(default)s")
+    p.add_argument(
+        "--compare-llamacpp", action="store_true", help="also run llama-server on the same GGUF, alternating per level"
+    )
+    p.add_argument(
+        "--llama-server",
+        type=pathlib.Path,
+        help="llama-server binary (default: cached build, see bench/llama_server.py)",
+    )
+    p.add_argument(
+        "--gguf", type=pathlib.Path, default=default_cache_dir() / "gguf" / GGUF_NAME, help="default: %(default)s"
+    )
     p.add_argument(
         "--llama-args",
         default="--cache-ram 0",
@@ -829,16 +868,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run a memory-bandwidth-heavy process (bench/membw.py, one thread) beside each server while it is measured",
     )
-    p.add_argument("--co-runner-mib", type=int, default=256, help="the co-runner's buffer size (default: %(default)s MiB)")
+    p.add_argument(
+        "--co-runner-mib", type=int, default=256, help="the co-runner's buffer size (default: %(default)s MiB)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="requests each stream sends per level (default: %(default)s)")
-    p.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level: low concurrency gets more rounds (default: %(default)s)")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=8,
+        help="at least this many requests per level: low concurrency gets more rounds (default: %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens requested, greedy (default: %(default)s)")
-    p.add_argument("--long-tokens", type=int, default=1000, help="long prompt size in tokens, chat template included (default: %(default)s)")
-    p.add_argument("--ramp", type=float, default=0.0, help="spread the streams' first requests over this many seconds (default: all at once)")
+    p.add_argument(
+        "--long-tokens",
+        type=int,
+        default=1000,
+        help="long prompt size in tokens, chat template included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="spread the streams' first requests over this many seconds (default: all at once)",
+    )
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (default: %(default)s)")
-    p.add_argument("--server-timeout", type=float, default=900.0, help="seconds a server may take to start (default: %(default)s)")
-    p.add_argument("--sample-interval", type=float, default=0.25, help="RSS/CPU sampling period in seconds (default: %(default)s)")
-    p.add_argument("--noise-threshold", type=float, default=0.10, help="others' mean busy cores above which a level is flagged noisy (default: %(default)s)")
+    p.add_argument(
+        "--server-timeout", type=float, default=900.0, help="seconds a server may take to start (default: %(default)s)"
+    )
+    p.add_argument(
+        "--sample-interval", type=float, default=0.25, help="RSS/CPU sampling period in seconds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=0.10,
+        help="others' mean busy cores above which a level is flagged noisy (default: %(default)s)",
+    )
     p.add_argument("--label", help="results file label (default: ours or vs-llamacpp)")
     p.add_argument("--report", type=pathlib.Path, help="print the tables of an earlier results JSON and exit")
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR, help="default: %(default)s")
@@ -865,7 +930,7 @@ def turns(sides: Sequence[Any], alternation: int) -> list[Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     info = machine_info()
     preflight = others_cores_now()
     if preflight > args.noise_threshold:
@@ -877,7 +942,9 @@ async def main_async(args: argparse.Namespace) -> dict:
 
         binary = args.llama_server or llama_server.find_binary()
         if binary is None:
-            raise SystemExit("llama-server not built: run `python bench/llama_server.py build` (make bench-llamacpp does)")
+            raise SystemExit(
+                "llama-server not built: run `python bench/llama_server.py build` (make bench-llamacpp does)"
+            )
         if not args.gguf.is_file():
             raise SystemExit(f"GGUF missing at {args.gguf}: run `make model`")
         llama_version = llama_server.version(binary)
@@ -907,8 +974,10 @@ async def main_async(args: argparse.Namespace) -> dict:
             plan = LevelPlan(workload, concurrency, per_stream, args.max_tokens, ctx)
             for alternation in range(args.alternations):
                 for side in turns(sides, alternation):
-                    log(f"{workload.name} C={concurrency} round {alternation + 1}/{args.alternations}: "
-                        f"starting {side.name} ({per_stream} requests per stream)")  # fmt: skip
+                    log(
+                        f"{workload.name} C={concurrency} round {alternation + 1}/{args.alternations}: "
+                        f"starting {side.name} ({per_stream} requests per stream)"
+                    )
                     try:
                         side.start(plan)
                         level = await run_level(side, plan, args)
@@ -916,10 +985,15 @@ async def main_async(args: argparse.Namespace) -> dict:
                         if not args.target or side.name != "ours":
                             side.stop()
                     level.update(
-                        server=side.name, workload=workload.name, concurrency=concurrency, alternation=alternation,
-                        requests_per_stream=per_stream, ctx_per_slot=ctx, server_start_seconds=side.start_seconds,
+                        server=side.name,
+                        workload=workload.name,
+                        concurrency=concurrency,
+                        alternation=alternation,
+                        requests_per_stream=per_stream,
+                        ctx_per_slot=ctx,
+                        server_start_seconds=side.start_seconds,
                         server_argv=side.argv,
-                    )  # fmt: skip
+                    )
                     s = level["summary"]
                     level["noisy"] = _others_cores(level) > args.noise_threshold
                     log(
@@ -933,12 +1007,14 @@ async def main_async(args: argparse.Namespace) -> dict:
     result = {
         "schema": 1,
         "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(),
         "machine": info,
         "preflight_others_cores": preflight,
         "config": {
             "concurrency": args.concurrency_levels,
-            "workloads": {w.name: {"description": w.description, "prompt_tokens": w.prompt_tokens} for w in workloads.values()},
+            "workloads": {
+                w.name: {"description": w.description, "prompt_tokens": w.prompt_tokens} for w in workloads.values()
+            },
             "rounds": args.rounds,
             "min_requests": args.min_requests,
             "max_tokens": args.max_tokens,
@@ -983,7 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_llamacpp:
         print("\n## Tokens actually produced (greedy, both sides stop at EOS or max_tokens)\n")
         print(token_count_table(result["levels"]))
-        print(f"\n## Ratios, ours / llama-server (same run, median of {result['config'].get('alternations', 1)} rounds)\n")
+        print(
+            f"\n## Ratios, ours / llama-server (same run, median of {result['config'].get('alternations', 1)} rounds)\n"
+        )
         print(markdown_ratios(result["ratios"]))
     noisy = [
         f"{lv['workload']}/{lv['server']}/C={lv['concurrency']}/round {lv.get('alternation', 0) + 1}"
@@ -991,7 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
         if lv["noisy"]
     ]
     if noisy:
-        print(f"\n⚠ other processes kept > {args.noise_threshold} cores busy during: {', '.join(noisy)} — rerun on a quiet machine.")
+        print(
+            f"\n⚠ other processes kept > {args.noise_threshold} cores busy during: {', '.join(noisy)} — rerun on a quiet machine."
+        )
     errors = sum(lv["summary"]["errors"] for lv in result["levels"])
     if errors:
         print(f"\n{errors} requests failed; see 'error_examples' in the JSON.")

@@ -61,8 +61,16 @@ QUESTIONS = [
     "How would you make {name} thread-safe?",
     "Summarise our discussion of {name} in two sentences.",
 ]
-SUBJECTS = ["Item", "Reservation", "Inventory.reserve", "Inventory.release", "Inventory.add_stock",
-            "Inventory.available", "Inventory.restock", "Inventory.snapshot"]  # fmt: skip
+SUBJECTS = [
+    "Item",
+    "Reservation",
+    "Inventory.reserve",
+    "Inventory.release",
+    "Inventory.add_stock",
+    "Inventory.available",
+    "Inventory.restock",
+    "Inventory.snapshot",
+]
 
 
 def system_prompt() -> dict[str, str]:
@@ -136,14 +144,22 @@ def summarize(turns: list[Turn], late_from: int) -> dict:
 
 
 async def run_round(server, args) -> dict:
-    plan = LevelPlan(workload=None, concurrency=args.conversations, requests_per_stream=args.turns,
-                     max_tokens=args.max_tokens, ctx_per_slot=args.ctx)  # fmt: skip
+    plan = LevelPlan(
+        workload=None,
+        concurrency=args.conversations,
+        requests_per_stream=args.turns,
+        max_tokens=args.max_tokens,
+        ctx_per_slot=args.ctx,
+    )
     others = others_cores_now()
     server.start(plan)
     try:
         started = time.perf_counter()
         conversations = await asyncio.gather(
-            *(converse(server.client(), c, args.turns, args.max_tokens, args.request_timeout) for c in range(args.conversations))
+            *(
+                converse(server.client(), c, args.turns, args.max_tokens, args.request_timeout)
+                for c in range(args.conversations)
+            )
         )
         wall = time.perf_counter() - started
     finally:
@@ -194,7 +210,10 @@ def report(result: dict) -> str:
     for other, target in (("ours-no-cache", 0.35), ("llama", 0.6)):
         if cached and medians.get(other):
             lines.append(f"\nours / {other} late-turn TTFT p50: {cached / medians[other]:.2f} (target ≤ {target})")
-    loads = [f"{e['server']}: {e['others_cores_before']:.2f} cores, loadavg {e['loadavg_after'][0]:.2f}" for e in result["rounds"]]
+    loads = [
+        f"{e['server']}: {e['others_cores_before']:.2f} cores, loadavg {e['loadavg_after'][0]:.2f}"
+        for e in result["rounds"]
+    ]
     lines.append("\nLoad before each run (others' busy cores) and 1-min loadavg after: " + "; ".join(loads))
     return "\n".join(lines)
 
@@ -204,16 +223,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=default_model_path(), help="default: %(default)s")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--late-from", type=int, default=2, help="0-based turn from which a turn counts as late (default: the 3rd)")
+    p.add_argument(
+        "--late-from", type=int, default=2, help="0-based turn from which a turn counts as late (default: the 3rd)"
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="answer length cap, greedy (default: %(default)s)")
     p.add_argument("--ctx", type=int, default=2048, help="context per slot on both servers (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--servers", default="ours,ours-no-cache,llama", help="default: %(default)s")
     p.add_argument("--ours-args", default="", help="extra qwen-serve flags for both of ours")
-    p.add_argument("--llama-server", type=pathlib.Path, help="binary (default: the cached build, bench/llama_server.py)")
+    p.add_argument(
+        "--llama-server", type=pathlib.Path, help="binary (default: the cached build, bench/llama_server.py)"
+    )
     p.add_argument("--gguf", type=pathlib.Path, default=default_cache_dir() / "gguf" / GGUF_NAME)
-    p.add_argument("--llama-args", default="", help="extra llama-server flags (default: none, its prompt cache as shipped)")
+    p.add_argument(
+        "--llama-args", default="", help="extra llama-server flags (default: none, its prompt cache as shipped)"
+    )
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--server-timeout", type=float, default=600.0)
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
@@ -239,8 +264,12 @@ async def main_async(args, path: pathlib.Path) -> dict:
             servers.append(LlamaServer(args, binary))
         else:
             raise SystemExit(f"unknown server {name!r}")
-    result = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine_info(),
-              "config": {k: str(v) for k, v in vars(args).items()}, "rounds": []}  # fmt: skip
+    result = {
+        "started": dt.datetime.now(dt.UTC).isoformat(),
+        "machine": machine_info(),
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "rounds": [],
+    }
     for round_number in range(args.rounds):
         shift = round_number % len(servers)
         for server in servers[shift:] + servers[:shift]:
@@ -248,8 +277,10 @@ async def main_async(args, path: pathlib.Path) -> dict:
             entry = await run_round(server, args)
             entry.update(server=server.name, round=round_number, argv=server.argv)
             s = entry["summary"]
-            log(f"  late-turn TTFT p50 {s['ttft_p50_late']}, reused share {s['cached_share_late']}, "
-                f"errors {s['errors']}, others {entry['others_cores_before']:.2f} cores, wall {entry['wall_seconds']:.1f} s")  # fmt: skip
+            log(
+                f"  late-turn TTFT p50 {s['ttft_p50_late']}, reused share {s['cached_share_late']}, "
+                f"errors {s['errors']}, others {entry['others_cores_before']:.2f} cores, wall {entry['wall_seconds']:.1f} s"
+            )
             result["rounds"].append(entry)
             path.write_text(json.dumps(result, indent=1))  # after every run: a cut-short benchmark keeps its data
     return result

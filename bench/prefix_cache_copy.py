@@ -29,7 +29,6 @@ from service.engine.model_runner import ModelRunner  # noqa: E402
 from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys  # noqa: E402
 
 
-
 def median_ms(run, repeats: int) -> float:
     return round(_median_ms(run, repeats), 2)
 
@@ -48,7 +47,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     runner = ModelRunner(load_model(args.model), 2, 2048, args.quantization, args.kv_cache_dtype)
     tokens = list(range(1000, 1000 + max(lengths)))
-    result = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "loadavg_before": os.getloadavg()}
+    result = {
+        "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "loadavg_before": os.getloadavg(),
+    }
     with torch.inference_mode():
         for length in lengths:
             blocks = length // BLOCK_SIZE

@@ -86,7 +86,7 @@ class Sampler:
         self.rss_start = 0
         self.hwm_before = 0
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         mem = memory_status(self.pid)
         self.hwm_before = mem.get("VmHWM", 0)
         self.hwm_reset = reset_peak_rss(self.pid)

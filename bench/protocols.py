@@ -357,13 +357,17 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 async def run_latency(args, server: ServerProcess, concurrency: int) -> dict[str, Any]:
     protocols = args.protocols
-    clients = {p: [make_client(p, server.target, server.http_url, args.max_tokens) for _ in range(concurrency)]
-               for p in protocols}  # fmt: skip
+    clients = {
+        p: [make_client(p, server.target, server.http_url, args.max_tokens) for _ in range(concurrency)]
+        for p in protocols
+    }
     # Warm every connection (and the server's per-shape code paths) first.
     for p in protocols:
         await asyncio.gather(*(c.ask(PROMPTS[i % len(PROMPTS)]) for i, c in enumerate(clients[p])))
     samples: dict[str, list[list[Sample]]] = {p: [] for p in protocols}
-    cpu = {p: {"client": 0.0, "server": {"event_loop_thread": 0.0, "other_threads": 0.0, "total": 0.0}} for p in protocols}
+    cpu = {
+        p: {"client": 0.0, "server": {"event_loop_thread": 0.0, "other_threads": 0.0, "total": 0.0}} for p in protocols
+    }
     others = {p: [] for p in protocols}
     for round_index in range(args.rounds):
         order = protocols if round_index % 2 == 0 else protocols[::-1]
@@ -378,10 +382,13 @@ async def run_latency(args, server: ServerProcess, concurrency: int) -> dict[str
             cpu[p]["client"] += client_after - client_before
             for key in server_after:
                 cpu[p]["server"][key] += server_after[key] - server_before[key]
-            print(f"  c={concurrency} round {round_index + 1}/{args.rounds} {p:8s} "
-                  f"ttft {statistics.fmean(s.ttft for s in results) * 1000:7.1f} ms  "
-                  f"total {statistics.fmean(s.total for s in results) * 1000:8.1f} ms  "
-                  f"others' CPU {others[p][-1]['share_of_machine'] * 100:4.1f}%", flush=True)  # fmt: skip
+            print(
+                f"  c={concurrency} round {round_index + 1}/{args.rounds} {p:8s} "
+                f"ttft {statistics.fmean(s.ttft for s in results) * 1000:7.1f} ms  "
+                f"total {statistics.fmean(s.total for s in results) * 1000:8.1f} ms  "
+                f"others' CPU {others[p][-1]['share_of_machine'] * 100:4.1f}%",
+                flush=True,
+            )
     for p in protocols:
         for c in clients[p]:
             await c.close()
@@ -396,10 +403,16 @@ async def run_latency(args, server: ServerProcess, concurrency: int) -> dict[str
             "answers": answers,
             "completion_tokens": sorted({s.completion_tokens for s in flat}),
             "short_answers": sum(1 for s in flat if s.completion_tokens != args.max_tokens),
-            "ttft_s": {**_summary([s.ttft for s in flat]), "jitter_rounds": statistics.stdev(round_ttft) if len(round_ttft) > 1 else 0.0,
-                       "rounds": round_ttft},  # fmt: skip
-            "total_s": {**_summary([s.total for s in flat]), "jitter_rounds": statistics.stdev(round_total) if len(round_total) > 1 else 0.0,
-                        "rounds": round_total},  # fmt: skip
+            "ttft_s": {
+                **_summary([s.ttft for s in flat]),
+                "jitter_rounds": statistics.stdev(round_ttft) if len(round_ttft) > 1 else 0.0,
+                "rounds": round_ttft,
+            },
+            "total_s": {
+                **_summary([s.total for s in flat]),
+                "jitter_rounds": statistics.stdev(round_total) if len(round_total) > 1 else 0.0,
+                "rounds": round_total,
+            },
             "gap_s": _summary(gaps) if len(gaps) > 1 else None,
             "pieces_per_answer": statistics.fmean(s.pieces for s in flat),
             "cpu_s_per_answer": {
@@ -423,8 +436,9 @@ async def run_bytes(args, server: ServerProcess) -> dict[str, Any]:
     try:
         for p in wire_protocols:
             route = "grpc" if p == "grpc" else "http"
-            client = make_client(p, f"127.0.0.1:{proxy.ports['grpc']}", f"http://127.0.0.1:{proxy.ports['http']}",
-                                 args.max_tokens)  # fmt: skip
+            client = make_client(
+                p, f"127.0.0.1:{proxy.ports['grpc']}", f"http://127.0.0.1:{proxy.ports['http']}", args.max_tokens
+            )
             per_answer = []
             texts[p] = []
             for i in range(args.bytes_answers + 1):
@@ -434,8 +448,15 @@ async def run_bytes(args, server: ServerProcess) -> dict[str, Any]:
                 sample = await client.ask(PROMPTS[0])
                 await asyncio.sleep(0.3)  # let trailing frames (acks, pings) through
                 up1, down1, conns = proxy.read(route)
-                per_answer.append({"up": up1 - up0, "down": down1 - down0, "completion_tokens": sample.completion_tokens,
-                                   "text_bytes": len(sample.text.encode()), "pieces": sample.pieces})  # fmt: skip
+                per_answer.append(
+                    {
+                        "up": up1 - up0,
+                        "down": down1 - down0,
+                        "completion_tokens": sample.completion_tokens,
+                        "text_bytes": len(sample.text.encode()),
+                        "pieces": sample.pieces,
+                    }
+                )
                 texts[p].append(sample.text)
             await client.close()
             await asyncio.sleep(0.3)
@@ -494,13 +515,16 @@ def markdown(results: dict[str, Any]) -> str:
             ("TTFT mean (ms)", lambda r: _ms(r["ttft_s"]["mean"])),
             ("TTFT p95 (ms)", lambda r: _ms(r["ttft_s"]["p95"])),
             ("TTFT jitter: stdev of round means (ms)", lambda r: _ms(r["ttft_s"]["jitter_rounds"])),
-            (f"full answer mean (ms)", lambda r: _ms(r["total_s"]["mean"])),
+            ("full answer mean (ms)", lambda r: _ms(r["total_s"]["mean"])),
             ("full answer jitter: stdev of round means (ms)", lambda r: _ms(r["total_s"]["jitter_rounds"])),
             ("gap between pieces: stdev (ms)", lambda r: _ms(r["gap_s"]["stdev"]) if r["gap_s"] else "-"),
             ("client CPU per answer (ms)", lambda r: _ms(r["cpu_s_per_answer"]["client"])),
             ("server CPU per answer (ms)", lambda r: _ms(r["cpu_s_per_answer"]["server_total"])),
             ("  of which event-loop thread (ms)", lambda r: _ms(r["cpu_s_per_answer"]["server_event_loop_thread"])),
-            ("others' CPU share, max over rounds", lambda r: f"{max(o['share_of_machine'] for o in r['others_cpu']) * 100:.1f}%"),
+            (
+                "others' CPU share, max over rounds",
+                lambda r: f"{max(o['share_of_machine'] for o in r['others_cpu']) * 100:.1f}%",
+            ),
             ("answers (short of max_tokens)", lambda r: f"{r['answers']} ({r['short_answers']})"),
         ]
         for name, cell in rows:
@@ -534,8 +558,12 @@ def _machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 async def amain(args) -> int:
@@ -544,12 +572,19 @@ async def amain(args) -> int:
     model = args.model or default_model_path()
     server_args = ["--max-batch-size", str(max(16, *args.concurrency, 1)), *args.server_arg]
     results: dict[str, Any] = {
-        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(sys.argv),
         "machine": _machine(),
-        "config": {"model": str(model), "model_name": pathlib.Path(model).name, "protocols": list(args.protocols),
-                   "concurrency": args.concurrency, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                   "bytes_answers": args.bytes_answers, "server_args": server_args},  # fmt: skip
+        "config": {
+            "model": str(model),
+            "model_name": pathlib.Path(model).name,
+            "protocols": list(args.protocols),
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "bytes_answers": args.bytes_answers,
+            "server_args": server_args,
+        },
         "latency": {},
     }
     server = ServerProcess(model, *server_args)
@@ -565,7 +600,9 @@ async def amain(args) -> int:
             results["bytes"]["others_cpu"] = watcher.result()
     finally:
         server.close()
-    shares = [o["share_of_machine"] for lat in results["latency"].values() for r in lat.values() for o in r["others_cpu"]]
+    shares = [
+        o["share_of_machine"] for lat in results["latency"].values() for r in lat.values() for o in r["others_cpu"]
+    ]
     if "bytes" in results:
         shares.append(results["bytes"]["others_cpu"]["share_of_machine"])
     results["others_cpu_share_max"] = max(shares)
@@ -580,8 +617,10 @@ async def amain(args) -> int:
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
     if results["others_cpu_share_max"] > NOISY_SHARE:
-        print(f"WARNING: other processes used up to {results['others_cpu_share_max'] * 100:.0f}% of the machine: "
-              "these numbers are noisy; rerun on a quiet machine.")  # fmt: skip
+        print(
+            f"WARNING: other processes used up to {results['others_cpu_share_max'] * 100:.0f}% of the machine: "
+            "these numbers are noisy; rerun on a quiet machine."
+        )
     return 0
 
 
@@ -592,7 +631,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8", help="comma-separated client counts ('' = bytes only)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--bytes-answers", type=int, default=3, help="warm answers per protocol through the proxy (0: skip)")
+    parser.add_argument(
+        "--bytes-answers", type=int, default=3, help="warm answers per protocol through the proxy (0: skip)"
+    )
     parser.add_argument("--server-arg", action="append", default=[], help="extra qwen-serve flag (repeatable)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown table of an earlier run's JSON")

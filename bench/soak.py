@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from harness import ServerProcess, health_status  # noqa: E402
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -176,7 +177,11 @@ class Soak:
 
     def _check_answer(self, action: str, responses) -> None:
         final = responses[-1] if responses else None
-        if final is None or not final.is_final or final.finish_reason not in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH):
+        if (
+            final is None
+            or not final.is_final
+            or final.finish_reason not in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        ):
             self.unexpected.append(f"{action}: stream ended without a final answer: {final}")
 
     async def one_action(self, stub) -> None:
@@ -214,7 +219,11 @@ class Soak:
             channel = aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
             try:
                 code, details, _ = await self._stream(
-                    pb_grpc.QwenServiceStub(channel), request, timeout=300, stop_after=rng.randint(1, 4), channel=channel
+                    pb_grpc.QwenServiceStub(channel),
+                    request,
+                    timeout=300,
+                    stop_after=rng.randint(1, 4),
+                    channel=channel,
                 )
             finally:
                 await channel.close()
@@ -259,7 +268,7 @@ class Soak:
                     writer.write(bytes([byte]))
                     try:
                         closed = await asyncio.wait_for(reader.read(1), 0.1) == b""
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     except ConnectionError:
                         closed = True
@@ -279,7 +288,7 @@ class Soak:
                     return await asyncio.wait_for(reader.read(1), HEADER_TIMEOUT + 5) == b""
                 except ConnectionError:
                     return True
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return False
 
             results = await asyncio.gather(*(closed(reader) for reader, _ in connections))
@@ -314,12 +323,19 @@ class Soak:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         while time.monotonic() + NO_READ_HOLD + 15 < deadline:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _NO_READ_CLIENT, self.target, str(max_tokens), str(NO_READ_HOLD),
-                stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
-            )  # fmt: skip
+                sys.executable,
+                "-c",
+                _NO_READ_CLIENT,
+                self.target,
+                str(max_tokens),
+                str(NO_READ_HOLD),
+                stdout=subprocess.PIPE,
+                env=env,
+                cwd=str(REPO_ROOT),
+            )
             try:
                 outcome = (await asyncio.wait_for(proc.stdout.read(), NO_READ_HOLD + 60)).decode().strip()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 outcome = "hung"
             finally:
                 if proc.returncode is None:
@@ -332,8 +348,13 @@ class Soak:
     async def no_read_http(self, host: str, port: int, deadline: float, max_tokens: int) -> None:
         """A long SSE stream nobody reads: the connection must be closed by the
         write timeout (or the answer end, or a 429 when full)."""
-        body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}],
-                           "max_tokens": max_tokens, "stream": True}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": max_tokens,
+                "stream": True,
+            }
+        ).encode()
         while time.monotonic() + WRITE_TIMEOUT + 40 < deadline:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -341,14 +362,17 @@ class Soak:
             loop = asyncio.get_running_loop()
             try:
                 await loop.sock_connect(sock, (host, port))
-                await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await loop.sock_sendall(
+                    sock,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                )
                 await asyncio.sleep(WRITE_TIMEOUT + 15)  # not reading
                 received, started = b"", time.monotonic()
                 while time.monotonic() - started < 20:
                     try:
                         chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 20)
-                    except (ConnectionError, asyncio.TimeoutError):
+                    except (TimeoutError, ConnectionError):
                         break
                     if not chunk:
                         break
@@ -391,9 +415,15 @@ class Soak:
         while time.monotonic() + every < deadline:
             await asyncio.sleep(self.rng.uniform(0.5 * every, 1.5 * every))
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _KILLED_CLIENT, self.target, str(self.max_tokens),
-                stdout=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
-            )  # fmt: skip
+                sys.executable,
+                "-c",
+                _KILLED_CLIENT,
+                self.target,
+                str(self.max_tokens),
+                stdout=subprocess.PIPE,
+                env=env,
+                cwd=str(REPO_ROOT),
+            )
             try:
                 line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
             finally:
@@ -432,7 +462,7 @@ def _rss_sampler(pid: int, samples: list, stop: asyncio.Event, interval: float):
             samples.append((time.monotonic() - start, process.memory_info().rss))
             try:
                 await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     return run()
@@ -590,11 +620,19 @@ def parse_args(argv=None):
     parser.add_argument("--rss-interval", type=float, default=1.0)
     parser.add_argument("--max-rss-growth", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-attackers", dest="attackers", action="store_false",
-                        help="leave out slowloris, silent connections, huge prompts and non-reading clients")
+    parser.add_argument(
+        "--no-attackers",
+        dest="attackers",
+        action="store_false",
+        help="leave out slowloris, silent connections, huge prompts and non-reading clients",
+    )
     parser.add_argument("--no-read-tokens", type=int, default=2000, help="max_tokens of the non-reading clients")
-    parser.add_argument("--max-probe-p99", type=float, default=1.0,
-                        help="pass only if gRPC health and HTTP /health answer within this (p99, seconds)")
+    parser.add_argument(
+        "--max-probe-p99",
+        type=float,
+        default=1.0,
+        help="pass only if gRPC health and HTTP /health answer within this (p99, seconds)",
+    )
     parser.add_argument("--report", default=None, help="also write the JSON report here")
     return parser.parse_args(argv)
 
@@ -611,15 +649,23 @@ def run(argv=None) -> dict:
         model = args.model or default_model_path()
     server = ServerProcess(
         model,
-        "--max-batch-size", str(args.max_batch_size),
-        "--max-waiting", str(args.max_waiting),
-        "--max-tokens-limit", str(max(args.max_tokens, args.no_read_tokens, 8)),
-        "--max-tokens-default", str(min(args.max_tokens, 8)),
-        "--drain-timeout", "5",
-        "--http-header-timeout", str(HEADER_TIMEOUT),
-        "--http-write-timeout", str(WRITE_TIMEOUT),
-        "--max-buffered-tokens", str(MAX_BUFFERED_TOKENS),
-    )  # fmt: skip
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-waiting",
+        str(args.max_waiting),
+        "--max-tokens-limit",
+        str(max(args.max_tokens, args.no_read_tokens, 8)),
+        "--max-tokens-default",
+        str(min(args.max_tokens, 8)),
+        "--drain-timeout",
+        "5",
+        "--http-header-timeout",
+        str(HEADER_TIMEOUT),
+        "--http-write-timeout",
+        str(WRITE_TIMEOUT),
+        "--max-buffered-tokens",
+        str(MAX_BUFFERED_TOKENS),
+    )
     try:
         server.wait_serving(timeout=300)
         report = asyncio.run(_soak(args, server))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 
 class HttpError(Exception):
@@ -47,7 +47,9 @@ class HttpConnection:
             self._writer = None
             self._reader = None
 
-    async def _send(self, method: str, path: str, body: bytes | None, accept: str) -> tuple[int, dict[str, str], asyncio.StreamReader]:
+    async def _send(
+        self, method: str, path: str, body: bytes | None, accept: str
+    ) -> tuple[int, dict[str, str], asyncio.StreamReader]:
         reader, writer = await self._ensure()
         head = [
             f"{method} {path} HTTP/1.1",

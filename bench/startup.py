@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 sys.path.insert(0, str(REPO_ROOT))
 
 from harness import free_port, health_status  # noqa: E402
+
 from service.config import default_model_path  # noqa: E402
 
 
@@ -34,8 +35,21 @@ def time_to_serving(
     """(wall seconds, server CPU seconds) from launch to SERVING. CPU time
     depends much less on what else the machine runs."""
     port = free_port()
-    argv = [sys.executable, "-m", "service.cli", "--model", model, "--host", "127.0.0.1", "--grpc-port", str(port),
-            "--metrics-port", str(free_port()), "--http-port", str(free_port())]
+    argv = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        str(free_port()),
+        "--http-port",
+        str(free_port()),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     if cache_dir is not None:
         env["QWEN_WEIGHT_CACHE_DIR"] = str(cache_dir)

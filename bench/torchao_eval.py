@@ -7,18 +7,33 @@ repetition; 3 repetitions; median reported (ms per full stack).
 Needs its own venv: torch==2.13.0 (CPU) + torchao (0.18.0 measured).
 Run: python bench/torchao_eval.py [--ms 1,4,16,64,256] [--methods a,b,...]
 """
-import argparse, gc, json, os, pathlib, statistics, sys, time, warnings
+
+import argparse
+import gc
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+
 warnings.simplefilter("ignore")
 import torch
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # The engine's own kernels (measured when this ran: torch.ao's module, and weight-only int8 for down_proj).
-from service.engine.model_runner import Int8WeightOnlyLinear  # noqa: E402
-
-from torchao.quantization import (quantize_, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                  Int8DynamicActivationIntxWeightConfig, PerGroup)
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+from torchao.quantization import (
+    Int8DynamicActivationInt8WeightConfig,
+    Int8DynamicActivationIntxWeightConfig,
+    Int8WeightOnlyConfig,
+    PerGroup,
+    quantize_,
+)
+
+from service.engine.model_runner import Int8WeightOnlyLinear  # noqa: E402
 
 LAYERS = 24
 SHAPES = [("qkv", 896, 1152, True), ("o", 896, 896, False), ("gate_up", 896, 9728, False), ("down", 4864, 896, False)]
@@ -27,6 +42,7 @@ HEAD = ("lm_head", 896, 151936, False)
 
 def qdyn(lin):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
     holder = nn.Sequential(lin.float())
     quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     return holder[0]
@@ -37,6 +53,7 @@ def ao(cfg, dtype):
         lin = lin.to(dtype)
         quantize_(lin, cfg)
         return lin
+
     return make
 
 
@@ -50,7 +67,13 @@ BUILDERS = {
     "d_ao_int8wo_bf16": (ao(Int8WeightOnlyConfig(), torch.bfloat16), torch.bfloat16),
     "e_ao_int4cpu_g32_bf16": (ao(PrototypeInt4WeightOnlyConfig(group_size=32), torch.bfloat16), torch.bfloat16),
     "e_ao_int4cpu_g128_bf16": (ao(PrototypeInt4WeightOnlyConfig(group_size=128), torch.bfloat16), torch.bfloat16),
-    "f_ao_8da4w_intx_unpacked_g32_f32": (ao(Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)), torch.float32), torch.float32),
+    "f_ao_8da4w_intx_unpacked_g32_f32": (
+        ao(
+            Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
+            torch.float32,
+        ),
+        torch.float32,
+    ),
 }
 # composite: the project's current int8 scheme = (a) everywhere except down -> (b)
 COMPOSITE = {"project_int8_scheme_f32": ("a_qdyn_f32", {"down": "b_int8pack_bf16"}, torch.float32)}
@@ -114,11 +137,13 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()} affinity={sorted(os.sched_getaffinity(0))}", flush=True)
     methods = args.methods.split(",")
-    base_methods = sorted({m for m in methods if m in BUILDERS} |
-                          {d for m in methods if m in COMPOSITE for d in [COMPOSITE[m][0], *COMPOSITE[m][1].values()]})
+    base_methods = sorted(
+        {m for m in methods if m in BUILDERS}
+        | {d for m in methods if m in COMPOSITE for d in [COMPOSITE[m][0], *COMPOSITE[m][1].values()]}
+    )
     t0 = time.perf_counter()
     stacks = build(base_methods)
-    print(f"built {base_methods} in {time.perf_counter()-t0:.0f}s", flush=True)
+    print(f"built {base_methods} in {time.perf_counter() - t0:.0f}s", flush=True)
     for m, (base, over, dt) in COMPOSITE.items():
         if m in methods:
             stacks[m] = [(n, stacks[over[n]][i][1] if n in over else mod) for i, (n, mod) in enumerate(stacks[base])]
@@ -128,7 +153,7 @@ def main():
     with torch.inference_mode():
         for rep in range(args.reps):
             for M in ms:
-                for m in (methods if rep % 2 == 0 else methods[::-1]):
+                for m in methods if rep % 2 == 0 else methods[::-1]:
                     g = torch.Generator().manual_seed(M)
                     xs = {n: torch.randn(M, fin, generator=g).to(dtypes[m]) for n, fin, _, _ in SHAPES + [HEAD]}
                     t = time.perf_counter()
@@ -138,14 +163,20 @@ def main():
                     ms_per, cont = timed(lambda: run(stacks[m], xs), iters)
                     times[m][M].append(ms_per)
                     flags[m][M].append(cont)
-                print(f"rep {rep} M={M}: " + ", ".join(f"{m}={times[m][M][-1]:.1f}{'*' if flags[m][M][-1] else ''}" for m in methods), flush=True)
+                print(
+                    f"rep {rep} M={M}: "
+                    + ", ".join(f"{m}={times[m][M][-1]:.1f}{'*' if flags[m][M][-1] else ''}" for m in methods),
+                    flush=True,
+                )
     med = {m: {M: statistics.median(v) for M, v in d.items()} for m, d in times.items()}
     json.dump({"raw": times, "contended": flags, "median": med}, open(args.out, "w"), indent=1)
     print("\nmedian ms per full stack (24 layers x 4 Linears + lm_head)")
-    print(f"{'method':36s}" + "".join(f"{'M='+str(M):>10s}" for M in ms))
+    print(f"{'method':36s}" + "".join(f"{'M=' + str(M):>10s}" for M in ms))
     for m in methods:
         print(f"{m:36s}" + "".join(f"{med[m][M]:9.1f}{'*' if any(flags[m][M]) else ' '}" for M in ms))
-    print("* = at least one of the 3 samples overlapped another (non-niced) process after 5 tries (process got < 90 % of its core)")
+    print(
+        "* = at least one of the 3 samples overlapped another (non-niced) process after 5 tries (process got < 90 % of its core)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class ApiKeyAuth:
         self._digests = [(_digest(key), fingerprint(key)) for key in dict.fromkeys(keys)]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ApiKeyAuth | None":
+    def from_settings(cls, settings: Settings) -> ApiKeyAuth | None:
         """None when authentication is off (no key source configured)."""
         if not settings.auth_enabled:
             return None

@@ -16,7 +16,8 @@ import json
 import math
 import time
 import uuid
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from .config import LEGACY_MODEL_NAME, Settings
 from .engine.engine import Engine
@@ -153,7 +154,9 @@ class ChatService:
         if not name:
             return self.default_model
         if name not in self.served_model_names:
-            raise ModelNotFound(f"model {excerpt(name)!r} is not served here; available: {', '.join(self.served_model_names)}")
+            raise ModelNotFound(
+                f"model {excerpt(name)!r} is not served here; available: {', '.join(self.served_model_names)}"
+            )
         return name
 
     def begin_drain(self) -> None:
@@ -168,17 +171,23 @@ class ChatService:
             raise InvalidArgument("messages", f"at most {self._settings.max_messages} messages, got {len(messages)}")
         for index, message in enumerate(messages):
             if message.role not in ROLES:
-                raise InvalidArgument(f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {excerpt(message.role)!r}")
+                raise InvalidArgument(
+                    f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {excerpt(message.role)!r}"
+                )
         last = messages[-1]
         if last.role == "assistant":
-            raise InvalidArgument(f"messages[{len(messages) - 1}].role", "the last message must not be from the assistant")
+            raise InvalidArgument(
+                f"messages[{len(messages) - 1}].role", "the last message must not be from the assistant"
+            )
         if not last.content.strip():
             raise InvalidArgument(f"messages[{len(messages) - 1}].content", "must not be empty")
         return [{"role": m.role, "content": m.content} for m in messages]
 
     def _sampling(self, params: ChatParams) -> SamplingParams:
         s = self._settings
-        temperature = s.temperature_default if params.temperature is None else _finite("temperature", params.temperature)
+        temperature = (
+            s.temperature_default if params.temperature is None else _finite("temperature", params.temperature)
+        )
         if not 0.0 <= temperature <= 2.0:
             raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
         max_tokens = s.max_tokens_default if params.max_tokens is None else params.max_tokens
@@ -328,7 +337,9 @@ class ChatService:
         try:
             model, messages, sampling, _ = self._check(params)
             prompt, grammar = self._engine.encode_chat(messages), self._grammar(params.response_format)
-            prepared = self._build(model, sampling, prompt, grammar, None if timeout is None else arrival + timeout, telemetry)
+            prepared = self._build(
+                model, sampling, prompt, grammar, None if timeout is None else arrival + timeout, telemetry
+            )
         except BaseException as exc:
             telemetry.fail(exc)
             raise

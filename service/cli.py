@@ -14,7 +14,8 @@ import resource
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, Settings, load_settings
 
@@ -65,8 +66,10 @@ class AcceptErrorLog:
         if now >= self._next_report:
             _LOG.warning(
                 "accept() failed %d time(s) in the last %.0f s: %s (out of file descriptors? see --http-max-connections)",
-                self._count, self._interval, context.get("exception"),
-            )  # fmt: skip
+                self._count,
+                self._interval,
+                context.get("exception"),
+            )
             self._count = 0
             self._next_report = now + self._interval
 
@@ -112,9 +115,9 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         from .api.grpc_server import QwenServicer, build_server
         from .api.interceptors import TelemetryInterceptor
+        from .auth import ApiKeyAuth
         from .observability.metrics import Metrics
         from .observability.tracing import setup_tracing
-        from .auth import ApiKeyAuth
         from .ratelimit import limiter_from_settings
 
         self.settings = settings

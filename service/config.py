@@ -12,11 +12,10 @@ import argparse
 import os
 import pathlib
 import socket
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 # Name that clients already in the field send in ChatRequest.model.
 LEGACY_MODEL_NAME = "Qwen2.5-0.5B-Instruct"
@@ -49,8 +48,7 @@ class Settings(BaseSettings):
     # --- model -------------------------------------------------------------
     model: str = Field(
         default_factory=default_model_path,
-        description="Local Hugging Face folder, a .gguf file, or a hub id "
-        "(default: the folder made by `make model`).",
+        description="Local Hugging Face folder, a .gguf file, or a hub id (default: the folder made by `make model`).",
         json_schema_extra={"doc_default": "`~/.cache/qwen-grpc/models/Qwen2.5-Coder-0.5B-Instruct`"},
     )
     served_model_name: Annotated[list[str], NoDecode] = Field(
@@ -310,7 +308,7 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def _check_limits(self) -> "Settings":
+    def _check_limits(self) -> Settings:
         if self.max_tokens_default > self.max_tokens_limit:
             raise ValueError("max_tokens_default must not exceed max_tokens_limit")
         if self.max_tokens_limit >= self.max_model_len:

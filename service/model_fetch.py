@@ -98,8 +98,12 @@ def convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen-fetch-model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir(),
-                        help="where the GGUF and the converted folder go (env QWEN_CACHE_DIR)")
+    parser.add_argument(
+        "--cache-dir",
+        type=pathlib.Path,
+        default=default_cache_dir(),
+        help="where the GGUF and the converted folder go (env QWEN_CACHE_DIR)",
+    )
     args = parser.parse_args(argv)
     folder = args.cache_dir / "models" / DEFAULT_MODEL_DIRNAME
     if (folder / _MARKER).is_file():

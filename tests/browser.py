@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -19,7 +19,7 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def browser_page(width: int = 1000, height: int = 720) -> Iterator["object"]:
+def browser_page(width: int = 1000, height: int = 720) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,17 +102,24 @@ class ServerProcess:
         http_args = () if self.http_port is None else ("--http-port", str(self.http_port))
         self._log = tempfile.NamedTemporaryFile(prefix="qwen-serve-", suffix=".log", delete=False)
         self.argv = [
-            sys.executable, "-m", "service.cli",
-            "--model", str(model),
-            "--host", host,
-            "--grpc-port", str(self.grpc_port),
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--model",
+            str(model),
+            "--host",
+            host,
+            "--grpc-port",
+            str(self.grpc_port),
             *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
             *http_args,
             *args,
-        ]  # fmt: skip
+        ]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SOURCE_PATH, **(env or {})}
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     @property
     def metrics_url(self) -> str:

@@ -6,14 +6,16 @@ calls" mean the same thing wherever they are checked."""
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from collections.abc import Iterable
 
 # Each replica must serve at least this share of the calls (60 calls over 3
 # replicas: at least 12 each; a perfect round_robin gives 20).
 MIN_SHARE = 0.2
 
 
-def assert_spread(replicas_by_call: Iterable[str], expected_replicas: Iterable[str], min_share: float = MIN_SHARE) -> None:
+def assert_spread(
+    replicas_by_call: Iterable[str], expected_replicas: Iterable[str], min_share: float = MIN_SHARE
+) -> None:
     """Every expected replica served at least min_share of the calls, and no
     call went anywhere else."""
     counts = collections.Counter(replicas_by_call)

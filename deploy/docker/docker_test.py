@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIRNAME = "Qwen2.5-Coder-0.5B-Instruct"
@@ -75,13 +75,19 @@ def default_model_dir() -> pathlib.Path:
 
 def run(*argv: str | os.PathLike, check: bool = True, capture: bool = False, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(a) for a in argv], check=check, text=True,
-        stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None, **kwargs,
-    )  # fmt: skip
+        [str(a) for a in argv],
+        check=check,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        **kwargs,
+    )
 
 
 def ensure_host_packages() -> None:
-    missing = [pkg for tool, pkg in (("dockerd", "docker.io"), ("debootstrap", "debootstrap")) if not shutil.which(tool)]
+    missing = [
+        pkg for tool, pkg in (("dockerd", "docker.io"), ("debootstrap", "debootstrap")) if not shutil.which(tool)
+    ]
     if not missing:
         return
     say(f"installing {' '.join(missing)} with apt-get")
@@ -121,14 +127,24 @@ class IsolatedDocker:
         self.process = subprocess.Popen(
             [
                 "dockerd",
-                "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
-                "--data-root", str(self.data_root),
-                "--exec-root", str(self.run_dir / "exec"),
-                "--pidfile", str(self.run_dir / "docker.pid"),
-                "-H", self.host,
+                "--iptables=false",
+                "--ip6tables=false",
+                "--ip-forward=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--data-root",
+                str(self.data_root),
+                "--exec-root",
+                str(self.run_dir / "exec"),
+                "--pidfile",
+                str(self.run_dir / "docker.pid"),
+                "-H",
+                self.host,
             ],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -175,8 +191,14 @@ def ensure_base_image(docker: IsolatedDocker, cache: pathlib.Path) -> None:
         say("debootstrap bookworm (minbase + python3) - about a minute")
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             rootfs = pathlib.Path(tmp) / "rootfs"
-            run("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                "bookworm", rootfs, capture=True)  # fmt: skip
+            run(
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                rootfs,
+                capture=True,
+            )
             # Package caches and lists are ~100 MB the image never needs.
             for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for path in (rootfs / leftover).glob("*"):
@@ -190,11 +212,16 @@ def ensure_base_image(docker: IsolatedDocker, cache: pathlib.Path) -> None:
         "import",
         # An imported image has no config: give it what python:3.11-slim has,
         # or `ENV PATH=/opt/venv/bin:$PATH` in the Dockerfile loses /usr/bin.
-        "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "--change", "ENV LANG=C.UTF-8",
-        "--change", 'CMD ["python3"]',
-        tarball, BASE_IMAGE, capture=True,
-    )  # fmt: skip
+        "--change",
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--change",
+        "ENV LANG=C.UTF-8",
+        "--change",
+        'CMD ["python3"]',
+        tarball,
+        BASE_IMAGE,
+        capture=True,
+    )
 
 
 # PyTorch's own index of CPU-only wheels (PyPI has only CUDA builds for x86_64 Linux).
@@ -218,8 +245,20 @@ def _pip_wheel(requirements: str, wheel_cache: pathlib.Path) -> subprocess.Compl
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as req_file:
         req_file.write(requirements)
         req_file.flush()
-        argv = [sys.executable, "-m", "pip", "wheel", "--progress-bar", "off",
-                "--wheel-dir", wheel_cache, "-r", req_file.name, "-c", REPO_ROOT / "requirements.lock"]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--progress-bar",
+            "off",
+            "--wheel-dir",
+            wheel_cache,
+            "-r",
+            req_file.name,
+            "-c",
+            REPO_ROOT / "requirements.lock",
+        ]
         result = run(*argv, capture=True, check=False)
         if result.returncode != 0 and "+cpu" in requirements and "torch" in result.stderr:
             say(f"no CPU torch wheel on the configured indexes: adding {CPU_TORCH_INDEX}")
@@ -238,8 +277,9 @@ def download_wheels(cache: pathlib.Path) -> None:
         raise SystemExit("the image runs Python 3.11: run this with a Python 3.11 (the wheels are built for it)")
     wheel_cache = cache / "wheels"
     wheel_cache.mkdir(parents=True, exist_ok=True)
-    requirements = run(sys.executable, REPO_ROOT / "deploy/docker/runtime_requirements.py", REPO_ROOT,
-                       capture=True).stdout  # fmt: skip
+    requirements = run(
+        sys.executable, REPO_ROOT / "deploy/docker/runtime_requirements.py", REPO_ROOT, capture=True
+    ).stdout
     result = _pip_wheel(host_requirements(requirements, platform.machine()), wheel_cache)
     # pip names each file it used: "Saved <path>" or "File was already downloaded <path>".
     used = set()
@@ -277,9 +317,17 @@ def remove_stale_images(docker: IsolatedDocker, build_output: str) -> None:
 def build_image(docker: IsolatedDocker) -> float:
     started = time.monotonic()
     result = docker.docker(
-        "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "MODEL_FETCH=false",
-        "-t", IMAGE, REPO_ROOT, capture=True, check=False,
-    )  # fmt: skip
+        "build",
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "--build-arg",
+        "MODEL_FETCH=false",
+        "-t",
+        IMAGE,
+        REPO_ROOT,
+        capture=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"docker build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
     (docker.data_root.parent / "last-build.log").write_text(result.stdout + result.stderr)
@@ -348,8 +396,17 @@ def helm_test_hook() -> tuple[str, dict[str, str]] | None:
         return None
     import yaml
 
-    rendered = run(helm, "template", "qwen-grpc", REPO_ROOT / "deploy/helm/qwen-grpc", "--set", "image.repository=qwen-grpc",
-                   "--show-only", "templates/tests/test-grpc.yaml", capture=True).stdout  # fmt: skip
+    rendered = run(
+        helm,
+        "template",
+        "qwen-grpc",
+        REPO_ROOT / "deploy/helm/qwen-grpc",
+        "--set",
+        "image.repository=qwen-grpc",
+        "--show-only",
+        "templates/tests/test-grpc.yaml",
+        capture=True,
+    ).stdout
     container = yaml.safe_load(rendered)["spec"]["containers"][0]
     assert container["command"][:2] == ["python", "-c"], container["command"]
     return container["command"][2], {e["name"]: e["value"] for e in container["env"]}
@@ -360,26 +417,54 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
     target = f"127.0.0.1:{port}"
     name = f"qwen-grpc-docker-test-{os.getpid()}"
     docker.docker(
-        "run", "--detach", "--name", name,
+        "run",
+        "--detach",
+        "--name",
+        name,
         # The production posture (the Helm chart's securityContext).
-        "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=256m",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--memory", "4g", "--cpus", "2",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,nosuid,nodev,size=256m",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--memory",
+        "4g",
+        "--cpus",
+        "2",
         # No bridge on this daemon: share the host's network, bind loopback only.
-        "--network", "host",
-        "-e", "QWEN_HOST=127.0.0.1", "-e", f"QWEN_GRPC_PORT={port}", "-e", "QWEN_THREADS=2",
-        "-e", "QWEN_DRAIN_TIMEOUT=10",
-        "-v", f"{model_dir}:/models/{MODEL_DIRNAME}:ro",
-        IMAGE, capture=True,
-    )  # fmt: skip
+        "--network",
+        "host",
+        "-e",
+        "QWEN_HOST=127.0.0.1",
+        "-e",
+        f"QWEN_GRPC_PORT={port}",
+        "-e",
+        "QWEN_THREADS=2",
+        "-e",
+        "QWEN_DRAIN_TIMEOUT=10",
+        "-v",
+        f"{model_dir}:/models/{MODEL_DIRNAME}:ro",
+        IMAGE,
+        capture=True,
+    )
     logs = lambda: docker.docker("logs", "--tail", "60", name, capture=True, check=False).stderr  # noqa: E731
     try:
+
         def serving() -> bool:
             state = docker.docker("inspect", "--format", "{{.State.Status}}", name, capture=True).stdout.strip()
             if state != "running":
                 raise RuntimeError(f"container {state}:\n{logs()}")
-            reply = grpcurl("-plaintext", "-max-time", "2", "-d", '{"service":"qwen.QwenService"}', target,
-                            "grpc.health.v1.Health/Check")  # fmt: skip
+            reply = grpcurl(
+                "-plaintext",
+                "-max-time",
+                "2",
+                "-d",
+                '{"service":"qwen.QwenService"}',
+                target,
+                "grpc.health.v1.Health/Check",
+            )
             return reply.returncode == 0 and json.loads(reply.stdout).get("status") == "SERVING"
 
         seconds = wait_until(serving, 180, "health SERVING", on_timeout=logs)
@@ -401,8 +486,10 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         assert reply.get("is_final") is True, reply
         assert reply.get("content", "").strip(), reply
         assert int(reply["usage"]["completion_tokens"]) > 0, reply
-        say(f"Chat answered ({reply['usage']['completion_tokens']} tokens, {reply['finish_reason']}): "
-            f"{reply['content'][:60]!r}")  # fmt: skip
+        say(
+            f"Chat answered ({reply['usage']['completion_tokens']} tokens, {reply['finish_reason']}): "
+            f"{reply['content'][:60]!r}"
+        )
 
         memory = docker.docker("stats", "--no-stream", "--format", "{{.MemUsage}}", name, capture=True).stdout.strip()
         say(f"container memory after one chat: {memory}")
@@ -413,9 +500,12 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         write = docker.docker("exec", name, "touch", "/opt/venv/probe", capture=True, check=False)
         assert write.returncode != 0 and "Read-only file system" in write.stderr, write
         # The image's HEALTHCHECK (grpcurl inside the image) agrees.
-        health = lambda: docker.docker(  # noqa: E731
-            "inspect", "--format", "{{.State.Health.Status}}", name, capture=True
-        ).stdout.strip() == "healthy"
+        health = lambda: (
+            docker.docker(  # noqa: E731
+                "inspect", "--format", "{{.State.Health.Status}}", name, capture=True
+            ).stdout.strip()
+            == "healthy"
+        )
         wait_until(health, 60, "docker HEALTHCHECK healthy", interval=1.0, on_timeout=logs)
         say("docker HEALTHCHECK healthy; uid 10001; root filesystem read-only")
 
@@ -425,8 +515,19 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
             say("helm not found (`make tools`): skipped running the helm test hook script")
         else:
             script, env = hook
-            result = docker.docker("exec", "-e", f"TARGET={target}", "-e", f"CHAT_REQUEST={env['CHAT_REQUEST']}",
-                                   name, "python", "-c", script, capture=True, check=False)  # fmt: skip
+            result = docker.docker(
+                "exec",
+                "-e",
+                f"TARGET={target}",
+                "-e",
+                f"CHAT_REQUEST={env['CHAT_REQUEST']}",
+                name,
+                "python",
+                "-c",
+                script,
+                capture=True,
+                check=False,
+            )
             assert result.returncode == 0, f"helm test hook script failed:\n{result.stdout}\n{result.stderr}"
             say("the chart's helm test hook script passes against this container")
 
@@ -441,11 +542,18 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=pathlib.Path, default=default_model_dir(),
-                        help="model folder to mount (default: the one `make model` made)")  # fmt: skip
+    parser.add_argument(
+        "--model-dir",
+        type=pathlib.Path,
+        default=default_model_dir(),
+        help="model folder to mount (default: the one `make model` made)",
+    )
     parser.add_argument("--build-only", action="store_true", help="build the image, do not run it")
-    parser.add_argument("--wheels-only", action="store_true",
-                        help="only fill build/docker-wheels (for `docker build` with your own Docker)")  # fmt: skip
+    parser.add_argument(
+        "--wheels-only",
+        action="store_true",
+        help="only fill build/docker-wheels (for `docker build` with your own Docker)",
+    )
     args = parser.parse_args(argv)
     cache = cache_root()
     if args.wheels_only:

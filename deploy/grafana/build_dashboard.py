@@ -57,7 +57,9 @@ def quantiles(metric: str, by: str = "") -> list[prom.Dataquery]:
     ]
 
 
-def series(title: str, description: str, unit: str, targets: list[prom.Dataquery], *, width: int = 12) -> timeseries.Panel:
+def series(
+    title: str, description: str, unit: str, targets: list[prom.Dataquery], *, width: int = 12
+) -> timeseries.Panel:
     panel = (
         timeseries.Panel()
         .title(title)
@@ -116,10 +118,10 @@ def variable(name: str, label: str, expr: str) -> dash.QueryVariable:
 
 def build() -> dict:
     # A server-side failure: what QwenHighErrorRatio alerts on.
-    failed_server = f'rate(qwen_requests_failed_total{{{QWEN}, reason=~"internal|overloaded|unavailable|deadline"}}[{RATE}])'
-    all_requests = (
-        f"(sum(rate(qwen_requests_finished_total{{{QWEN}}}[{RATE}])) + sum(rate(qwen_requests_failed_total{{{QWEN}}}[{RATE}])))"
+    failed_server = (
+        f'rate(qwen_requests_failed_total{{{QWEN}, reason=~"internal|overloaded|unavailable|deadline"}}[{RATE}])'
     )
+    all_requests = f"(sum(rate(qwen_requests_finished_total{{{QWEN}}}[{RATE}])) + sum(rate(qwen_requests_failed_total{{{QWEN}}}[{RATE}])))"
     board = (
         dash.Dashboard("qwen-grpc")
         .uid(UID)
@@ -131,11 +133,21 @@ def build() -> dict:
         .refresh("30s")
         .timezone("browser")
         .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(variable("job", "Job", 'label_values(qwen_requests_running, job)'))
-        .with_variable(variable("namespace", "Namespace", 'label_values(qwen_requests_running{job=~"$job"}, namespace)'))
-        .with_variable(variable("model", "Model", 'label_values(qwen_requests_running{job=~"$job", namespace=~"$namespace"}, model)'))
+        .with_variable(variable("job", "Job", "label_values(qwen_requests_running, job)"))
         .with_variable(
-            variable("pod", "Pod", 'label_values(qwen_requests_running{job=~"$job", namespace=~"$namespace", model=~"$model"}, pod)')
+            variable("namespace", "Namespace", 'label_values(qwen_requests_running{job=~"$job"}, namespace)')
+        )
+        .with_variable(
+            variable(
+                "model", "Model", 'label_values(qwen_requests_running{job=~"$job", namespace=~"$namespace"}, model)'
+            )
+        )
+        .with_variable(
+            variable(
+                "pod",
+                "Pod",
+                'label_values(qwen_requests_running{job=~"$job", namespace=~"$namespace", model=~"$model"}, pod)',
+            )
         )
         # --- overview ---------------------------------------------------------
         .with_row(dash.Row("Overview"))
@@ -243,8 +255,15 @@ def build() -> dict:
                 "Completed requests by finish reason and failed ones by reason.",
                 "reqps",
                 [
-                    query(f"sum by (finish_reason) (rate(qwen_requests_finished_total{{{QWEN}}}[{RATE}]))", "{{finish_reason}}"),
-                    query(f"sum by (reason) (rate(qwen_requests_failed_total{{{QWEN}}}[{RATE}]))", "failed: {{reason}}", "B"),
+                    query(
+                        f"sum by (finish_reason) (rate(qwen_requests_finished_total{{{QWEN}}}[{RATE}]))",
+                        "{{finish_reason}}",
+                    ),
+                    query(
+                        f"sum by (reason) (rate(qwen_requests_failed_total{{{QWEN}}}[{RATE}]))",
+                        "failed: {{reason}}",
+                        "B",
+                    ),
                 ],
             )
         )

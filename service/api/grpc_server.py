@@ -7,21 +7,22 @@ import asyncio
 import logging
 import pathlib
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+
+from ..auth import ApiKeyAuth
 from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseFormat, ResponseFormatType
 from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
-from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
-from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
-from ..auth import ApiKeyAuth
 from ..ratelimit import RateLimiter, limiter_from_settings
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
@@ -162,7 +163,9 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ModelInfo(id=card.id, max_context_tokens=card.max_context_tokens, max_output_tokens=card.max_output_tokens)
+                pb.ModelInfo(
+                    id=card.id, max_context_tokens=card.max_context_tokens, max_output_tokens=card.max_output_tokens
+                )
                 for card in self._chat.list_models()
             ]
         )
@@ -254,7 +257,9 @@ def enable_reflection(server: aio.Server, service_names: tuple[str, ...]) -> Non
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
     for name in REFLECTION_SERVICE_NAMES:
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
+        )
 
 
 def _ms(seconds: float) -> int:
@@ -357,7 +362,9 @@ def build_server(
         enable_reflection(server, (SERVICE_NAME, HEALTH_SERVICE_NAME))
     address = f"{settings.host}:{settings.grpc_port}"
     try:  # grpcio raises RuntimeError for a taken port (older versions returned 0)
-        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
     except RuntimeError:
         port = 0
     if port == 0:

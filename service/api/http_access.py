@@ -91,7 +91,7 @@ class AccessMiddleware:
 
 
 def _host_name(host_header: str) -> str:
-    """"Example.com:8000" -> "example.com", "[::1]:8000" -> "::1"."""
+    """ "Example.com:8000" -> "example.com", "[::1]:8000" -> "::1"."""
     host = host_header.strip().lower()
     if host.startswith("["):
         return host[1:].split("]", 1)[0]

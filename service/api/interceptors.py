@@ -14,7 +14,8 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -123,7 +124,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
     string) -> INVALID_ARGUMENT, instead of grpcio's UNKNOWN with the parser's
     exception text and an ERROR traceback per call."""
 
-    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -195,13 +198,13 @@ _UNTRACED_SERVICES = ("grpc.health.", "grpc.reflection.")
 
 
 def _split_method(full_method: str) -> tuple[str, str]:
-    """"/qwen.QwenService/Chat" -> ("qwen.QwenService", "Chat")."""
+    """ "/qwen.QwenService/Chat" -> ("qwen.QwenService", "Chat")."""
     service, _, method = full_method.lstrip("/").rpartition("/")
     return service, method
 
 
 def _peer_attributes(peer: str | None) -> dict[str, object]:
-    """"ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" -> network.peer.* attributes."""
+    """ "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" -> network.peer.* attributes."""
     if not peer or ":" not in peer:
         return {}
     kind, _, address = peer.partition(":")
@@ -417,7 +420,9 @@ class AuthInterceptor(aio.ServerInterceptor):
         self._auth = auth
         self._public_prefixes = tuple(f"/{name}/" for name in public_services)
 
-    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         if details.method.startswith(self._public_prefixes):
             return await continuation(details)
         try:
@@ -451,7 +456,9 @@ class RateLimitInterceptor(aio.ServerInterceptor):
         self._auth = auth
         self._prefixes = tuple(f"/{name}/" for name in services)
 
-    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self._prefixes):
             return handler

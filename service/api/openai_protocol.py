@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,7 +41,7 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: str
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None  # accepted, not used by the chat template
 
     def text(self) -> str:
@@ -77,7 +77,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -92,7 +92,7 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormatWire | None = None
     # Accepted and ignored: they do not change the answer.

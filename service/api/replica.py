@@ -11,10 +11,12 @@ another replica.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc import aio
+
 from qwen_grpc_client.wire import REPLICA_METADATA_KEY
 
 
@@ -40,9 +42,7 @@ class ReplicaNameInterceptor(aio.ServerInterceptor):
                 await context.send_initial_metadata(metadata)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 

@@ -8,12 +8,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
-from .types import EngineObserver, EngineStats, FinishReason, GenerationRequest, OutputConstraint, SamplingParams, TokenEvent
+from .types import (
+    EngineObserver,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    OutputConstraint,
+    SamplingParams,
+    TokenEvent,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -108,9 +116,7 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids for a conversation, via the tokenizer's chat template."""
-        encoded = self.loaded.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True
-        )
+        encoded = self.loaded.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -164,7 +170,9 @@ class Engine:
         """One short generation, so the first real request does not pay for
         lazy initialisation (allocator, kernels, tokenizer caches)."""
         prompt = tuple(self.encode_chat([{"role": "user", "content": "Hello"}]))
-        request = GenerationRequest("warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20))
+        request = GenerationRequest(
+            "warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
+        )
         async for _ in self.generate(request):
             pass
 

@@ -75,7 +75,9 @@ class GrammarCompiler:
     tokenizer thread while the compute thread matches."""
 
     def __init__(self, hf_tokenizer: object, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
-        self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
+        self._tokenizer = llguidance.hf.from_tokenizer(
+            hf_tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids)
+        )
         self._lock = threading.Lock()
         self._cached = functools.lru_cache(maxsize=_COMPILED_CACHE_SIZE)(self._compile)
 

@@ -17,13 +17,14 @@ import ctypes
 import dataclasses
 import math
 import mmap
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .loader import LoadedModel
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefillChunk:
@@ -36,6 +37,7 @@ class PrefillChunk:
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
 
 QUANTIZATIONS = ("none", "int8", "int8-weight-only")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
@@ -170,8 +172,15 @@ def _release_pages(tensor: torch.Tensor) -> None:
 class _Block(nn.Module):
     """One transformer layer's packed weights (RMSNorm weights as buffers)."""
 
-    def __init__(self, input_norm: torch.Tensor, qkv: nn.Module, o_proj: nn.Module, post_norm: torch.Tensor,
-                 gate_up: nn.Module, down: nn.Module) -> None:
+    def __init__(
+        self,
+        input_norm: torch.Tensor,
+        qkv: nn.Module,
+        o_proj: nn.Module,
+        post_norm: torch.Tensor,
+        gate_up: nn.Module,
+        down: nn.Module,
+    ) -> None:
         super().__init__()
         self.register_buffer("input_norm", input_norm)
         self.register_buffer("post_norm", post_norm)
@@ -241,7 +250,10 @@ class ModelRunner:
         if lm_head.weight is embed.weight and quantization == "none":
             # tied: the head needs its own copy (int8 packing makes one itself)
             lm_head = nn.Linear(
-                lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype,
+                lm_head.in_features,
+                lm_head.out_features,
+                bias=False,
+                dtype=lm_head.weight.dtype,
                 device=lm_head.weight.device,
             )
             lm_head.weight.data = self._embed.weight.data.clone()

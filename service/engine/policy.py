@@ -6,7 +6,7 @@ table (slots.py) carries them out.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def prompt_chunk_lengths(

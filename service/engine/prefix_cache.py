@@ -28,7 +28,8 @@ from __future__ import annotations
 import collections
 import hashlib
 from array import array
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -43,7 +44,9 @@ class KVSlots(Protocol):
     def allocate_kv_blocks(self, count: int, block_size: int) -> torch.Tensor: ...
 
 
-def block_keys(token_ids: Sequence[int], count: int, block_size: int = BLOCK_SIZE, known: Sequence[bytes] = ()) -> list[bytes]:
+def block_keys(
+    token_ids: Sequence[int], count: int, block_size: int = BLOCK_SIZE, known: Sequence[bytes] = ()
+) -> list[bytes]:
     """Keys of the first `count` full blocks of `token_ids`; `known` are keys
     already computed for its first blocks (they are kept, not recomputed)."""
     keys = list(known[:count])

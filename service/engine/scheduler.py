@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -296,9 +296,7 @@ class Scheduler:
             return
         prefilling = list(self._prefilling)[: len(chunks)]
         try:
-            logits = self._runner.step(
-                [seq.next_token for seq in decoding], [seq.cached for seq in decoding], chunks
-            )
+            logits = self._runner.step([seq.next_token for seq in decoding], [seq.cached for seq in decoding], chunks)
         except Exception:  # one bad request must not take the engine, or the others, down
             _LOG.exception("engine step failed (%d decoding, %d prompt chunks)", len(decoding), len(chunks))
             self._isolate_failure(decoding, chunks, prefilling)
@@ -352,7 +350,9 @@ class Scheduler:
             except Exception:  # an observer bug must not fail requests
                 _LOG.exception("engine observer failed")
 
-    def _isolate_failure(self, decoding: list[_Sequence], chunks: list[PrefillChunk], prefilling: list[_Sequence]) -> None:
+    def _isolate_failure(
+        self, decoding: list[_Sequence], chunks: list[PrefillChunk], prefilling: list[_Sequence]
+    ) -> None:
         """Run each part of a failed step on its own and end only the requests
         whose part fails again; the others redo the step next iteration
         (writing the same cache positions again is harmless)."""

@@ -18,7 +18,7 @@ time, so nothing here runs per token on the compute thread.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,16 +37,60 @@ _LOG = logging.getLogger(__name__)
 
 # Latencies: 5 ms .. 60 s, at least two buckets per doubling between 10 ms and 30 s.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+)
 # Whole requests and streams last longer: up to 10 minutes.
 DURATION_BUCKETS = LATENCY_BUCKETS + (120.0, 300.0, 600.0)
 # Inter-token latency on CPU is 5-150 ms per step; finer at the low end.
 INTER_TOKEN_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06,
-    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.06,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -94,114 +138,139 @@ class Metrics:
         self.time_to_first_token = Histogram(
             "qwen_time_to_first_token_seconds",
             "Time from the request's arrival at the service (before tokenization) to its first generated token.",
-            m, registry=r, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.inter_token_latency = Histogram(
             "qwen_inter_token_latency_seconds",
             "Time between two consecutive generated tokens of one request (one sample per token after the first).",
-            m, registry=r, buckets=INTER_TOKEN_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=INTER_TOKEN_BUCKETS,
+        )
         self.queue_time = Histogram(
             "qwen_request_queue_time_seconds",
             "Time a request waited for a KV-cache slot (engine submit to admission).",
-            m, registry=r, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.prefill_time = Histogram(
             "qwen_request_prefill_time_seconds",
             "Time from admission to the first token (prompt prefill, interleaved with other requests' decode steps).",
-            m, registry=r, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.decode_time = Histogram(
             "qwen_request_decode_time_seconds",
             "Time from the first token to the last.",
-            m, registry=r, buckets=DURATION_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=DURATION_BUCKETS,
+        )
         self.e2e_latency = Histogram(
             "qwen_e2e_request_latency_seconds",
             "Time from the request's arrival to its final event.",
-            m, registry=r, buckets=DURATION_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=DURATION_BUCKETS,
+        )
         # --- tokens ---------------------------------------------------------
         self.prompt_tokens = Counter(
             "qwen_prompt_tokens",
             "Prompt tokens prefilled (counted when a request's first token is generated).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.generation_tokens = Counter(
             "qwen_generation_tokens",
             "Tokens generated (counted as each token reaches the service).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.request_prompt_tokens = Histogram(
             "qwen_request_prompt_tokens",
             "Prompt length of requests that received a final event.",
-            m, registry=r, buckets=TOKEN_COUNT_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=TOKEN_COUNT_BUCKETS,
+        )
         self.request_generation_tokens = Histogram(
             "qwen_request_generation_tokens",
             "Output length of requests that received a final event.",
-            m, registry=r, buckets=TOKEN_COUNT_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=TOKEN_COUNT_BUCKETS,
+        )
         # --- engine load (read from the engine at scrape time) -------------
         self.requests_running = Gauge(
             "qwen_requests_running", "Requests holding a KV-cache slot (prefilling or decoding).", m, registry=r
         )
-        self.requests_waiting = Gauge(
-            "qwen_requests_waiting", "Requests queued for a KV-cache slot.", m, registry=r
-        )
+        self.requests_waiting = Gauge("qwen_requests_waiting", "Requests queued for a KV-cache slot.", m, registry=r)
         self.requests_running_limit = Gauge(
             "qwen_requests_running_limit", "Most requests decoded together (--max-batch-size).", m, registry=r
         )
         self.requests_waiting_limit = Gauge(
             "qwen_requests_waiting_limit",
             "Most requests that may wait; beyond it calls are rejected as overloaded (--max-waiting).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "qwen_kv_cache_usage_ratio",
             "Fraction of KV-cache positions holding tokens (0..1).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.prefix_cache_hit_tokens = Counter(
             "qwen_prefix_cache_hit_tokens",
             "Prompt tokens whose KV was reused from the prefix cache instead of computed (divide by "
             "qwen_prompt_tokens_total for the hit ratio).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.prefix_cache_blocks_used = Gauge(
             "qwen_prefix_cache_blocks_used", "Blocks of 16 KV positions held by the prefix cache.", m, registry=r
         )
         self.prefix_cache_blocks_limit = Gauge(
             "qwen_prefix_cache_blocks_limit",
             "Blocks the prefix cache may hold (--prefix-cache-mb; 0 with --no-prefix-caching).",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.prefix_cache_evictions = Counter(
             "qwen_prefix_cache_evictions",
             "Prefix-cache blocks evicted (least recently used) to make room for new ones.",
-            m, registry=r,
-        )  # fmt: skip
+            m,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             "qwen_decode_batch_size",
             "Requests decoded together, one sample per engine decode step.",
-            m, registry=r, buckets=BATCH_SIZE_BUCKETS,
-        )  # fmt: skip
+            m,
+            registry=r,
+            buckets=BATCH_SIZE_BUCKETS,
+        )
         # --- outcomes ---------------------------------------------------------
         self.requests_finished = Counter(
             "qwen_requests_finished",
             "Requests that completed, by finish_reason (stop: end of sequence or a stop string; length: max_tokens "
             "or the context window).",
-            ("model", "finish_reason"), registry=r,
-        )  # fmt: skip
+            ("model", "finish_reason"),
+            registry=r,
+        )
         self.requests_failed = Counter(
             "qwen_requests_failed",
             "Requests that did not complete, by reason: validation, overloaded, unavailable, cancelled "
             "(by the client or shutdown), deadline, internal.",
-            ("model", "reason"), registry=r,
-        )  # fmt: skip
+            ("model", "reason"),
+            registry=r,
+        )
         self.grpc = GrpcServerMetrics(r)
 
-    def for_model(self, model: str) -> "ModelMetrics":
+    def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 
 
@@ -266,9 +335,7 @@ class GrpcServerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("grpc_type", "grpc_service", "grpc_method")
-        self.started = Counter(
-            "grpc_server_started", "RPCs started on the server.", labels, registry=registry
-        )
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
         self.handled = Counter(
             "grpc_server_handled",
             "RPCs completed on the server, by status code.",
@@ -278,8 +345,10 @@ class GrpcServerMetrics:
         self.handling_seconds = Histogram(
             "grpc_server_handling_seconds",
             "Time from the handler's start to its end (the whole stream for streaming RPCs).",
-            labels, registry=registry, buckets=DURATION_BUCKETS,
-        )  # fmt: skip
+            labels,
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
         self.msg_received = Counter(
             "grpc_server_msg_received", "Request messages received by the server.", labels, registry=registry
         )

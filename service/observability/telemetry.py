@@ -54,11 +54,11 @@ class Telemetry:
         self.tracer = tracer if tracer is not None else trace.NoOpTracer()
 
     @classmethod
-    def standalone(cls, model: str) -> "Telemetry":
+    def standalone(cls, model: str) -> Telemetry:
         """Metrics on a private registry, no tracing (for embedding and tests)."""
         return cls(Metrics().for_model(model))
 
-    def start(self, arrival: float) -> "RequestTelemetry":
+    def start(self, arrival: float) -> RequestTelemetry:
         return RequestTelemetry(self, arrival)
 
 
@@ -67,8 +67,17 @@ class RequestTelemetry:
     `fail()` settles it (later calls are ignored)."""
 
     __slots__ = (
-        "_t", "_m", "_arrival", "_clock", "_span", "_tokens", "_last_token_at", "_prompt_len", "_deadline", "_done"
-    )  # fmt: skip
+        "_t",
+        "_m",
+        "_arrival",
+        "_clock",
+        "_span",
+        "_tokens",
+        "_last_token_at",
+        "_prompt_len",
+        "_deadline",
+        "_done",
+    )
 
     def __init__(self, telemetry: Telemetry, arrival: float) -> None:
         self._t = telemetry
@@ -174,14 +183,24 @@ class RequestTelemetry:
             return
         prefill_end = timing.first_token if timing.first_token is not None else timing.finished
         add_timed_span(
-            tracer, "prefill", span, timing.admitted, prefill_end, clock,
+            tracer,
+            "prefill",
+            span,
+            timing.admitted,
+            prefill_end,
+            clock,
             {"gen_ai.usage.input_tokens": self._prompt_len},
-        )  # fmt: skip
+        )
         if timing.first_token is not None:
             add_timed_span(
-                tracer, "decode", span, timing.first_token, timing.finished, clock,
+                tracer,
+                "decode",
+                span,
+                timing.first_token,
+                timing.finished,
+                clock,
                 {"gen_ai.usage.output_tokens": self._tokens},
-            )  # fmt: skip
+            )
 
     def _cancel_reason(self, now: float) -> str:
         deadline = self._deadline

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -156,4 +156,3 @@ def extract_context(metadata: Iterable[tuple[str, object]] | None) -> Context:
         if isinstance(value, str):  # binary (-bin) entries carry no text propagation headers
             carrier[key.lower()] = value
     return propagate.extract(carrier)
-

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from harness import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -25,13 +24,29 @@ MAX_TOKENS = 8
 def run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     argv = [
-        sys.executable, str(REPO_ROOT / "bench" / "loadgen.py"),
-        "--model", str(tiny_model_dir),
-        "--concurrency", "1,2", "--rounds", "1", "--min-requests", "2",
-        "--workloads", "short,long", "--long-tokens", "400",
-        "--max-tokens", str(MAX_TOKENS), "--threads", "1",
-        "--out-dir", str(out), "--label", "tiny",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO_ROOT / "bench" / "loadgen.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--concurrency",
+        "1,2",
+        "--rounds",
+        "1",
+        "--min-requests",
+        "2",
+        "--workloads",
+        "short,long",
+        "--long-tokens",
+        "400",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--threads",
+        "1",
+        "--out-dir",
+        str(out),
+        "--label",
+        "tiny",
+    ]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = list(out.glob("*-tiny.json"))
@@ -122,7 +137,12 @@ async def test_sse_client_reads_chunked_events_and_reuses_the_connection():
                 await writer.drain()
                 continue
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for part in (b'data: {"n": 1}\n\nda', b'ta: {"n": 2}\n', b"\n: ping\n\n", b'data: {"n": 3}\r\n\r\ndata: [DONE]\n\n'):
+            for part in (
+                b'data: {"n": 1}\n\nda',
+                b'ta: {"n": 2}\n',
+                b"\n: ping\n\n",
+                b'data: {"n": 3}\r\n\r\ndata: [DONE]\n\n',
+            ):
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                 await writer.drain()
                 await asyncio.sleep(0.001)
@@ -167,7 +187,14 @@ def test_ratio_rows_divide_ours_by_llama_and_check_issue_targets():
 def _level(server, c, agg, ttft95, rss, alternation=0, decode=None):
     summary = {"agg_tok_s": agg, "ttft_p95": ttft95, "ttft_p50": None, "itl_p95": 0.05, "decode_tok_s_median": decode}
     process = {"server_rss_peak_bytes": rss, "server_rss_anon_peak_sampled_bytes": rss // 2}
-    return {"server": server, "workload": "short", "concurrency": c, "alternation": alternation, "summary": summary, "process": process}
+    return {
+        "server": server,
+        "workload": "short",
+        "concurrency": c,
+        "alternation": alternation,
+        "summary": summary,
+        "process": process,
+    }
 
 
 def test_ratio_rows_take_the_median_round_and_report_the_worst():
@@ -176,8 +203,10 @@ def test_ratio_rows_take_the_median_round_and_report_the_worst():
     # Five rounds of single-stream decode: ratios 1.5, 1.4, 1.05, 1.35, 1.32.
     levels = []
     for alternation, (ours, llama) in enumerate([(75, 50), (70, 50), (63, 60), (67.5, 50), (66, 50)]):
-        levels += [_level("ours", 1, ours, 0.1, 1_000_000_000, alternation, decode=ours),
-                   _level("llama", 1, llama, 0.2, 800_000_000, alternation, decode=llama)]  # fmt: skip
+        levels += [
+            _level("ours", 1, ours, 0.1, 1_000_000_000, alternation, decode=ours),
+            _level("llama", 1, llama, 0.2, 800_000_000, alternation, decode=llama),
+        ]
     by_metric = {row["metric"]: row for row in ratio_rows(levels)}
     decode = by_metric["single-stream decode tok/s"]
     assert decode["rounds"] == 5
@@ -200,20 +229,43 @@ def test_servers_take_turns_in_abba_order():
     from bench.loadgen import turns
 
     assert [turns(["ours", "llama"], r) for r in range(4)] == [
-        ["ours", "llama"], ["llama", "ours"], ["ours", "llama"], ["llama", "ours"]
-    ]  # fmt: skip
+        ["ours", "llama"],
+        ["llama", "ours"],
+        ["ours", "llama"],
+        ["llama", "ours"],
+    ]
 
 
 def test_alternations_and_co_runner_are_recorded(tiny_model_dir, tmp_path):
     """Two rounds of one level with the memory-bandwidth co-runner beside the
     server: both rounds are recorded, each with the bandwidth the co-runner got."""
     argv = [
-        sys.executable, str(REPO_ROOT / "bench" / "loadgen.py"),
-        "--model", str(tiny_model_dir), "--concurrency", "1", "--workloads", "short",
-        "--rounds", "1", "--min-requests", "1", "--max-tokens", "4", "--threads", "1",
-        "--alternations", "2", "--co-runner", "--co-runner-mib", "8",
-        "--out-dir", str(tmp_path), "--label", "alt",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO_ROOT / "bench" / "loadgen.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--concurrency",
+        "1",
+        "--workloads",
+        "short",
+        "--rounds",
+        "1",
+        "--min-requests",
+        "1",
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+        "--alternations",
+        "2",
+        "--co-runner",
+        "--co-runner-mib",
+        "8",
+        "--out-dir",
+        str(tmp_path),
+        "--label",
+        "alt",
+    ]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = tmp_path.glob("*-alt.json")

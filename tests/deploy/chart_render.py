@@ -40,8 +40,13 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([tool("helm"), *args], capture_output=True, text=True, check=check)
 
 
-def template_text(*values_files: pathlib.Path | str, sets: dict[str, str] | None = None,
-                  namespace: str = "default", kube_version: str | None = None, check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+def template_text(
+    *values_files: pathlib.Path | str,
+    sets: dict[str, str] | None = None,
+    namespace: str = "default",
+    kube_version: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     args = ["template", RELEASE, str(CHART), "--namespace", namespace]
     for path in (IMAGE_VALUES, *values_files):
         args += ["--values", str(path)]
@@ -52,7 +57,9 @@ def template_text(*values_files: pathlib.Path | str, sets: dict[str, str] | None
     return helm(*args, check=check)
 
 
-def render(*values_files: pathlib.Path | str, sets: dict[str, str] | None = None, namespace: str = "default") -> list[dict]:
+def render(
+    *values_files: pathlib.Path | str, sets: dict[str, str] | None = None, namespace: str = "default"
+) -> list[dict]:
     """Every object the chart renders (hooks included), as dicts."""
     text = template_text(*values_files, sets=sets, namespace=namespace).stdout
     return [doc for doc in yaml.safe_load_all(text) if doc]

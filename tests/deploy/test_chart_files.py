@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 import yaml
-
-from chart_render import CHART, IMAGE_VALUES, REPO_ROOT, RELEASE, helm
+from chart_render import CHART, IMAGE_VALUES, RELEASE, REPO_ROOT, helm
 from harness import load_script
 
 
@@ -54,8 +53,9 @@ def _template(chart: pathlib.Path, *args: str, check: bool = True):
 
 
 def test_dashboard_configmap_carries_the_dashboard_files():
-    text = _template(CHART, "--set", "grafanaDashboard.enabled=true",
-                     "--show-only", "templates/grafana-dashboard.yaml").stdout  # fmt: skip
+    text = _template(
+        CHART, "--set", "grafanaDashboard.enabled=true", "--show-only", "templates/grafana-dashboard.yaml"
+    ).stdout
     configmap = yaml.safe_load(text)
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     sources = sorted((REPO_ROOT / "deploy" / "grafana").glob("*.json"))
@@ -71,11 +71,21 @@ def _alerts(groups: list[dict]) -> dict[str, str]:
 def test_prometheus_rule_carries_the_shipped_alerts_and_extra_groups():
     """The defect this catches: the chart globbed *.rules.yaml while the rules
     file is qwen-grpc-alerts.yaml, so enabling the rule failed to render."""
-    text = _template(CHART, "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                     "--set", "metrics.prometheusRule.extraGroups[0].name=extra",
-                     "--set", "metrics.prometheusRule.extraGroups[0].rules[0].record=qwen:x",
-                     "--set", "metrics.prometheusRule.extraGroups[0].rules[0].expr=1",
-                     "--show-only", "templates/prometheusrule.yaml").stdout  # fmt: skip
+    text = _template(
+        CHART,
+        "--set",
+        "metrics.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.extraGroups[0].name=extra",
+        "--set",
+        "metrics.prometheusRule.extraGroups[0].rules[0].record=qwen:x",
+        "--set",
+        "metrics.prometheusRule.extraGroups[0].rules[0].expr=1",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ).stdout
     groups = yaml.safe_load(text)["spec"]["groups"]
     shipped = yaml.safe_load((REPO_ROOT / "deploy/prometheus/qwen-grpc-alerts.yaml").read_text())["groups"]
     assert [g["name"] for g in groups] == [g["name"] for g in shipped] + ["extra"]
@@ -86,9 +96,19 @@ def test_replica_alerts_select_this_release_whatever_its_name():
     """The shipped rules find replicas by a job=~".*qwen.*" regex; the chart
     pins them to its own job (the Service name) and namespace, so a
     fullnameOverride without "qwen" in it still alerts."""
-    text = _template(CHART, "--namespace", "llm", "--set", "fullnameOverride=coder",
-                     "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                     "--show-only", "templates/prometheusrule.yaml").stdout  # fmt: skip
+    text = _template(
+        CHART,
+        "--namespace",
+        "llm",
+        "--set",
+        "fullnameOverride=coder",
+        "--set",
+        "metrics.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ).stdout
     alerts = _alerts(yaml.safe_load(text)["spec"]["groups"])
     assert alerts["QwenReplicaDown"].strip() == 'up{job="coder",namespace="llm"} == 0'
     assert alerts["QwenNoReplicasUp"].strip() == 'absent(up{job="coder",namespace="llm"} == 1)'
@@ -99,6 +119,7 @@ def test_a_chart_without_rules_refuses_an_empty_prometheus_rule(tmp_path):
     chart = tmp_path / "qwen-grpc"
     shutil.copytree(CHART, chart)
     shutil.rmtree(chart / "files" / "prometheus")
-    result = _template(chart, "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
-                       check=False)  # fmt: skip
+    result = _template(
+        chart, "--set", "metrics.enabled=true", "--set", "metrics.prometheusRule.enabled=true", check=False
+    )
     assert result.returncode != 0 and "no rules" in result.stderr, result.stderr

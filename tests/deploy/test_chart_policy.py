@@ -9,16 +9,15 @@ import pathlib
 
 import pytest
 import yaml
-
 from chart_render import CHART, CI_VALUES, RELEASE, by_kind, one, render, server_container
+
 from service.config import Settings, build_parser
 
 CASES = {"defaults": None, **{p.name.removesuffix("-values.yaml"): p for p in CI_VALUES}}
 # Settings the chart passes before the server has them; each names its issue.
 # test_pending_settings_are_still_pending fails once one lands, so it moves
 # to the checked set.
-PENDING_SETTINGS = {
-}
+PENDING_SETTINGS = {}
 # Server settings the chart derives itself (not accepted under `settings:`),
 # each with where its value comes from. Every other Settings field must be in
 # values.schema.json: test_every_server_setting_is_settable_or_chart_managed.
@@ -98,8 +97,12 @@ def test_every_container_is_hardened(case):
         assert pod_security.get("runAsNonRoot") is True, where
         assert pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         for container in spec.get("initContainers", []) + spec["containers"]:
-            assert not _hardened(container, pod_security), f"{where}/{container['name']}: {_hardened(container, pod_security)}"
-            assert "resources" in container and container["resources"].get("limits", {}).get("memory"), container["name"]
+            assert not _hardened(container, pod_security), (
+                f"{where}/{container['name']}: {_hardened(container, pod_security)}"
+            )
+            assert "resources" in container and container["resources"].get("limits", {}).get("memory"), container[
+                "name"
+            ]
             writable = {m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")}
             assert "/tmp" in writable, f"{where}/{container['name']} has no writable /tmp"
     for account in by_kind(docs, "ServiceAccount"):
@@ -136,7 +139,9 @@ def test_grace_period_covers_prestop_and_drain(case):
     # Margin for the engine shutdown and the final trailers (grace=1 s in the server).
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
     # A rollout must not cut a stream the server's connection-age grace lets run.
-    grace = float(_config(docs).get("QWEN_MAX_CONNECTION_AGE_GRACE", Settings.model_fields["max_connection_age_grace"].default))
+    grace = float(
+        _config(docs).get("QWEN_MAX_CONNECTION_AGE_GRACE", Settings.model_fields["max_connection_age_grace"].default)
+    )
     assert drain >= grace
 
 
@@ -255,7 +260,9 @@ def test_threads_follow_the_cpu_limit(case):
     assert _config(docs)["QWEN_THREADS"] == str(expected)
 
 
-@pytest.mark.parametrize(("limit", "threads"), [("3500m", "3"), ("1500m", "1"), ("500m", "1"), ("2", "2"), ("2.5", "2")])
+@pytest.mark.parametrize(
+    ("limit", "threads"), [("3500m", "3"), ("1500m", "1"), ("500m", "1"), ("2", "2"), ("2.5", "2")]
+)
 def test_fractional_cpu_limits_round_threads_down(limit, threads):
     assert _config(render(sets={"resources.limits.cpu": limit}))["QWEN_THREADS"] == threads
 
@@ -351,15 +358,27 @@ def _notes(tmp_path: pathlib.Path, *args: str) -> str:
     (chart / "templates" / "notes-rendered.yaml").write_text(
         'notes: |\n{{ tpl (.Files.Get "notes-copy.txt") . | indent 2 }}\n'
     )
-    rendered = helm("template", RELEASE, str(chart), "--namespace", "demo", "--values", str(IMAGE_VALUES), *args,
-                    "--show-only", "templates/notes-rendered.yaml").stdout  # fmt: skip
+    rendered = helm(
+        "template",
+        RELEASE,
+        str(chart),
+        "--namespace",
+        "demo",
+        "--values",
+        str(IMAGE_VALUES),
+        *args,
+        "--show-only",
+        "templates/notes-rendered.yaml",
+    ).stdout
     return yaml.safe_load(rendered)["notes"]
 
 
 def test_notes_give_the_port_forward_and_grpcurl_commands(tmp_path):
     notes = _notes(tmp_path)
     assert f"kubectl --namespace demo port-forward service/{RELEASE} 50051:50051" in notes
-    assert "grpcurl -plaintext -d '{\"service\":\"qwen.QwenService\"}' localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert (
+        'grpcurl -plaintext -d \'{"service":"qwen.QwenService"}\' localhost:50051 grpc.health.v1.Health/Check' in notes
+    )
     assert "grpcurl -plaintext -d '{}' localhost:50051 qwen.QwenService/ListModels" in notes
     assert "qwen.QwenService/ChatStream" in notes
     assert f"dns:///{RELEASE}-headless.demo.svc.cluster.local:50051" in notes
@@ -372,9 +391,11 @@ def test_notes_send_the_api_key_when_keys_are_on(tmp_path):
     assert f"get secret {secret} -o jsonpath='{{.data.api-keys}}' | base64 -d | cut -d, -f1)" in notes
     header = '-H "authorization: Bearer $QWEN_API_KEY"'
     assert f"grpcurl -plaintext {header} -d '{{}}' localhost:50051 qwen.QwenService/ListModels" in notes
-    assert f"grpcurl -plaintext {header} -d '{{\"messages\"" in notes
+    assert f'grpcurl -plaintext {header} -d \'{{"messages"' in notes
     # Health stays public (settings.auth_public_health): probes send no key.
-    assert "grpcurl -plaintext -d '{\"service\":\"qwen.QwenService\"}' localhost:50051 grpc.health.v1.Health/Check" in notes
+    assert (
+        'grpcurl -plaintext -d \'{"service":"qwen.QwenService"}\' localhost:50051 grpc.health.v1.Health/Check' in notes
+    )
 
 
 def test_chart_and_package_versions_agree():

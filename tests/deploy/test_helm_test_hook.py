@@ -9,7 +9,6 @@ import base64
 import subprocess
 
 import pytest
-
 from chart_render import REPO_ROOT, by_kind, one, render
 from harness import running_server
 
@@ -17,7 +16,11 @@ KEY = "hook-test-key-0123456789"
 
 
 def _hook_pod(api_keys: bool) -> tuple[list[str], dict[str, str]]:
-    sets = {"apiKeys.enabled": "true", "apiKeys.keys[0]": KEY, "apiKeys.keys[1]": "second-key-0123456789"} if api_keys else {}
+    sets = (
+        {"apiKeys.enabled": "true", "apiKeys.keys[0]": KEY, "apiKeys.keys[1]": "second-key-0123456789"}
+        if api_keys
+        else {}
+    )
     docs = render(sets=sets)
     (pod,) = by_kind(docs, "Pod")
     (container,) = pod["spec"]["containers"]
@@ -43,7 +46,9 @@ def _run_hook(command: list[str], env: dict[str, str], target: str) -> subproces
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir):
-    with running_server(tiny_model_dir, "--threads", "1", env={"QWEN_API_KEYS": f"{KEY},other-key-0123456789"}) as server:
+    with running_server(
+        tiny_model_dir, "--threads", "1", env={"QWEN_API_KEYS": f"{KEY},other-key-0123456789"}
+    ) as server:
         yield server
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from chart_render import REPO_ROOT, kustomize
 from harness import load_script
 

@@ -12,8 +12,7 @@ import sys
 import kubernetes_validate
 import pytest
 import yaml
-
-from chart_render import KUBE_VERSIONS, REPO_ROOT, helm, CHART, template_text
+from chart_render import CHART, KUBE_VERSIONS, REPO_ROOT, helm, template_text
 from harness import running_server
 from lb_assertions import assert_no_failures, assert_spread
 
@@ -77,8 +76,11 @@ def test_in_cluster_client_streams_mode_against_a_real_server(tiny_model_dir):
     with running_server(tiny_model_dir, "--threads", "1") as server:
         result = subprocess.run(
             [sys.executable, str(KIND_DIR / "in_cluster_client.py"), "streams", server.target, "2", "2"],
-            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
     assert result.returncode == 0, result.stderr
     assert "STARTED" in result.stdout
     (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
@@ -92,8 +94,11 @@ def test_in_cluster_client_spread_mode_names_the_replica(tiny_model_dir):
     with running_server(tiny_model_dir, "--threads", "1", "--replica-name", "pod-a") as server:
         result = subprocess.run(
             [sys.executable, str(KIND_DIR / "in_cluster_client.py"), "spread", server.target, "5"],
-            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
     assert result.returncode == 0, result.stderr
     (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
     replicas = json.loads(line.removeprefix("RESULT "))["replicas"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -39,8 +39,16 @@ class UnaryLoop(threading.Thread):
     max_seconds), recording where each went and how it ended. With
     session_ids, call n carries session_ids[n % len(session_ids)]."""
 
-    def __init__(self, client: QwenClient, *, timeout: float = 10.0, pause: float = 0.02, max_calls: int = 1000,
-                 max_seconds: float = 60.0, session_ids: Sequence[str] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: QwenClient,
+        *,
+        timeout: float = 10.0,
+        pause: float = 0.02,
+        max_calls: int = 1000,
+        max_seconds: float = 60.0,
+        session_ids: Sequence[str] = (),
+    ) -> None:
         super().__init__(daemon=True)
         self.client, self.timeout, self.pause = client, timeout, pause
         self.session_ids = list(session_ids)
@@ -55,7 +63,9 @@ class UnaryLoop(threading.Thread):
             session_id = self.session_ids[len(self.records) % len(self.session_ids)] if self.session_ids else None
             try:
                 result = self.client.chat(PROMPT, max_tokens=4, timeout=self.timeout, session_id=session_id)
-                self.records.append(CallRecord(started, time.monotonic(), replica=result.replica, session_id=session_id))
+                self.records.append(
+                    CallRecord(started, time.monotonic(), replica=result.replica, session_id=session_id)
+                )
             except grpc.RpcError as error:
                 self.records.append(CallRecord(started, time.monotonic(), error=error, session_id=session_id))
             self._halt.wait(self.pause)
@@ -120,7 +130,7 @@ class SlowStream(threading.Thread):
         assert self.replica, f"stream failed before its first message: {self.error}"
         return self.replica
 
-    def finish(self, timeout: float = 40.0) -> "SlowStream":
+    def finish(self, timeout: float = 40.0) -> SlowStream:
         self.join(timeout)
         assert not self.is_alive(), "stream hangs"
         return self

@@ -27,7 +27,6 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2
-
 from harness import REPO_ROOT, SOURCE_PATH, health_status, terminate_process
 
 SUBNET_PREFIX = "10.213.47"  # private /24 used only by this test
@@ -142,15 +141,23 @@ class Fleet:
         self.write_hosts()
         self.dnsmasq = subprocess.Popen(
             [
-                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
-                "--no-resolv", "--no-hosts", f"--addn-hosts={self.hosts_file}",
-                "--bind-interfaces", f"--listen-address=127.0.0.1,{BRIDGE_IP}", f"--port={self.dns_port}",
-                "--local=/cluster.local/", "--local-ttl=0", f"--pid-file={self.workdir / 'dnsmasq.pid'}",
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                f"--addn-hosts={self.hosts_file}",
+                "--bind-interfaces",
+                f"--listen-address=127.0.0.1,{BRIDGE_IP}",
+                f"--port={self.dns_port}",
+                "--local=/cluster.local/",
+                "--local-ttl=0",
+                f"--pid-file={self.workdir / 'dnsmasq.pid'}",
                 "--log-facility=-",
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "dnsmasq.log", "w"),
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -214,11 +221,24 @@ class Fleet:
         assert not replica.alive(), f"{name} is already running"
         replica.log_path = self.workdir / f"{name}.log"
         argv = [
-            "ip", "netns", "exec", replica.netns,
-            sys.executable, "-m", "service.cli",
-            "--model", str(self.model_dir), "--host", replica.ip, "--grpc-port", str(GRPC_PORT),
-            "--replica-name", name, *self.server_args, *extra_args,
-        ]  # fmt: skip
+            "ip",
+            "netns",
+            "exec",
+            replica.netns,
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--model",
+            str(self.model_dir),
+            "--host",
+            replica.ip,
+            "--grpc-port",
+            str(GRPC_PORT),
+            "--replica-name",
+            name,
+            *self.server_args,
+            *extra_args,
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SOURCE_PATH}
         with open(replica.log_path, "a") as log:
             replica.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

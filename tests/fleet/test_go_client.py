@@ -4,13 +4,12 @@ linux/amd64 and linux/arm64, run against the real Python server."""
 from __future__ import annotations
 
 import filecmp
-import pathlib
 import shutil
 import subprocess
 
 import pytest
-
 from harness import REPO_ROOT, running_server
+
 from qwen_grpc_client import QwenClient
 
 GO_DIR = REPO_ROOT / "clients" / "go"
@@ -47,12 +46,23 @@ def test_committed_go_stubs_match_the_proto(go_build, tmp_path):
         pytest.fail("protoc missing although make build installs it")
     module = "github.com/qwen-grpc/qwen-grpc/clients/go"
     subprocess.run(
-        ["protoc", f"-I{REPO_ROOT / 'proto'}", f"--go_out={tmp_path}", f"--go_opt=module={module}",
-         f"--go-grpc_out={tmp_path}", f"--go-grpc_opt=module={module}", "qwen/qwen_service.proto"],
-        check=True, cwd=REPO_ROOT / "proto", timeout=60,
-    )  # fmt: skip
+        [
+            "protoc",
+            f"-I{REPO_ROOT / 'proto'}",
+            f"--go_out={tmp_path}",
+            f"--go_opt=module={module}",
+            f"--go-grpc_out={tmp_path}",
+            f"--go-grpc_opt=module={module}",
+            "qwen/qwen_service.proto",
+        ],
+        check=True,
+        cwd=REPO_ROOT / "proto",
+        timeout=60,
+    )
     for name in ("qwen_service.pb.go", "qwen_service_grpc.pb.go"):
-        assert filecmp.cmp(tmp_path / "qwenpb" / name, GO_DIR / "qwenpb" / name, shallow=False), f"{name} is stale: make -C clients/go proto"
+        assert filecmp.cmp(tmp_path / "qwenpb" / name, GO_DIR / "qwenpb" / name, shallow=False), (
+            f"{name} is stale: make -C clients/go proto"
+        )
 
 
 def test_go_client_streams_the_same_answer_as_the_python_sdk(go_build, tiny_model_dir):
@@ -60,10 +70,23 @@ def test_go_client_streams_the_same_answer_as_the_python_sdk(go_build, tiny_mode
         with QwenClient(server.target, timeout=30) as client:
             expected = client.chat([{"role": "user", "content": "Hello there"}], temperature=0, max_tokens=24)
         result = subprocess.run(
-            [str(go_build["amd64"]), "-target", server.target, "-temperature", "0", "-max-tokens", "24",
-             "-timeout", "30s", "-usage", "Hello there"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                str(go_build["amd64"]),
+                "-target",
+                server.target,
+                "-temperature",
+                "0",
+                "-max-tokens",
+                "24",
+                "-timeout",
+                "30s",
+                "-usage",
+                "Hello there",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected.content + "\n"
         assert "[finish=length prompt=" in result.stderr and "completion=24" in result.stderr
@@ -72,7 +95,9 @@ def test_go_client_streams_the_same_answer_as_the_python_sdk(go_build, tiny_mode
         # The deadline is enforced: 1 ms cannot be met.
         late = subprocess.run(
             [str(go_build["amd64"]), "-target", server.target, "-timeout", "1ms", "Hello"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert late.returncode == 1
         assert "DeadlineExceeded" in late.stderr

@@ -19,26 +19,33 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import fleet_net
+import pytest
 from fleet_calls import PROMPT, SLOW_READER_CHANNEL_ARGS, SLOW_READER_SERVER_ARGS, SlowStream, UnaryLoop
 from harness import SOURCE_PATH
 from lb_assertions import assert_no_failures, assert_spread  # shared with tests/kind
+
 from qwen_grpc_client import QwenClient
 
-pytestmark = pytest.mark.skipif(fleet_net.missing_prerequisites() is not None, reason=str(fleet_net.missing_prerequisites()))
+pytestmark = pytest.mark.skipif(
+    fleet_net.missing_prerequisites() is not None, reason=str(fleet_net.missing_prerequisites())
+)
 
 MAX_CONNECTION_AGE = 2.0
 SERVER_ARGS = [
-    "--threads", "1",
-    "--max-connection-age", str(MAX_CONNECTION_AGE),
-    "--max-connection-age-grace", "30",
+    "--threads",
+    "1",
+    "--max-connection-age",
+    str(MAX_CONNECTION_AGE),
+    "--max-connection-age-grace",
+    "30",
     # The test client pings every second; production clients every 30 s.
-    "--keepalive-min-ping-interval", "0.5",
-    "--drain-timeout", "20",
+    "--keepalive-min-ping-interval",
+    "0.5",
+    "--drain-timeout",
+    "20",
     *SLOW_READER_SERVER_ARGS,
-]  # fmt: skip
+]
 REPLICAS = ("r1", "r2", "r3")
 # Every A record change must reach the client within a second.
 CLIENT_OPTIONS = dict(dns_refresh_seconds=1.0, keepalive_seconds=1.0, keepalive_timeout_seconds=1.0)
@@ -86,7 +93,9 @@ def client(healthy_fleet):
 
 @pytest.fixture
 def slow_client(healthy_fleet):
-    with QwenClient(healthy_fleet.target, timeout=30, extra_options=SLOW_READER_CHANNEL_ARGS, **CLIENT_OPTIONS) as client:
+    with QwenClient(
+        healthy_fleet.target, timeout=30, extra_options=SLOW_READER_CHANNEL_ARGS, **CLIENT_OPTIONS
+    ) as client:
         yield client
 
 
@@ -126,7 +135,9 @@ def test_stream_outlives_connection_age(slow_client):
     assert stream.final is not None and stream.final.is_final
     # Longer than the age plus its 10 % jitter: the connection aged mid-stream.
     assert duration > MAX_CONNECTION_AGE * 1.1 + 0.2, f"stream took only {duration:.1f} s"
-    print(f"\nstream of {stream.messages} messages lasted {duration:.1f} s over a {MAX_CONNECTION_AGE} s connection age")
+    print(
+        f"\nstream of {stream.messages} messages lasted {duration:.1f} s over a {MAX_CONNECTION_AGE} s connection age"
+    )
 
 
 def test_kill9_fails_only_the_stream_on_that_replica(healthy_fleet, client, slow_client):
@@ -148,8 +159,10 @@ def test_kill9_fails_only_the_stream_on_that_replica(healthy_fleet, client, slow
     assert calls.failures() == [], f"{len(calls.failures())} of {len(records)} unary calls failed"
     assert not calls.served_by(victim, after=killed_at + 0.2)
     assert calls.served_since(killed_at + 0.2) == set(REPLICAS) - {victim}
-    print(f"\nkill -9 {victim}: stream failed UNAVAILABLE after {stream.ended - killed_at:.2f} s; "
-          f"{len(records)} unary calls, 0 failed")  # fmt: skip
+    print(
+        f"\nkill -9 {victim}: stream failed UNAVAILABLE after {stream.ended - killed_at:.2f} s; "
+        f"{len(records)} unary calls, 0 failed"
+    )
 
 
 def test_blackholed_replica_is_detected_by_keepalive(healthy_fleet, client):
@@ -212,12 +225,16 @@ def test_drain_finishes_streams_and_moves_new_calls(healthy_fleet, client, slow_
         assert stream.final is not None and stream.final.is_final
         assert stream.final.finish_reason != 3, "stream was cancelled by the drain"  # FINISH_REASON_CANCELLED
     assert any(s.ended > sigterm_at + 1.0 for s in on_victim), "no stream on the victim outlived the signal"
-    assert_no_failures([(f"unary-{i}", "OK" if r.error is None else r.error.code().name) for i, r in enumerate(records)])
+    assert_no_failures(
+        [(f"unary-{i}", "OK" if r.error is None else r.error.code().name) for i, r in enumerate(records)]
+    )
     assert not calls.served_by(victim, after=sigterm_at + 0.5)
     assert exit_code == 0
-    print(f"\ndrain {victim}: {len(on_victim)} streams on it finished up to "
-          f"{max(s.ended for s in on_victim) - sigterm_at:.1f} s after SIGTERM; "
-          f"{len(records)} unary calls, 0 failed")  # fmt: skip
+    print(
+        f"\ndrain {victim}: {len(on_victim)} streams on it finished up to "
+        f"{max(s.ended for s in on_victim) - sigterm_at:.1f} s after SIGTERM; "
+        f"{len(records)} unary calls, 0 failed"
+    )
 
 
 # ----- conversation affinity (session_id=: ring_hash on qwen-session-id) ----
@@ -253,13 +270,29 @@ def test_sessions_stick_to_one_replica_and_spread_over_all(healthy_fleet, client
     home = next(iter(placement[SESSIONS[0]]))
     for _ in range(2):
         chat = subprocess.run(
-            [sys.executable, "-m", "qwen_grpc_client.cli", "--target", healthy_fleet.target, "--session-id", SESSIONS[0],
-             "--max-tokens", "2", "--usage", "hi"],
-            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SOURCE_PATH},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "qwen_grpc_client.cli",
+                "--target",
+                healthy_fleet.target,
+                "--session-id",
+                SESSIONS[0],
+                "--max-tokens",
+                "2",
+                "--usage",
+                "hi",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        )
         assert chat.returncode == 0 and f"replica={home}]" in chat.stderr, chat.stderr
-    print(f"\n{len(SESSIONS)} sessions x 5 calls, each on one replica; sessions per replica {dict(sorted(homes.items()))}; "
-          f"keyless: {dict(sorted(collections.Counter(keyless).items()))}, {rotation:.0%} of 3-call windows hit 3 replicas")  # fmt: skip
+    print(
+        f"\n{len(SESSIONS)} sessions x 5 calls, each on one replica; sessions per replica {dict(sorted(homes.items()))}; "
+        f"keyless: {dict(sorted(collections.Counter(keyless).items()))}, {rotation:.0%} of 3-call windows hit 3 replicas"
+    )
 
 
 def test_sessions_survive_a_killed_replica_with_zero_failed_calls(healthy_fleet, client):
@@ -286,17 +319,32 @@ def test_sessions_survive_a_killed_replica_with_zero_failed_calls(healthy_fleet,
         else:  # consistent hashing: the other sessions stay where they were
             assert after[session] == {home}, (session, home, after[session])
     moved = sorted(s for s in SESSIONS if victim in before[s])
-    print(f"\nkill -9 {victim}: {len(records)} calls, 0 failed; {len(moved)} of {len(SESSIONS)} sessions moved, "
-          f"each to one survivor: {[sorted(after[s])[0] for s in moved]}; the others stayed")  # fmt: skip
+    print(
+        f"\nkill -9 {victim}: {len(records)} calls, 0 failed; {len(moved)} of {len(SESSIONS)} sessions moved, "
+        f"each to one survivor: {[sorted(after[s])[0] for s in moved]}; the others stayed"
+    )
 
 
 @pytest.mark.skipif(not GO_CLIENT.exists(), reason="Go client not built (make go-client)")
 def test_go_client_streams_from_the_fleet_over_dns(healthy_fleet):
     result = subprocess.run(
-        [str(GO_CLIENT), "-target", healthy_fleet.target, "-temperature", "0", "-max-tokens", "24",
-         "-timeout", "20s", "-usage", "Hello"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            str(GO_CLIENT),
+            "-target",
+            healthy_fleet.target,
+            "-temperature",
+            "0",
+            "-max-tokens",
+            "24",
+            "-timeout",
+            "20s",
+            "-usage",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "finish=" in result.stderr and "completion=24" in result.stderr, result.stderr

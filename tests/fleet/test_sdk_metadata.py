@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from harness import REPO_ROOT, SOURCE_PATH
+
 from qwen_grpc_client import SESSION_METADATA_KEY, AsyncQwenClient, QwenClient, connect, connect_async
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
@@ -179,9 +179,18 @@ async def test_sdk_enables_the_request_hash_header_itself(recorder):
         "    print('sdk:', client.chat([('user', 'hi')], session_id='k').content)\n"
     )
     env = {"PYTHONPATH": SOURCE_PATH, "PATH": "/usr/bin:/bin"}  # no GRPC_* variable
-    result = await in_thread(subprocess.run, [sys.executable, "-c", script, recorder.target], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
-    assert result.stdout.splitlines() == ["plain channel: INTERNAL hash attribute not present", "sdk: ok"], result.stderr
+    result = await in_thread(
+        subprocess.run,
+        [sys.executable, "-c", script, recorder.target],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.stdout.splitlines() == ["plain channel: INTERNAL hash attribute not present", "sdk: ok"], (
+        result.stderr
+    )
 
 
 def test_sdk_works_without_opentelemetry():
@@ -194,8 +203,14 @@ def test_sdk_works_without_opentelemetry():
         "assert traceparent_metadata() == []\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                            env={"PYTHONPATH": SOURCE_PATH, "PATH": "/usr/bin:/bin"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": SOURCE_PATH, "PATH": "/usr/bin:/bin"},
+    )
     assert result.stdout.strip() == "ok", result.stderr
 
 
@@ -210,14 +225,54 @@ def pki(tmp_path_factory) -> pathlib.Path:
     certificate, made with the openssl command line."""
     folder = tmp_path_factory.mktemp("pki")
     for name in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=folder)  # fmt: skip
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            cwd=folder,
+        )
     (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=qwen-{name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-out", f"{name}.pem", *ext, cwd=folder)  # fmt: skip
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN=qwen-{name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=folder,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.pem",
+            *ext,
+            cwd=folder,
+        )
     return folder
 
 

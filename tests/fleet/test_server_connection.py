@@ -9,10 +9,10 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from fleet_calls import SLOW_READER_CHANNEL_ARGS, SLOW_READER_SERVER_ARGS, SlowStream
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import running_server
+
 from qwen_grpc_client import QwenClient, fleet_channel
 from service.api.grpc_server import server_options
 from service.config import Settings, load_settings
@@ -20,7 +20,9 @@ from service.config import Settings, load_settings
 
 def test_connection_settings_become_channel_args(monkeypatch):
     monkeypatch.setenv("QWEN_MAX_CONNECTION_AGE_GRACE", "900")
-    settings = load_settings(["--max-connection-age", "45", "--keepalive-min-ping-interval", "5", "--no-keepalive-permit-without-calls"])
+    settings = load_settings(
+        ["--max-connection-age", "45", "--keepalive-min-ping-interval", "5", "--no-keepalive-permit-without-calls"]
+    )
     options = dict(server_options(settings))
     assert options["grpc.max_connection_age_ms"] == 45_000
     assert options["grpc.max_connection_age_grace_ms"] == 900_000
@@ -78,8 +80,16 @@ def test_short_grace_cuts_streams_long_grace_does_not(tiny_model_dir):
     the fleet test really outlive their connection's age)."""
     outcomes = {}
     for grace in ("1", "30"):
-        with running_server(tiny_model_dir, "--threads", "1", "--max-connection-age", "1", "--max-connection-age-grace", grace,
-                            *SLOW_READER_SERVER_ARGS) as server:
+        with running_server(
+            tiny_model_dir,
+            "--threads",
+            "1",
+            "--max-connection-age",
+            "1",
+            "--max-connection-age-grace",
+            grace,
+            *SLOW_READER_SERVER_ARGS,
+        ) as server:
             with QwenClient(server.target, timeout=30, extra_options=SLOW_READER_CHANNEL_ARGS) as client:
                 stream = SlowStream(client, max_tokens=600)
                 stream.start()

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from harness import running_server
+
+from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from service.cli import Server
 from service.config import Settings
-from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,18 @@ def server(tiny_model_dir):
 def single_slot_server(tiny_model_dir):
     """One slot, no queue, long generations allowed: a leaked slot shows at once
     as RESOURCE_EXHAUSTED for the next request."""
-    args = ["--max-batch-size", "1", "--max-waiting", "0", "--max-model-len", "8192",
-            "--max-tokens-limit", "8000", "--threads", "1"]  # fmt: skip
+    args = [
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "0",
+        "--max-model-len",
+        "8192",
+        "--max-tokens-limit",
+        "8000",
+        "--threads",
+        "1",
+    ]
     with running_server(tiny_model_dir, *args) as srv:
         yield srv
 
@@ -37,8 +47,14 @@ async def inprocess_server(tiny_model_dir):
     """The whole server (gRPC, ChatService, engine) in this process, on the
     test's event loop, so a test can monkeypatch its parts."""
     settings = Settings(
-        model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, max_batch_size=8, max_tokens_limit=200,
-        max_tokens_default=64, dtype="float32", metrics_port=0,
+        model=str(tiny_model_dir),
+        host="127.0.0.1",
+        grpc_port=0,
+        max_batch_size=8,
+        max_tokens_limit=200,
+        max_tokens_default=64,
+        dtype="float32",
+        metrics_port=0,
     )
     server = Server(settings)
     await server.start()

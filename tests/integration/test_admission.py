@@ -40,8 +40,20 @@ async def _timed(call) -> tuple[str, float]:
 @pytest.fixture(scope="module")
 def roomy_server(tiny_model_dir):
     """Free slots, a tokenizer queue of 310 KB (two 150 KB prompts and small ones)."""
-    args = ("--threads", "1", "--max-batch-size", "4", "--max-waiting", "16", "--max-model-len", "8192",
-            "--max-tokens-limit", "8000", "--max-tokenizer-queue-bytes", "310000")  # fmt: skip
+    args = (
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "4",
+        "--max-waiting",
+        "16",
+        "--max-model-len",
+        "8192",
+        "--max-tokens-limit",
+        "8000",
+        "--max-tokenizer-queue-bytes",
+        "310000",
+    )
     with running_server(tiny_model_dir, *args) as server:
         yield server
 
@@ -53,7 +65,9 @@ def test_prompts_too_long_by_their_bytes_are_refused_without_tokenizing(roomy_se
             huge = [asyncio.ensure_future(_timed(stub.Chat(_chat(MB_PROMPT), timeout=60))) for _ in range(16)]
             await asyncio.sleep(0.2)
             small = await _timed(stub.Chat(_chat("hi"), timeout=60))
-            count = await _timed(stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role="user", content="hi")]), timeout=60))
+            count = await _timed(
+                stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role="user", content="hi")]), timeout=60)
+            )
             return await asyncio.gather(*huge), small, count
 
     huge, small, count = asyncio.run(run())
@@ -67,9 +81,16 @@ def test_a_flooded_tokenizer_refuses_at_once_and_small_requests_stay_fast(roomy_
     async def run():
         async with aio.insecure_channel(roomy_server.target) as channel:
             stub = pb_grpc.QwenServiceStub(channel)
-            burst = [asyncio.ensure_future(_timed(stub.CountTokens(
-                pb.CountTokensRequest(messages=[pb.Message(role="user", content=PROMPT_150KB)]), timeout=60)))
-                for _ in range(12)]  # fmt: skip
+            burst = [
+                asyncio.ensure_future(
+                    _timed(
+                        stub.CountTokens(
+                            pb.CountTokensRequest(messages=[pb.Message(role="user", content=PROMPT_150KB)]), timeout=60
+                        )
+                    )
+                )
+                for _ in range(12)
+            ]
             await asyncio.sleep(0.05)
             small = await _timed(stub.Chat(_chat("hi"), timeout=60))
             return await asyncio.gather(*burst), small
@@ -94,12 +115,15 @@ def test_a_full_server_refuses_before_tokenizing_on_grpc_and_http(single_slot_se
         async def burst():
             async with aio.insecure_channel(server.target) as aio_channel:
                 aio_stub = pb_grpc.QwenServiceStub(aio_channel)
-                return await asyncio.gather(*(_timed(aio_stub.Chat(_chat(PROMPT_150KB), timeout=60)) for _ in range(12)))
+                return await asyncio.gather(
+                    *(_timed(aio_stub.Chat(_chat(PROMPT_150KB), timeout=60)) for _ in range(12))
+                )
 
         results = asyncio.run(burst())
         body = json.dumps({"messages": [{"role": "user", "content": PROMPT_150KB}], "max_tokens": 1}).encode()
-        request = urllib.request.Request(server.http_url + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            server.http_url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         started = time.monotonic()
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=60)

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from harness import REPO_ROOT, SOURCE_PATH, ServerProcess, health_status
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -34,11 +34,14 @@ def keyed_server(tiny_model_dir, tmp_path_factory):
     keys.write_text(f"{FILE_KEY}\n{OTHER_FILE_KEY}\n")
     server = ServerProcess(
         tiny_model_dir,
-        "--api-keys-file", str(keys),
-        "--rate-limit-per-second", "0.5",
-        "--rate-limit-burst", "4",
+        "--api-keys-file",
+        str(keys),
+        "--rate-limit-per-second",
+        "0.5",
+        "--rate-limit-burst",
+        "4",
         env={"QWEN_API_KEYS": ENV_KEY},
-    )  # fmt: skip
+    )
     try:
         server.wait_serving()
         yield server
@@ -51,7 +54,9 @@ def _calls(stub):
         "Chat": lambda md: stub.Chat(HELLO, metadata=md, timeout=30),
         "ChatStream": lambda md: list(stub.ChatStream(HELLO, metadata=md, timeout=30)),
         "ListModels": lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=30),
-        "CountTokens": lambda md: stub.CountTokens(pb.CountTokensRequest(messages=HELLO.messages), metadata=md, timeout=30),
+        "CountTokens": lambda md: stub.CountTokens(
+            pb.CountTokensRequest(messages=HELLO.messages), metadata=md, timeout=30
+        ),
     }
 
 
@@ -142,9 +147,10 @@ def test_rate_limit_by_peer_without_keys(tiny_model_dir):
     server = ServerProcess(tiny_model_dir, "--rate-limit-per-second", "0.2", "--rate-limit-burst", "3")
     try:
         server.wait_serving()
-        with grpc.insecure_channel(server.target) as first, grpc.insecure_channel(
-            server.target, options=[("grpc.use_local_subchannel_pool", 1)]
-        ) as second:
+        with (
+            grpc.insecure_channel(server.target) as first,
+            grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as second,
+        ):
             codes = []
             for channel in (first, second, first, second, first):  # two connections, one peer address
                 try:
@@ -170,7 +176,18 @@ def test_misconfiguration_refuses_to_start(tiny_model_dir, tmp_path, args, messa
     empty.write_text("\n")
     args = [a.format(empty=empty, missing=tmp_path / "missing") for a in args]
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--model", str(tiny_model_dir), "--grpc-port", "0", "--host", "127.0.0.1", *args],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--model",
+            str(tiny_model_dir),
+            "--grpc-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *args,
+        ],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": SOURCE_PATH, "HF_HUB_OFFLINE": "1"},
         capture_output=True,

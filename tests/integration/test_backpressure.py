@@ -26,8 +26,22 @@ NO_READ_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.max_frame_size", 16
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    args = ("--threads", "1", "--max-batch-size", "1", "--max-waiting", "0", "--max-model-len", "8192",
-            "--max-tokens-limit", "8000", "--max-buffered-tokens", str(BUFFERED), "--http-write-timeout", "2")  # fmt: skip
+    args = (
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "0",
+        "--max-model-len",
+        "8192",
+        "--max-tokens-limit",
+        "8000",
+        "--max-buffered-tokens",
+        str(BUFFERED),
+        "--http-write-timeout",
+        "2",
+    )
     with running_server(tiny_model_dir, *args) as srv:
         yield srv
 
@@ -46,7 +60,10 @@ def _admitted_within(stub, seconds: float) -> float | None:
 
 
 def test_a_grpc_client_that_does_not_read_loses_its_slot(server):
-    with grpc.insecure_channel(server.target, options=NO_READ_OPTIONS) as lazy, grpc.insecure_channel(server.target) as other:
+    with (
+        grpc.insecure_channel(server.target, options=NO_READ_OPTIONS) as lazy,
+        grpc.insecure_channel(server.target) as other,
+    ):
         stream = pb_grpc.QwenServiceStub(lazy).ChatStream(LONG, timeout=120)  # started, never read (yet)
         # Headers come with the first token: the stream holds the only slot
         # before the short calls start (else one of them could take it first).
@@ -73,13 +90,16 @@ def test_a_grpc_client_that_reads_gets_its_whole_answer(server):
 
 
 def test_an_http_client_that_does_not_read_is_disconnected_and_loses_its_slot(server):
-    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 8000,
-                       "stream": True}).encode()  # fmt: skip
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 8000, "stream": True}
+    ).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small receive window
     sock.connect((server.host, server.http_port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     try:
         with grpc.insecure_channel(server.target) as channel:
             waited = _admitted_within(pb_grpc.QwenServiceStub(channel), 20)

@@ -12,8 +12,8 @@ import sys
 import tomllib
 
 import pytest
-
 from harness import REPO_ROOT, running_server
+
 from qwen_grpc_client import QwenClient
 from qwen_grpc_client.pb.qwen import qwen_service_pb2, qwen_service_pb2_grpc
 
@@ -42,7 +42,9 @@ def test_dependencies_are_grpcio_and_protobuf_at_the_stub_versions():
     requirements = {re.split(r"[<>=]", r, maxsplit=1)[0]: r for r in project["dependencies"]}
     assert sorted(requirements) == ["grpcio", "protobuf"]
     assert _minimum(requirements["grpcio"]) == qwen_service_pb2_grpc.GRPC_GENERATED_VERSION
-    gencode = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", open(qwen_service_pb2.__file__).read(), re.M).group(1)
+    gencode = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", open(qwen_service_pb2.__file__).read(), re.M).group(
+        1
+    )
     assert _minimum(requirements["protobuf"]) == gencode
     assert project["optional-dependencies"]["otel"] == ["opentelemetry-api>=1.30"]
 
@@ -79,21 +81,36 @@ def test_fresh_venv_holds_the_client_and_nothing_of_the_server(client_venv):
     )
     result = _run_in(client_venv, str(client_venv / "bin" / "python"), "-c", script)
     assert result.stdout.split("\n")[:5] == [
-        "torch False", "transformers False", "service False", "opentelemetry False", "qwen_grpc_client True"
-    ], result.stdout + result.stderr  # fmt: skip
+        "torch False",
+        "transformers False",
+        "service False",
+        "opentelemetry False",
+        "qwen_grpc_client True",
+    ], result.stdout + result.stderr
 
 
 def test_fresh_venv_chats_with_a_real_server(client_venv, tiny_model_dir):
     with running_server(tiny_model_dir, "--threads", "1", "--replica-name", "venv-test") as server:
         with QwenClient(server.target, timeout=30) as client:
             expected = client.chat([{"role": "user", "content": PROMPT}], temperature=0, max_tokens=12).content
-        chat = _run_in(client_venv, str(client_venv / "bin" / "qwen-chat"), "--target", server.target,
-                       "--temperature", "0", "--max-tokens", "12", "--usage", PROMPT)  # fmt: skip
+        chat = _run_in(
+            client_venv,
+            str(client_venv / "bin" / "qwen-chat"),
+            "--target",
+            server.target,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--usage",
+            PROMPT,
+        )
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout == expected + "\n"
         assert "completion=12" in chat.stderr and "replica=venv-test]" in chat.stderr
-        refused = _run_in(client_venv, str(client_venv / "bin" / "qwen-chat"), "--target", server.target,
-                          "--session-id", "", PROMPT)  # fmt: skip
+        refused = _run_in(
+            client_venv, str(client_venv / "bin" / "qwen-chat"), "--target", server.target, "--session-id", "", PROMPT
+        )
         assert refused.returncode == 2 and "--session-id: session_id must be a non-empty" in refused.stderr
         sdk = (
             "import sys\n"

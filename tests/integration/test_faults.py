@@ -12,7 +12,6 @@ import asyncio
 import logging
 
 import grpc
-import pytest
 from grpc import aio
 
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb

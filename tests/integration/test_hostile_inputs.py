@@ -33,8 +33,9 @@ def test_errors_quote_a_bounded_part_of_huge_inputs(server):
         ("/v1/chat/completions", json.dumps({"model": "m" * 900_000, "messages": [{"role": "user", "content": "hi"}]})),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "k" * 500_000: 1})),
     ):
-        request = urllib.request.Request(server.http_url + path, data=body and body.encode(),
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            server.http_url + path, data=body and body.encode(), headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         reply = refused.value.read()

@@ -14,8 +14,8 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2
-
 from harness import ServerProcess, free_port, health_status, running_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -218,7 +218,10 @@ def test_unknown_model_is_404(server):
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}', "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 5}', "stop"),
-        (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', "stream_options"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}',
+            "stream_options",
+        ),
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
     ],
 )

@@ -23,12 +23,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 @pytest.fixture(scope="module")
 def flood_server(tiny_model_dir):
     args = (
-        "--threads", "1",
-        "--http-header-timeout", str(HEADER_TIMEOUT),
-        "--http-body-timeout", str(BODY_TIMEOUT),
-        "--http-max-connections", str(MAX_CONNECTIONS),
-        "--allowed-hosts", "localhost,127.0.0.1,*.example.test",
-    )  # fmt: skip
+        "--threads",
+        "1",
+        "--http-header-timeout",
+        str(HEADER_TIMEOUT),
+        "--http-body-timeout",
+        str(BODY_TIMEOUT),
+        "--http-max-connections",
+        str(MAX_CONNECTIONS),
+        "--allowed-hosts",
+        "localhost,127.0.0.1,*.example.test",
+    )
     with running_server(tiny_model_dir, *args) as server:
         yield server
 
@@ -99,7 +104,7 @@ def test_slowloris_headers_are_cut_off(flood_server):
 def test_a_stalled_body_is_cut_off_and_abandoned_bodies_log_nothing(flood_server):
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000\r\n\r\n{\"messages\": ["
+        b'Content-Length: 1000\r\n\r\n{"messages": ['
     )
     stalled = _connect(flood_server)
     stalled.sendall(head)
@@ -132,9 +137,15 @@ def test_connections_beyond_the_cap_are_closed_at_once(flood_server):
 
 @pytest.mark.parametrize(
     "host, status",
-    [("localhost", 200), ("127.0.0.1:8000", 200), ("api.example.test", 200), ("evil.example", 400),
-     ("example.test", 400), ("localhost.evil.example", 400)],
-)  # fmt: skip
+    [
+        ("localhost", 200),
+        ("127.0.0.1:8000", 200),
+        ("api.example.test", 200),
+        ("evil.example", 400),
+        ("example.test", 400),
+        ("localhost.evil.example", 400),
+    ],
+)
 def test_only_allowed_hosts_are_served(flood_server, host, status):
     connection = http.client.HTTPConnection(flood_server.host, flood_server.http_port, timeout=10)
     connection.request("GET", "/v1/models", headers={"Host": host})

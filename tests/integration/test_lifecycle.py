@@ -13,8 +13,8 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from harness import ServerProcess, running_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -50,7 +50,9 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
             assert statuses[-1] == SERVING
             # While NOT_SERVING, a chat is refused as UNAVAILABLE, never half-served.
             assert "NOT_SERVING while the model loads" in server.log
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            assert (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            )
             with pytest.raises(grpc.RpcError) as unknown:
                 stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -91,12 +93,18 @@ def test_grpcurl_list_describe_health_and_chat(server):
     assert "optional float temperature = 3;" in message.stdout
     health = _grpcurl(server.target, "grpc.health.v1.Health/Check", data={"service": "qwen.QwenService"})
     assert json.loads(health.stdout) == {"status": "SERVING"}
-    chat = _grpcurl(server.target, "qwen.QwenService/Chat",
-                    data={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0})  # fmt: skip
+    chat = _grpcurl(
+        server.target,
+        "qwen.QwenService/Chat",
+        data={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0},
+    )
     reply = json.loads(chat.stdout)
     assert reply["is_final"] is True and reply["finish_reason"].startswith("FINISH_REASON_")
-    stream = _grpcurl(server.target, "qwen.QwenService/ChatStream",
-                      data={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})  # fmt: skip
+    stream = _grpcurl(
+        server.target,
+        "qwen.QwenService/ChatStream",
+        data={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
+    )
     assert stream.returncode == 0 and '"is_final": true' in stream.stdout
     bad = _grpcurl(server.target, "qwen.QwenService/Chat", data={"messages": []})
     assert "InvalidArgument" in bad.stderr and "messages:" in bad.stderr
@@ -111,8 +119,17 @@ def test_reflection_can_be_turned_off(tiny_model_dir):
 
 
 def test_sigterm_drains_running_streams_and_refuses_new_calls(tiny_model_dir):
-    with running_server(tiny_model_dir, "--threads", "1", "--max-model-len", "8192", "--max-tokens-limit", "4000",
-                        "--drain-timeout", "30") as server:  # fmt: skip
+    with running_server(
+        tiny_model_dir,
+        "--threads",
+        "1",
+        "--max-model-len",
+        "8192",
+        "--max-tokens-limit",
+        "4000",
+        "--drain-timeout",
+        "30",
+    ) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.QwenServiceStub(channel)
             call = stub.ChatStream(ask(max_tokens=1500), timeout=120)

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2
-
 from harness import REPO_ROOT, health_status, load_script, running_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -50,7 +50,9 @@ async def _one(stub, request, timeout: float = 120.0) -> dict:
 
 async def _storm(target: str, requests: list[pb.ChatRequest]) -> list[dict]:
     # Several connections, as several clients would have.
-    channels = [aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CONNECTIONS)]
+    channels = [
+        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CONNECTIONS)
+    ]
     try:
         stubs = [pb_grpc.QwenServiceStub(channel) for channel in channels]
         for channel in channels:

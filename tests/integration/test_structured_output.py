@@ -12,9 +12,9 @@ import grpc
 import jsonschema
 import openai
 import pytest
+from harness import ServerProcess, running_server
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness import ServerProcess, running_server
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 
 HELLO = [{"role": "user", "content": "Fill in the form."}]
@@ -43,7 +43,9 @@ def sdk(server: ServerProcess) -> openai.OpenAI:
 def raw(server: ServerProcess, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
     conn = http.client.HTTPConnection(server.host, server.http_port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers=headers if headers is not None else {"Content-Type": "application/json"})
+        conn.request(
+            method, path, body=body, headers=headers if headers is not None else {"Content-Type": "application/json"}
+        )
         response = conn.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
@@ -73,18 +75,26 @@ def test_sdk_parse_with_a_pydantic_model_at_temperature_1(server):
 
 def test_json_schema_over_a_stream_and_over_grpc(server, stub):
     stream = sdk(server).chat.completions.create(
-        model="", messages=HELLO, temperature=1.0, seed=3, max_tokens=200, stream=True,
+        model="",
+        messages=HELLO,
+        temperature=1.0,
+        seed=3,
+        max_tokens=200,
+        stream=True,
         response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": FORM_SCHEMA}},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), FORM_SCHEMA)
     response_format = pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(FORM_SCHEMA))
     for seed in range(4):
         request = pb.ChatRequest(
-            messages=[pb.Message(**m) for m in HELLO], temperature=1.0, seed=seed, max_tokens=200,
+            messages=[pb.Message(**m) for m in HELLO],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
             response_format=response_format,
-        )  # fmt: skip
+        )
         reply = stub.Chat(request, timeout=60)
         assert reply.finish_reason == pb.FINISH_REASON_STOP, reply.content
         jsonschema.validate(json.loads(reply.content), FORM_SCHEMA)
@@ -127,9 +137,10 @@ def test_invalid_schema_is_400_naming_response_format(server, response_format):
 @pytest.mark.parametrize("schema", ['{"type": "no-such-type"}', '{"type": "object"', "[]"])
 def test_invalid_schema_is_invalid_argument_over_grpc(stub, schema):
     request = pb.ChatRequest(
-        messages=[pb.Message(**m) for m in HELLO], max_tokens=4,
+        messages=[pb.Message(**m) for m in HELLO],
+        max_tokens=4,
         response_format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=schema),
-    )  # fmt: skip
+    )
     for call in (lambda: stub.Chat(request, timeout=10), lambda: list(stub.ChatStream(request, timeout=10))):
         with pytest.raises(grpc.RpcError) as error:
             call()
@@ -150,7 +161,9 @@ def test_seeds_outside_int64_are_400(server):
 
 
 def test_null_optional_fields_are_accepted(server):
-    status, _, payload = raw(server, "POST", "/v1/chat/completions", chat_body(stream=None, stream_options=None, seed=None))
+    status, _, payload = raw(
+        server, "POST", "/v1/chat/completions", chat_body(stream=None, stream_options=None, seed=None)
+    )
     assert status == 200, payload
     assert json.loads(payload)["object"] == "chat.completion"
 
@@ -168,7 +181,9 @@ def test_bodies_that_are_not_declared_json_are_415(server, headers):
     status, _, payload = raw(server, "POST", "/v1/chat/completions", chat_body(), headers)
     assert status == 415
     assert json.loads(payload)["error"]["code"] == "unsupported_media_type"
-    ok, _, _ = raw(server, "POST", "/v1/chat/completions", chat_body(), {"Content-Type": "application/json; charset=utf-8"})
+    ok, _, _ = raw(
+        server, "POST", "/v1/chat/completions", chat_body(), {"Content-Type": "application/json; charset=utf-8"}
+    )
     assert ok == 200
 
 
@@ -183,18 +198,25 @@ def test_no_cors_unless_configured(server, tiny_model_dir):
     with running_server(tiny_model_dir, "--cors-allowed-origins", "https://app.example.com", "--threads", "1") as cors:
         status, headers, _ = raw(cors, "OPTIONS", "/v1/chat/completions", headers=preflight)
         assert status == 200 and headers["access-control-allow-origin"] == "https://app.example.com"
-        status, headers, _ = raw(cors, "OPTIONS", "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        status, headers, _ = raw(
+            cors, "OPTIONS", "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}
+        )
         assert "access-control-allow-origin" not in headers
         status, headers, _ = raw(
-            cors, "POST", "/v1/chat/completions", chat_body(),
+            cors,
+            "POST",
+            "/v1/chat/completions",
+            chat_body(),
             {"Content-Type": "application/json", "Origin": "https://app.example.com"},
-        )  # fmt: skip
+        )
         assert status == 200 and headers["access-control-allow-origin"] == "https://app.example.com"
         assert "x-request-id" in headers["access-control-expose-headers"]
 
 
 def test_a_stream_ending_on_length_sends_the_finish_reason_with_an_empty_delta(server):
-    status, _, payload = raw(server, "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=6, temperature=0))
+    status, _, payload = raw(
+        server, "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=6, temperature=0)
+    )
     assert status == 200
     chunks = [json.loads(e.removeprefix("data: ")) for e in payload.decode().split("\n\n")[:-2]]
     final = chunks[-1]["choices"][0]

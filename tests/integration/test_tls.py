@@ -16,8 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from harness import ServerProcess
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -44,7 +44,7 @@ def _name(common_name: str) -> x509.Name:
 
 def make_ca(common_name: str) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -65,7 +65,7 @@ def make_ca(common_name: str) -> Issued:
 
 def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -79,9 +79,7 @@ def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if server:
         builder = builder.add_extension(
@@ -122,9 +120,11 @@ def pki(tmp_path_factory) -> Pki:
 
 def _server_args(pki: Pki, mutual: bool) -> list[str]:
     args = [
-        "--tls-cert-file", pki.write("server.pem", pki.server.cert_pem()),
-        "--tls-key-file", pki.write("server.key", pki.server.key_pem()),
-    ]  # fmt: skip
+        "--tls-cert-file",
+        pki.write("server.pem", pki.server.cert_pem()),
+        "--tls-key-file",
+        pki.write("server.key", pki.server.key_pem()),
+    ]
     if mutual:
         args += ["--tls-client-ca-file", pki.write("client-ca.pem", pki.ca.cert_pem())]
     return args

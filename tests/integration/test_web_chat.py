@@ -7,7 +7,6 @@ import time
 
 import openai
 import pytest
-
 from browser import TEXT_TIMELINE_JS, ask, browser_page
 from harness import running_server
 
@@ -42,9 +41,13 @@ def test_question_streams_into_the_page(server, tmp_path):
     assert "400 tokens" in stats and "finish: length" in stats, stats
     # What the page shows is what the API answers for the same request.
     reference = openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
-    expected = reference.chat.completions.create(
-        model=page_model(server), messages=[{"role": "user", "content": question}], temperature=0, max_tokens=400
-    ).choices[0].message.content
+    expected = (
+        reference.chat.completions.create(
+            model=page_model(server), messages=[{"role": "user", "content": question}], temperature=0, max_tokens=400
+        )
+        .choices[0]
+        .message.content
+    )
     if "```" not in expected:
         assert shown == expected
     assert (tmp_path / "web-chat.png").stat().st_size > 10_000

@@ -19,20 +19,32 @@ def client_job(name: str, image: str, client_args: list[str]) -> dict:
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "client",
-                        "image": image,
-                        "imagePullPolicy": "Never",
-                        "command": ["python", "/client/client.py", *client_args],
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "volumeMounts": [{"name": "script", "mountPath": "/client"},
-                                         {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
-                    "volumes": [{"name": "script", "configMap": {"name": f"{name}-script"}},
-                                {"name": "tmp", "emptyDir": {}}],
+                    "containers": [
+                        {
+                            "name": "client",
+                            "image": image,
+                            "imagePullPolicy": "Never",
+                            "command": ["python", "/client/client.py", *client_args],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "128Mi"},
+                                "limits": {"memory": "512Mi"},
+                            },
+                            "volumeMounts": [
+                                {"name": "script", "mountPath": "/client"},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "script", "configMap": {"name": f"{name}-script"}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
                 },
             },
         },
-    }  # fmt: skip
+    }

@@ -50,7 +50,10 @@ from kind_manifests import client_job  # noqa: E402
 MISSING = [name for name in ("kind", "docker") if shutil.which(name) is None]
 pytestmark = [
     pytest.mark.kind,
-    pytest.mark.skipif(bool(MISSING), reason=f"kind end-to-end test skipped: {' and '.join(MISSING)} not on PATH (it needs Docker and kind)"),
+    pytest.mark.skipif(
+        bool(MISSING),
+        reason=f"kind end-to-end test skipped: {' and '.join(MISSING)} not on PATH (it needs Docker and kind)",
+    ),
 ]
 
 CLUSTER = os.environ.get("QWEN_KIND_CLUSTER", "qwen-grpc-e2e")
@@ -67,7 +70,9 @@ CLIENT_LABEL = "qwen-grpc-e2e/client=true"
 def sh(*argv: str, check: bool = True, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -115,8 +120,16 @@ def cluster():
     existing = CLUSTER in sh("kind", "get", "clusters").stdout.split()
     if not existing:
         node_image = os.environ.get("QWEN_KIND_NODE_IMAGE")
-        sh("kind", "create", "cluster", "--name", CLUSTER, "--wait", "180s",
-           *(("--image", node_image) if node_image else ()))  # fmt: skip
+        sh(
+            "kind",
+            "create",
+            "cluster",
+            "--name",
+            CLUSTER,
+            "--wait",
+            "180s",
+            *(("--image", node_image) if node_image else ()),
+        )
     try:
         check_cluster_version()
         if "QWEN_KIND_IMAGE" not in os.environ:
@@ -137,9 +150,22 @@ def release(cluster):
     repository, tag = IMAGE.rsplit(":", 1)
     # upgrade --install: a release left by an aborted run on a reused cluster
     # is brought back to these values (replicas included) instead of failing.
-    helm("upgrade", "--install", RELEASE, str(CHART), "--values", str(VALUES),
-         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-         "--wait", "--timeout", "15m", timeout=1000)  # fmt: skip
+    helm(
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "--values",
+        str(VALUES),
+        "--set",
+        f"image.repository={repository}",
+        "--set",
+        f"image.tag={tag}",
+        "--wait",
+        "--timeout",
+        "15m",
+        timeout=1000,
+    )
     try:
         yield RELEASE
     finally:
@@ -154,10 +180,12 @@ def diagnostics_on_failure(request):
     report = getattr(request.node, "rep_call", None)
     if report is None or not report.failed or MISSING:
         return
-    for args in (("get", "pods", "-o", "wide"), ("get", "events", "--sort-by=.lastTimestamp"),
-                 ("describe", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}"),
-                 ("logs", "-l", f"app.kubernetes.io/instance={RELEASE}", "--all-containers", "--prefix",
-                  "--tail=200")):  # fmt: skip
+    for args in (
+        ("get", "pods", "-o", "wide"),
+        ("get", "events", "--sort-by=.lastTimestamp"),
+        ("describe", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}"),
+        ("logs", "-l", f"app.kubernetes.io/instance={RELEASE}", "--all-containers", "--prefix", "--tail=200"),
+    ):
         result = kubectl(*args, check=False, timeout=60)
         print(f"\n$ kubectl -n {NAMESPACE} {' '.join(args)}\n{result.stdout}{result.stderr}")
 
@@ -167,10 +195,22 @@ def port_forward(service: str, remote: int):
     """kubectl port-forward on a port it picks (":remote"); yields once it
     reports forwarding and a health check through it answers."""
     process = subprocess.Popen(
-        [tool("kubectl"), "--context", f"kind-{CLUSTER}", "--namespace", NAMESPACE,
-         "port-forward", f"service/{service}", f":{remote}", "--address", "127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            tool("kubectl"),
+            "--context",
+            f"kind-{CLUSTER}",
+            "--namespace",
+            NAMESPACE,
+            "port-forward",
+            f"service/{service}",
+            f":{remote}",
+            "--address",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:
@@ -222,13 +262,17 @@ def run_client_job(name: str, *client_args: str, on_started=None, timeout: float
 
 
 def ready_pods() -> list[str]:
-    pods = json.loads(kubectl("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=qwen-grpc",
-                              "-o", "json").stdout)["items"]  # fmt: skip
+    pods = json.loads(
+        kubectl(
+            "get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=qwen-grpc", "-o", "json"
+        ).stdout
+    )["items"]
     return sorted(
-        p["metadata"]["name"] for p in pods
+        p["metadata"]["name"]
+        for p in pods
         if p["metadata"].get("deletionTimestamp") is None
         and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    )  # fmt: skip
+    )
 
 
 def test_port_forward_health_list_and_chat(release):
@@ -237,8 +281,12 @@ def test_port_forward_health_list_and_chat(release):
         assert health["status"] == "SERVING"
         models = grpcurl("-d", "{}", target, "qwen.QwenService/ListModels")
         assert models["models"]
-        chat = grpcurl("-d", json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16,
-                                         "temperature": 0}), target, "qwen.QwenService/Chat")  # fmt: skip
+        chat = grpcurl(
+            "-d",
+            json.dumps({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16, "temperature": 0}),
+            target,
+            "qwen.QwenService/Chat",
+        )
         assert chat["is_final"] is True and chat["content"].strip()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 
 import yaml
-
 from harness import REPO_ROOT
 from prometheus_server import require_binary
 

@@ -9,7 +9,6 @@ import json
 import re
 
 import pytest
-
 from grafana_schema import validate_dashboard
 from harness import REPO_ROOT, load_script
 

@@ -5,7 +5,6 @@ and the alert rules are evaluated on the same data."""
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 import subprocess
 import time
@@ -13,9 +12,9 @@ import urllib.request
 
 import grpc
 import pytest
-
 from harness import REPO_ROOT, running_server
 from prometheus_server import PrometheusServer, require_binary
+
 from qwen_grpc_client import QwenClient, build_request
 
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "qwen-grpc-alerts.yaml"
@@ -23,9 +22,17 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "qwen-grpc-dashboard.json"
 JOB, NAMESPACE, POD = "qwen-grpc", "test", "qwen-grpc-0"
 # Limits small enough to fill: 2 running + 1 waiting, the 4th call is refused.
 SERVER_FLAGS = (
-    "--max-batch-size", "2", "--max-waiting", "1", "--max-model-len", "16384", "--max-tokens-limit", "16000",
-    "--threads", "1",
-)  # fmt: skip
+    "--max-batch-size",
+    "2",
+    "--max-waiting",
+    "1",
+    "--max-model-len",
+    "16384",
+    "--max-tokens-limit",
+    "16000",
+    "--threads",
+    "1",
+)
 LONG = {"max_tokens": 16000, "temperature": 0.0}  # far longer than any check takes
 
 
@@ -144,9 +151,7 @@ def test_request_outcomes(prometheus, traffic):
     finished = prometheus.values("sum by (finish_reason) (qwen_requests_finished_total)", "finish_reason", at)
     assert sum(finished.values()) == 6, finished
     failed = prometheus.values("sum by (reason) (qwen_requests_failed_total)", "reason", at)
-    assert failed == {
-        "validation": 1, "overloaded": 1, "cancelled": 2, "deadline": 0, "unavailable": 0, "internal": 0
-    }  # fmt: skip
+    assert failed == {"validation": 1, "overloaded": 1, "cancelled": 2, "deadline": 0, "unavailable": 0, "internal": 0}
     assert prometheus.value('sum(qwen_requests_failed_total{reason="deadline"})') == 1
 
 
@@ -181,7 +186,9 @@ def test_latency_histograms_are_consistent(prometheus, traffic):
         assert q(f"sum(qwen_request_{phase}_time_seconds_count)", at) == 6
     assert q("sum(qwen_e2e_request_latency_seconds_count)", at) == 6
     # Only C waited for a slot, and for longer than 0.5 s.
-    assert q('sum(qwen_request_queue_time_seconds_count) - sum(qwen_request_queue_time_seconds_bucket{le="0.3"})', at) == 1
+    assert (
+        q('sum(qwen_request_queue_time_seconds_count) - sum(qwen_request_queue_time_seconds_bucket{le="0.3"})', at) == 1
+    )
     assert q("max(qwen_request_queue_time_seconds_sum)", at) >= 0.5
     engine = sum(q(f"sum(qwen_request_{phase}_time_seconds_sum)", at) for phase in ("queue", "prefill", "decode"))
     e2e = q("sum(qwen_e2e_request_latency_seconds_sum)", at)
@@ -227,11 +234,17 @@ def test_grpc_server_metrics(prometheus, traffic):
         "ChatStream/ResourceExhausted": 1,
         "CountTokens/OK": 2,
     }
-    started = prometheus.values('sum by (grpc_method) (grpc_server_started_total{grpc_service="qwen.QwenService"})', "grpc_method")
+    started = prometheus.values(
+        'sum by (grpc_method) (grpc_server_started_total{grpc_service="qwen.QwenService"})', "grpc_method"
+    )
     assert started == {"Chat": 5, "ChatStream": 6, "CountTokens": 2}
-    timed = prometheus.values('sum by (grpc_method) (grpc_server_handling_seconds_count{grpc_service="qwen.QwenService"})', "grpc_method")
+    timed = prometheus.values(
+        'sum by (grpc_method) (grpc_server_handling_seconds_count{grpc_service="qwen.QwenService"})', "grpc_method"
+    )
     assert timed == started
-    types = prometheus.values('sum by (grpc_type) (grpc_server_started_total{grpc_service="qwen.QwenService"})', "grpc_type")
+    types = prometheus.values(
+        'sum by (grpc_type) (grpc_server_started_total{grpc_service="qwen.QwenService"})', "grpc_type"
+    )
     assert types == {"unary": 7, "server_stream": 6}
     # The harness' health checks are counted too, by their own method.
     assert prometheus.value('sum(grpc_server_handled_total{grpc_service="grpc.health.v1.Health", grpc_code="OK"})') > 0
@@ -251,16 +264,18 @@ def _dashboard() -> dict:
 
 
 def _substitute(expr: str) -> str:
-    return expr.replace("$__rate_interval", "1m").replace("$job", JOB).replace("$namespace", NAMESPACE).replace(
-        "$pod", POD
-    ).replace("$model", ".*")
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$job", JOB)
+        .replace("$namespace", NAMESPACE)
+        .replace("$pod", POD)
+        .replace("$model", ".*")
+    )
 
 
 def test_every_dashboard_query_returns_data(prometheus, traffic):
     targets = [
-        (panel["title"], target["expr"])
-        for panel in _dashboard()["panels"]
-        for target in panel.get("targets", [])
+        (panel["title"], target["expr"]) for panel in _dashboard()["panels"] for target in panel.get("targets", [])
     ]
     assert len(targets) >= 25
     empty = [(title, expr) for title, expr in targets if not prometheus.query(_substitute(expr))]
@@ -290,8 +305,12 @@ def test_dashboard_variables_find_this_replica(prometheus, traffic):
 def test_alert_rules_evaluate_on_live_data(prometheus, traffic):
     rules = {rule["name"]: rule for rule in prometheus.rules()}
     assert set(rules) == {
-        "QwenHighTimeToFirstToken", "QwenQueueSaturated", "QwenHighErrorRatio", "QwenReplicaDown", "QwenNoReplicasUp"
-    }  # fmt: skip
+        "QwenHighTimeToFirstToken",
+        "QwenQueueSaturated",
+        "QwenHighErrorRatio",
+        "QwenReplicaDown",
+        "QwenNoReplicasUp",
+    }
     for name, rule in rules.items():
         assert rule["health"] == "ok", (name, rule.get("lastError"))
     # 1 overloaded + 1 deadline out of 11 requests: the error ratio alert

@@ -9,13 +9,13 @@ import secrets
 
 import grpc
 import pytest
+from harness import running_server
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from harness import running_server
 from otlp_receiver import OtlpTraceReceiver
+
 from qwen_grpc_client import QwenClient, build_request
 from service.observability import ObservabilityError
 from service.observability.tracing import setup_tracing, tracing_requested
@@ -58,7 +58,9 @@ def calls(server, receiver):
 
     unsampled_root = client.chat([{"role": "user", "content": "No trace for me."}], max_tokens=4)
     with tracer.start_as_current_span("client stream") as client_span:
-        stream = list(client.stream([{"role": "user", "content": "Trace me."}], max_tokens=6, temperature=0.5, top_p=0.9))
+        stream = list(
+            client.stream([{"role": "user", "content": "Trace me."}], max_tokens=6, temperature=0.5, top_p=0.9)
+        )
     with tracer.start_as_current_span("client invalid") as invalid_span:
         with pytest.raises(grpc.RpcError) as invalid:
             client.chat([{"role": "user", "content": " "}])
@@ -67,7 +69,9 @@ def calls(server, receiver):
     def raw_chat(flags: str) -> tuple[str, str]:
         trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
         metadata = (("traceparent", f"00-{trace_id}-{parent_id}-{flags}"),)
-        client._stub.Chat(build_request([{"role": "user", "content": "Hi"}], max_tokens=3), metadata=metadata, timeout=30)
+        client._stub.Chat(
+            build_request([{"role": "user", "content": "Hi"}], max_tokens=3), metadata=metadata, timeout=30
+        )
         return trace_id, parent_id
 
     not_sampled = raw_chat("00")

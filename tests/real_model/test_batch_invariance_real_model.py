@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 import torch
-
 from harness import load_script
+
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
@@ -35,8 +35,14 @@ async def engine(real_model_dir):
     # One thread: on a busy shared machine two OpenMP threads wait on each
     # other in every op, and this test then takes many minutes.
     engine = Engine(
-        lambda: load_model(str(real_model_dir)), max_batch_size=8, max_waiting=8, max_model_len=2048,
-        prefill_chunk_size=512, interleaved_prefill_tokens=64, threads=1, quantization="int8",
+        lambda: load_model(str(real_model_dir)),
+        max_batch_size=8,
+        max_waiting=8,
+        max_model_len=2048,
+        prefill_chunk_size=512,
+        interleaved_prefill_tokens=64,
+        threads=1,
+        quantization="int8",
     )
     engine.start()
     yield engine

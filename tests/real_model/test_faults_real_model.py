@@ -14,8 +14,8 @@ import time
 
 import grpc
 import pytest
-
 from harness import REPO_ROOT, ServerProcess
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -33,9 +33,7 @@ LONG_PROMPT = "Write a long story about the number 3."
 def _start_streams(target: str, count: int, max_tokens: int):
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.QwenServiceStub(channel)
-    calls = [
-        stub.ChatStream(_request(LONG_PROMPT, max_tokens, temperature=0.0), timeout=600) for _ in range(count)
-    ]
+    calls = [stub.ChatStream(_request(LONG_PROMPT, max_tokens, temperature=0.0), timeout=600) for _ in range(count)]
     firsts = [next(call) for call in calls]  # every stream is running
     return channel, calls, firsts
 
@@ -51,7 +49,9 @@ def _finish(call):
 
 
 def test_sigterm_cancels_streams_past_the_drain_timeout(real_model_dir):
-    server = ServerProcess(real_model_dir, "--max-batch-size", "2", "--drain-timeout", "1", "--max-tokens-limit", "1024")
+    server = ServerProcess(
+        real_model_dir, "--max-batch-size", "2", "--drain-timeout", "1", "--max-tokens-limit", "1024"
+    )
     try:
         server.wait_serving(timeout=180)
         channel, calls, _ = _start_streams(server.target, 2, 1000)  # minutes of work
@@ -84,9 +84,7 @@ _KILLED_CLIENT = textwrap.dedent(
 
 
 def test_sigkill_of_a_client_mid_stream_frees_its_slot(real_model_dir):
-    server = ServerProcess(
-        real_model_dir, "--max-batch-size", "1", "--max-waiting", "0", "--max-tokens-limit", "1024"
-    )
+    server = ServerProcess(real_model_dir, "--max-batch-size", "1", "--max-waiting", "0", "--max-tokens-limit", "1024")
     try:
         server.wait_serving(timeout=180)
         client = subprocess.Popen(

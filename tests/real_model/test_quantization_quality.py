@@ -35,5 +35,7 @@ def test_int8_keeps_bf16_perplexity(real_model_dir):
     for quantization, bound in MAX_PERPLEXITY_RATIO.items():
         quantized = perplexities(real_model_dir, quantization)
         for name, value in quantized.items():
-            print(f"{name}: perplexity bf16 {reference[name]:.2f}, {quantization} {value:.2f} ({value / reference[name] - 1:+.1%})")
+            print(
+                f"{name}: perplexity bf16 {reference[name]:.2f}, {quantization} {value:.2f} ({value / reference[name] - 1:+.1%})"
+            )
             assert value <= reference[name] * bound, (quantization, name)

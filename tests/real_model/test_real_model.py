@@ -6,8 +6,8 @@ import re
 
 import grpc
 import pytest
-
 from harness import running_server
+
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 

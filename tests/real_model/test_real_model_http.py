@@ -9,9 +9,9 @@ from typing import Literal
 import grpc
 import openai
 import pytest
+from harness import running_server
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness import running_server
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
@@ -81,9 +81,13 @@ def test_sdk_parse_fills_a_pydantic_model_at_temperature_1(real_server):
     parsed = []
     for seed in range(4):
         completion = client.chat.completions.parse(
-            model="", messages=[{"role": "user", "content": question}], response_format=Lamp,
-            temperature=1.0, seed=seed, max_tokens=100,
-        )  # fmt: skip
+            model="",
+            messages=[{"role": "user", "content": question}],
+            response_format=Lamp,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=100,
+        )
         assert completion.choices[0].finish_reason == "stop"
         parsed.append(completion.choices[0].message.parsed)
     assert all(isinstance(p, Lamp) for p in parsed)
@@ -94,16 +98,21 @@ def test_json_mode_answers_a_json_object_over_http_and_grpc(real_server):
     client = openai.OpenAI(base_url=real_server.http_url + "/v1", api_key="unused", max_retries=0)
     question = "Give the capital of France and its population as a JSON object."
     completion = client.chat.completions.create(
-        model="", messages=[{"role": "user", "content": question}], response_format={"type": "json_object"},
-        temperature=0, max_tokens=128,
-    )  # fmt: skip
+        model="",
+        messages=[{"role": "user", "content": question}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=128,
+    )
     assert completion.choices[0].finish_reason == "stop"
     answer = json.loads(completion.choices[0].message.content)
     assert isinstance(answer, dict) and "Paris" in json.dumps(answer)
     request = pb.ChatRequest(
-        messages=[pb.Message(role="user", content=question)], temperature=0, max_tokens=128,
+        messages=[pb.Message(role="user", content=question)],
+        temperature=0,
+        max_tokens=128,
         response_format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_OBJECT),
-    )  # fmt: skip
+    )
     with grpc.insecure_channel(real_server.target) as channel:
         reply = pb_grpc.QwenServiceStub(channel).Chat(request, timeout=120)
     assert reply.content == completion.choices[0].message.content

@@ -30,9 +30,13 @@ asyncio.run(main())
 
 def _accept_failure_lines(handler: str) -> int:
     process = subprocess.Popen(
-        [sys.executable, "-c", LISTENER, handler], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+        [sys.executable, "-c", LISTENER, handler],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+    )
     port = int(process.stdout.readline())
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(120)]  # more than 64 descriptors
     try:

@@ -47,7 +47,17 @@ def test_auth_is_off_without_keys_and_fails_closed_with_an_empty_source(tmp_path
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "Bearer", "Bearer ", f"Basic {ENV_KEY}", f"Bearer {ENV_KEY}x", f"Bearer {ENV_KEY[:-1]}", ENV_KEY, "Bearer \x00"],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Basic {ENV_KEY}",
+        f"Bearer {ENV_KEY}x",
+        f"Bearer {ENV_KEY[:-1]}",
+        ENV_KEY,
+        "Bearer \x00",
+    ],
 )
 def test_wrong_or_missing_keys_are_refused(header):
     auth = ApiKeyAuth([ENV_KEY, FILE_KEY])

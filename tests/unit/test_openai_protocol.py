@@ -22,16 +22,31 @@ def parse(**fields):
 
 def test_mapping_to_chat_params():
     params = parse(
-        model="m", temperature=0, top_p=0.5, max_completion_tokens=7, stop="END", seed=3, top_k=5,
-        repetition_penalty=1.1, user="u", metadata={"a": "b"}, n=1, presence_penalty=0, tool_choice="none",
-    )  # fmt: skip
+        model="m",
+        temperature=0,
+        top_p=0.5,
+        max_completion_tokens=7,
+        stop="END",
+        seed=3,
+        top_k=5,
+        repetition_penalty=1.1,
+        user="u",
+        metadata={"a": "b"},
+        n=1,
+        presence_penalty=0,
+        tool_choice="none",
+    )
     assert (params.model, params.temperature, params.top_p, params.max_tokens) == ("m", 0, 0.5, 7)
     assert (params.stop, params.seed, params.top_k, params.repetition_penalty) == (("END",), 3, 5, 1.1)
     assert parse(stop=["a", "b"]).stop == ("a", "b")
     assert parse().max_tokens is None and parse().temperature is None  # unset -> server defaults
-    developer = oai.parse_request(b'{"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}]}')
+    developer = oai.parse_request(
+        b'{"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}]}'
+    )
     assert [m.role for m in oai.to_chat_params(developer).messages] == ["system", "user"]
-    assistant = oai.parse_request(b'{"messages": [{"role": "assistant", "content": null}, {"role": "user", "content": "y"}]}')
+    assistant = oai.parse_request(
+        b'{"messages": [{"role": "assistant", "content": null}, {"role": "user", "content": "y"}]}'
+    )
     assert oai.to_chat_params(assistant).messages[0].content == ""
 
 
@@ -44,8 +59,14 @@ def test_mapping_to_chat_params():
         ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": []}}}, "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": []}}},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "json_object", "json_schema": {"name": "f"}}}, "response_format.json_schema"),
         ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
         ({"logit_bias": {"1": 2.0}}, "logit_bias"),
@@ -59,11 +80,15 @@ def test_unsupported_features_are_refused_by_name(fields, param):
 
 def test_response_format_and_nulls_map_as_openai_sends_them():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    fmt = parse(response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": schema, "strict": True}})
+    fmt = parse(
+        response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": schema, "strict": True}}
+    )
     assert fmt.response_format == ResponseFormat(ResponseFormatType.JSON_SCHEMA, json.dumps(schema))
     no_schema = parse(response_format={"type": "json_schema", "json_schema": {"name": "any"}})
     assert no_schema.response_format.json_schema == "{}"
-    assert parse(response_format={"type": "json_object"}).response_format == ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    assert parse(response_format={"type": "json_object"}).response_format == ResponseFormat(
+        ResponseFormatType.JSON_OBJECT
+    )
     assert parse(response_format={"type": "text"}).response_format == ResponseFormat()
     assert parse().response_format is None
     nulls = dict.fromkeys(["stream", "stream_options", "temperature", "seed", "stop", "response_format", "n", "user"])
@@ -79,7 +104,10 @@ def sse_events(data: bytes) -> list[bytes]:
 def test_emitted_shapes_validate_against_the_openai_sdk_types():
     writer = oai.ChunkWriter("chatcmpl-1", "m", include_usage=True)
     usage = oai.Usage(
-        prompt_tokens=3, completion_tokens=2, total_tokens=5, prompt_tokens_details=oai.PromptTokensDetails(cached_tokens=1)
+        prompt_tokens=3,
+        completion_tokens=2,
+        total_tokens=5,
+        prompt_tokens_details=oai.PromptTokensDetails(cached_tokens=1),
     )
     data = writer.role() + writer.content("Hel") + writer.finish("lo", "length") + writer.usage(usage)
     chunks = [SDKChatCompletionChunk.model_validate_json(event) for event in sse_events(data)]
@@ -95,9 +123,12 @@ def test_emitted_shapes_validate_against_the_openai_sdk_types():
     plain = oai.ChunkWriter("chatcmpl-1", "m", include_usage=False).content("x")
     assert "usage" not in json.loads(plain.removeprefix(b"data: "))
     completion = oai.ChatCompletion(
-        id="chatcmpl-1", created=1, model="m", usage=usage,
+        id="chatcmpl-1",
+        created=1,
+        model="m",
+        usage=usage,
         choices=[oai.Choice(message=oai.AssistantMessage(content="Hello"), finish_reason="stop")],
-    )  # fmt: skip
+    )
     parsed = SDKChatCompletion.model_validate_json(completion.model_dump_json())
     assert parsed.choices[0].message.content == "Hello" and parsed.usage.completion_tokens == 2
     assert parsed.usage.prompt_tokens_details.cached_tokens == 1

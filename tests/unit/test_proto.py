@@ -34,7 +34,9 @@ def test_committed_stubs_match_the_generator(tmp_path):
     assert generated, "the generator wrote nothing"
     committed = REPO / "clients" / "python" / "qwen_grpc_client" / "pb"
     for rel in generated:
-        assert (committed / rel).read_text() == (tmp_path / rel).read_text(), f"{committed / rel} is stale: run `make proto`"
+        assert (committed / rel).read_text() == (tmp_path / rel).read_text(), (
+            f"{committed / rel} is stale: run `make proto`"
+        )
     assert not (REPO / "service" / "pb").exists(), "one copy of the stubs: the server imports the client package's"
 
 
@@ -56,7 +58,10 @@ def _legacy_messages(tmp_path):
 def test_old_clients_and_new_server_agree_on_bytes(tmp_path):
     OldRequest, OldResponse, OldMessage = _legacy_messages(tmp_path)
     old = OldRequest(
-        messages=[OldMessage(role="user", content="héllo")], model="Qwen2.5-0.5B-Instruct", temperature=0.5, max_tokens=64
+        messages=[OldMessage(role="user", content="héllo")],
+        model="Qwen2.5-0.5B-Instruct",
+        temperature=0.5,
+        max_tokens=64,
     )
     new = pb.ChatRequest.FromString(old.SerializeToString())
     assert new.temperature == 0.5 and new.max_tokens == 64 and new.messages[0].content == "héllo"
@@ -70,9 +75,10 @@ def test_old_clients_and_new_server_agree_on_bytes(tmp_path):
     assert chat_params(new).response_format is None
     # A new client's response format is a field an old server skips; the old fields read the same.
     with_format = pb.ChatRequest(
-        messages=[pb.Message(role="user", content="héllo")], max_tokens=64,
+        messages=[pb.Message(role="user", content="héllo")],
+        max_tokens=64,
         response_format=pb.ResponseFormat(type=pb.ResponseFormat.TYPE_JSON_SCHEMA, json_schema='{"type": "object"}'),
-    )  # fmt: skip
+    )
     seen_by_old_server = OldRequest.FromString(with_format.SerializeToString())
     assert seen_by_old_server.max_tokens == 64 and seen_by_old_server.messages[0].content == "héllo"
 
@@ -80,12 +86,21 @@ def test_old_clients_and_new_server_agree_on_bytes(tmp_path):
     assert not pb.ChatRequest.FromString(OldRequest(temperature=0.0).SerializeToString()).HasField("temperature")
 
     response = pb.ChatResponse(
-        id="chat-1", content="Paris", is_final=True, index=3,
-        finish_reason=pb.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        id="chat-1",
+        content="Paris",
+        is_final=True,
+        index=3,
+        finish_reason=pb.FINISH_REASON_STOP,
+        usage=pb.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
         model="Qwen2.5-0.5B-Instruct",
-    )  # fmt: skip
+    )
     seen_by_old = OldResponse.FromString(response.SerializeToString())
-    assert (seen_by_old.id, seen_by_old.content, seen_by_old.is_final, seen_by_old.index) == ("chat-1", "Paris", True, 3)
+    assert (seen_by_old.id, seen_by_old.content, seen_by_old.is_final, seen_by_old.index) == (
+        "chat-1",
+        "Paris",
+        True,
+        3,
+    )
     legacy_only = pb.ChatResponse(id="chat-1", content="Paris", is_final=True, index=3)
     assert OldResponse(id="chat-1", content="Paris", is_final=True, index=3).SerializeToString() == (
         legacy_only.SerializeToString()

@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio
 
-from .pb.qwen import qwen_service_pb2 as pb
-from .pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from .channel import (
     call_metadata,
-    session_metadata,
     channel_credentials,
     channel_options,
     connect,
     connect_async,
     fleet_channel,
     service_config,
+    session_metadata,
     target_of,
 )
+from .pb.qwen import qwen_service_pb2 as pb
+from .pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from .wire import REPLICA_METADATA_KEY, SESSION_METADATA_KEY
 
 __all__ = [
@@ -118,7 +119,7 @@ def build_request(
 
 
 def finish_reason_name(response: pb.ChatResponse) -> str:
-    """"stop" | "length" | "cancelled" ("" on non-final messages)."""
+    """ "stop" | "length" | "cancelled" ("" on non-final messages)."""
     if not response.finish_reason:
         return ""
     return pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -139,7 +140,7 @@ class ChatResult:
     cached_prompt_tokens: int = 0
 
     @classmethod
-    def from_response(cls, response: pb.ChatResponse, replica: str = "") -> "ChatResult":
+    def from_response(cls, response: pb.ChatResponse, replica: str = "") -> ChatResult:
         return cls(
             id=response.id,
             content=response.content,
@@ -161,7 +162,7 @@ class ChatStream:
     def __init__(self, call: Any) -> None:
         self._call = call
 
-    def __iter__(self) -> "ChatStream":
+    def __iter__(self) -> ChatStream:
         return self
 
     def __next__(self) -> pb.ChatResponse:
@@ -177,7 +178,7 @@ class ChatStream:
         """The replica serving this stream; waits for the first message."""
         return replica_of(self._call.initial_metadata())
 
-    def __enter__(self) -> "ChatStream":
+    def __enter__(self) -> ChatStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -192,7 +193,7 @@ class AsyncChatStream:
         self._call = call
         self._responses: AsyncIterator[pb.ChatResponse] = call.__aiter__()
 
-    def __aiter__(self) -> "AsyncChatStream":
+    def __aiter__(self) -> AsyncChatStream:
         return self
 
     async def __anext__(self) -> pb.ChatResponse:
@@ -207,7 +208,7 @@ class AsyncChatStream:
         """The replica serving this stream; waits for the first message."""
         return replica_of(await self._call.initial_metadata())
 
-    async def __aenter__(self) -> "AsyncChatStream":
+    async def __aenter__(self) -> AsyncChatStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -267,13 +268,17 @@ class QwenClient(_SessionRouting):
     def _call_args(self, timeout: float | None, session_id: str | None = None) -> dict[str, Any]:
         return {"timeout": _timeout(timeout, self.timeout), "metadata": self._metadata() + session_metadata(session_id)}
 
-    def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
+    def chat(
+        self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any
+    ) -> ChatResult:
         """session_id: the conversation's key; its calls go to one replica while it is up."""
         call_args = self._call_args(timeout, session_id)
         response, call = self._stub_for(session_id).Chat.with_call(build_request(messages, **params), **call_args)
         return ChatResult.from_response(response, replica=replica_of(call.initial_metadata()))
 
-    def stream(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatStream:
+    def stream(
+        self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any
+    ) -> ChatStream:
         call_args = self._call_args(timeout, session_id)
         return ChatStream(self._stub_for(session_id).ChatStream(build_request(messages, **params), **call_args))
 
@@ -290,7 +295,7 @@ class QwenClient(_SessionRouting):
         if self.affinity_channel is not self.channel:
             self.affinity_channel.close()
 
-    def __enter__(self) -> "QwenClient":
+    def __enter__(self) -> QwenClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -320,13 +325,17 @@ class AsyncQwenClient(_SessionRouting):
         # API key and traceparent come from the channel's interceptors.
         return {"timeout": _timeout(timeout, self.timeout), "metadata": session_metadata(session_id)}
 
-    async def chat(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> ChatResult:
+    async def chat(
+        self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any
+    ) -> ChatResult:
         call_args = self._call_args(timeout, session_id)
         call = self._stub_for(session_id).Chat(build_request(messages, **params), **call_args)
         response = await call
         return ChatResult.from_response(response, replica=replica_of(await call.initial_metadata()))
 
-    def stream(self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any) -> AsyncChatStream:
+    def stream(
+        self, messages, *, timeout: float | None = None, session_id: str | None = None, **params: Any
+    ) -> AsyncChatStream:
         call_args = self._call_args(timeout, session_id)
         return AsyncChatStream(self._stub_for(session_id).ChatStream(build_request(messages, **params), **call_args))
 
@@ -344,7 +353,7 @@ class AsyncQwenClient(_SessionRouting):
         if self.affinity_channel is not self.channel:
             await self.affinity_channel.close()
 
-    async def __aenter__(self) -> "AsyncQwenClient":
+    async def __aenter__(self) -> AsyncQwenClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

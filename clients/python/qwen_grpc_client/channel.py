@@ -29,7 +29,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc import aio

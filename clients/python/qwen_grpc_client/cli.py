@@ -22,7 +22,9 @@ from . import QwenClient, finish_reason_name, session_metadata
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen-chat", description="Stream a chat answer from a qwen-grpc server.")
     parser.add_argument("prompt", nargs="?", help="the question (default: read standard input)")
-    parser.add_argument("--target", default="localhost:50051", help="host:port or dns:///name:port (default %(default)s)")
+    parser.add_argument(
+        "--target", default="localhost:50051", help="host:port or dns:///name:port (default %(default)s)"
+    )
     parser.add_argument("--model", default="", help="served model name (default: the server's default)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, help="0 = greedy (default: server default)")
@@ -33,9 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default %(default)s)")
     parser.add_argument("--usage", action="store_true", help="print finish reason and token usage to stderr")
-    parser.add_argument("--session-id", help="conversation key: calls with the same key go to the same replica "
-                        "(ring_hash over the fleet; sent as qwen-session-id)")  # fmt: skip
-    parser.add_argument("--api-key", default=os.environ.get("QWEN_API_KEY"), help="sent as `authorization: Bearer KEY` (default: $QWEN_API_KEY)")
+    parser.add_argument(
+        "--session-id",
+        help="conversation key: calls with the same key go to the same replica "
+        "(ring_hash over the fleet; sent as qwen-session-id)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN_API_KEY"),
+        help="sent as `authorization: Bearer KEY` (default: $QWEN_API_KEY)",
+    )
     parser.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate flags)")
     parser.add_argument("--root-certificates", help="PEM file of the CA(s) to trust (default: system trust store)")
     parser.add_argument("--client-cert", help="PEM client certificate chain for mutual TLS")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batch_invariance import arrangements, assert_all_equal
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
 from service.engine.types import SamplingParams
-
-from batch_invariance import arrangements, assert_all_equal
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.95, seed=1234)
@@ -31,8 +30,13 @@ INVARIANT = [("int8", "bfloat16"), ("int8-weight-only", "bfloat16"), ("none", "b
 
 def make_engine(model_dir, quantization: str, dtype: str, **overrides) -> Engine:
     options = dict(
-        max_batch_size=8, max_waiting=8, max_model_len=1024, prefill_chunk_size=64, interleaved_prefill_tokens=16,
-        threads=1, quantization=quantization,
+        max_batch_size=8,
+        max_waiting=8,
+        max_model_len=1024,
+        prefill_chunk_size=64,
+        interleaved_prefill_tokens=16,
+        threads=1,
+        quantization=quantization,
     )
     options.update(overrides)
     engine = Engine(load_model(str(model_dir), dtype=dtype), **options)

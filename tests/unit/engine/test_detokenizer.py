@@ -23,7 +23,9 @@ def _stream(tokenizer, text: str, stop=()):
     return pieces, detok.stopped
 
 
-@pytest.mark.parametrize("text", ["Hello, world! Stream tokens.", "法国的首都是巴黎。", "emoji 🚀 and ünïcödé", "a\n  b\tc"])
+@pytest.mark.parametrize(
+    "text", ["Hello, world! Stream tokens.", "法国的首都是巴黎。", "emoji 🚀 and ünïcödé", "a\n  b\tc"]
+)
 def test_incremental_text_equals_full_decode(tokenizer, text):
     pieces, stopped = _stream(tokenizer, text)
     assert "".join(pieces) == text

@@ -110,9 +110,9 @@ async def test_a_burst_of_prompts_is_prefilled_in_one_pass_next_to_the_decoders(
     """Newcomers do not queue for one prefill pass each: the next forward
     pass carries all their prompts (within the token budget) and the running
     stream's next token."""
-    from service.engine.model_runner import ModelRunner
-
     import threading
+
+    from service.engine.model_runner import ModelRunner
 
     passes: list[tuple[int, list[int]]] = []
     burst_queued = threading.Event()
@@ -216,7 +216,9 @@ async def test_admission_is_fifo(loaded):
         order: list[int] = []
 
         async def run(index: int):
-            async for event in engine.generate(request(engine, PROMPTS[index], SamplingParams(max_tokens=2, temperature=0))):
+            async for event in engine.generate(
+                request(engine, PROMPTS[index], SamplingParams(max_tokens=2, temperature=0))
+            ):
                 if event.finished:
                     order.append(index)
 
@@ -282,7 +284,10 @@ async def test_seeded_sampling_is_reproducible_in_any_batch(loaded):
         alone, _ = await collect(engine, request(engine, PROMPTS[0], sampled))
         crowd = await asyncio.gather(
             collect(engine, request(engine, PROMPTS[0], sampled)),
-            *(collect(engine, request(engine, p, SamplingParams(max_tokens=16, temperature=1.0))) for p in PROMPTS[1:4]),
+            *(
+                collect(engine, request(engine, p, SamplingParams(max_tokens=16, temperature=1.0)))
+                for p in PROMPTS[1:4]
+            ),
         )
         assert crowd[0][0] == alone
     finally:

@@ -10,12 +10,11 @@ import json
 import jsonschema
 import pytest
 import torch
+from test_engine import collect, loaded, make_engine, request  # noqa: F401 - fixture
 
 from service.engine.grammar import GrammarCompiler, InvalidGrammar, allocate_bitmask
 from service.engine.sampling import select_tokens
 from service.engine.types import ConstraintKind, FinishReason, OutputConstraint, SamplingParams
-
-from test_engine import collect, loaded, make_engine, request  # noqa: F401 - fixture
 
 # Bounded everywhere (enums, maxLength, maxItems, integer range), so a
 # sampled answer always closes well within max_tokens.
@@ -89,7 +88,9 @@ async def test_sampled_answers_always_validate(loaded):  # noqa: F811
         plain = SamplingParams(max_tokens=24)
         alone, _ = await collect(engine, request(engine, "Hello, world!", plain))
         requests = [
-            request(engine, f"Fill the form {i}", dataclasses_replace(sampled, seed=i), rid=f"form-{i}", grammar=grammar)
+            request(
+                engine, f"Fill the form {i}", dataclasses_replace(sampled, seed=i), rid=f"form-{i}", grammar=grammar
+            )
             for i in range(24)
         ]
         results = await asyncio.gather(

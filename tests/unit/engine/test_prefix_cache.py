@@ -12,7 +12,7 @@ import torch
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
-from service.engine.model_runner import ModelRunner, PrefillChunk
+from service.engine.model_runner import ModelRunner
 from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -185,12 +185,23 @@ async def test_concurrent_requests_sharing_a_prefix_match_the_uncached_output(ti
     plain = tiny_engine(tiny_model_dir, 0)
     cached = tiny_engine(tiny_model_dir, CACHE_BYTES)
     try:
-        expected = [await collect(plain, chat(plain, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], q)) for q in QUESTIONS]
+        expected = [
+            await collect(
+                plain, chat(plain, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], q)
+            )
+            for q in QUESTIONS
+        ]
         # Twice at once: the first wave shares the system prompt while it is being prefilled,
         # the second finds it (and the first wave's prompts) stored.
         for wave in ("a", "b"):
             got = await asyncio.gather(
-                *(collect(cached, chat(cached, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], q + wave)) for q in QUESTIONS)
+                *(
+                    collect(
+                        cached,
+                        chat(cached, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], q + wave),
+                    )
+                    for q in QUESTIONS
+                )
             )
             assert [text for text, _ in got] == [text for text, _ in expected]
         assert all(final.usage.cached_prompt_tokens > 0 for _, final in got)

@@ -53,7 +53,11 @@ class Recorder:
         return 0.0 if value is None else value
 
     def failed(self) -> dict[str, float]:
-        return {r: self.sample("qwen_requests_failed_total", reason=r) for r in FAILURE_REASONS if self.sample("qwen_requests_failed_total", reason=r)}
+        return {
+            r: self.sample("qwen_requests_failed_total", reason=r)
+            for r in FAILURE_REASONS
+            if self.sample("qwen_requests_failed_total", reason=r)
+        }
 
     def span(self, name: str):
         (span,) = [s for s in self.spans.get_finished_spans() if s.name == name]
@@ -61,7 +65,9 @@ class Recorder:
 
 
 def settings(**overrides) -> Settings:
-    base = dict(model="unused", max_model_len=512, max_tokens_default=16, max_tokens_limit=256, served_model_name=[MODEL])
+    base = dict(
+        model="unused", max_model_len=512, max_tokens_default=16, max_tokens_limit=256, served_model_name=[MODEL]
+    )
     return Settings(**{**base, **overrides})
 
 
@@ -72,8 +78,9 @@ async def run(chat: ChatService, text: str, timeout: float | None = None, **para
 
 async def test_a_completed_request_records_every_phase(loaded):
     rec = Recorder()
-    engine = Engine(loaded, max_batch_size=2, max_waiting=2, max_model_len=512, prefill_chunk_size=16, threads=1,
-                    observer=rec.model)  # fmt: skip
+    engine = Engine(
+        loaded, max_batch_size=2, max_waiting=2, max_model_len=512, prefill_chunk_size=16, threads=1, observer=rec.model
+    )
     engine.start()
     try:
         chat = ChatService(engine, settings(), rec.telemetry)

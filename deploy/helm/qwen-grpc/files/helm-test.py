@@ -35,7 +35,9 @@ try:
         answer = client.chat(request["messages"], max_tokens=request["max_tokens"], temperature=0)
 except grpc.RpcError as error:
     sys.exit(f"qwen.QwenService/Chat failed: {error.code().name}: {error.details()}")
-print(f"chat from {answer.replica or 'unnamed replica'}: {answer.content!r} "
-      f"(finish={answer.finish_reason}, completion_tokens={answer.completion_tokens})")
+print(
+    f"chat from {answer.replica or 'unnamed replica'}: {answer.content!r} "
+    f"(finish={answer.finish_reason}, completion_tokens={answer.completion_tokens})"
+)
 if answer.completion_tokens < 1 or answer.finish_reason not in ("stop", "length"):
     sys.exit("the chat produced no tokens")

@@ -39,7 +39,7 @@ class PrefillChunk:
         return self.start + len(self.token_ids)
 
 
-QUANTIZATIONS = ("none", "int8", "int8-weight-only")
+QUANTIZATIONS = ("none", "int8", "int8-weight-only", "int4")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Keys per block of the CPU attention kernel (flash attention's kv split).
@@ -119,6 +119,58 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+def _int4_groups(
+    weight: torch.Tensor, group_size: int, dtype: torch.dtype, rows_per_block: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of `group_size` inputs (the group's min
+    and max map to about 0 and 15), packed for torch's CPU int4 kernel, and the
+    groups' [scale, zero] in `dtype` as the kernel wants them:
+    w = (q - 8) * scale + zero. The codes are rounded against the scale and zero
+    as stored (in dtype), not as computed. A block of rows at a time, like _int8_rows."""
+    rows, columns = weight.shape
+    codes = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    scales_and_zeros = torch.empty(columns // group_size, rows, 2, dtype=dtype, device=weight.device)
+    for start in range(0, rows, rows_per_block):
+        block = weight[start : start + rows_per_block].float().view(-1, columns // group_size, group_size)
+        low, high = block.amin(dim=2), block.amax(dim=2)
+        scale = ((high - low) / 15.0).clamp(min=1e-6).to(dtype).float()
+        zero = (low + 8 * scale).to(dtype).float()
+        code = torch.round((block - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        codes[start : start + len(block)] = code.view(len(block), columns).to(torch.int32)
+        scales_and_zeros[:, start : start + len(block)] = torch.stack((scale, zero), dim=2).transpose(0, 1).to(dtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_and_zeros
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights, asymmetric, a scale and a zero per group of 32 inputs;
+    bf16 activations (torch's _weight_int4pack_mm_for_cpu: its float32 path is
+    scalar, 10-20x slower). 5 bits a weight with the group parameters,
+    against int8's 8: decode at small batch is bound by reading weights.
+    Batch-invariant: the kernel computes each row alone, in the same order
+    whatever the number of rows (tests/unit/engine/test_batch_invariance.py)."""
+
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.out_features = linear.out_features
+        # The kernel packs outputs 16 at a time: zero rows pad the rest (Qwen's shapes need none).
+        padded = F.pad(linear.weight.data, (0, 0, 0, -linear.out_features % 16))
+        weight, scales_and_zeros = _int4_groups(padded, group_size, self.compute_dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(self.compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):
@@ -216,12 +268,14 @@ class ModelRunner:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._intermediate = config.intermediate_size
-        # int8 computes in float32 (its activations are quantized per call); everything else in the loaded dtype.
-        self.dtype = torch.float32 if quantization == "int8" else loaded.dtype
+        # int8 computes in float32 (its activations are quantized per call), int4 too (its Linears take
+        # bf16 and return float32, so norms and attention keep float32); everything else in the loaded dtype.
+        self.dtype = torch.float32 if quantization in ("int8", "int4") else loaded.dtype
         pack = {
             "none": _owned,
             "int8": RowwiseInt8Linear,
             "int8-weight-only": Int8WeightOnlyLinear,
+            "int4": Int4Linear,
         }[quantization]
 
         embed = model.model.embed_tokens

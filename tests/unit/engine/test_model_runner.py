@@ -80,9 +80,16 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     assert torch.allclose(moved[0], reference[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only"])
-def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
-    """Dynamic int8 perturbs the logits a little: they stay strongly correlated
+@pytest.mark.parametrize(
+    ("quantization", "mean_similarity", "min_similarity", "min_agreement"),
+    # 4 bits of random Gaussian weights lose far more than a trained model's (whose
+    # perplexity the real-model quality guard bounds), hence int4's looser bounds here.
+    [("int8", 0.98, 0.8, 0.6), ("int8-weight-only", 0.98, 0.8, 0.6), ("int4", 0.85, 0.45, 0.3)],
+)
+def test_int8_runner_tracks_the_float_model(
+    tiny_model_dir, quantization, mean_similarity, min_similarity, min_agreement
+):
+    """Quantization perturbs the logits a little: they stay strongly correlated
     with float32 ones. (The random tiny model has near-tied top tokens, so
     top-1 agreement is a weak signal here; the real-model quality check is in
     tests/real_model.)"""
@@ -100,8 +107,8 @@ def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
             similarities.append(float(torch.nn.functional.cosine_similarity(want, got, dim=0)))
             agree += int(want.argmax() == got.argmax())
             total += 1
-    assert sum(similarities) / len(similarities) > 0.98 and min(similarities) > 0.8, similarities
-    assert agree / total >= 0.6, f"int8 top-1 agreement {agree}/{total}"
+    assert sum(similarities) / len(similarities) > mean_similarity and min(similarities) > min_similarity, similarities
+    assert agree / total >= min_agreement, f"{quantization} top-1 agreement {agree}/{total}"
 
 
 def test_a_bfloat16_kv_cache_tracks_the_float32_one(tiny_model_dir):

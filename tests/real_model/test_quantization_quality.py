@@ -19,8 +19,10 @@ MAX_TOKENS = 512
 # Measured (bf16 13.24 / 6.13): int8 +1.6 % / +0.9 %, int8-weight-only
 # +0.0 % / +0.4 %. torch.ao's 7-bit activations cost +0.9 % / +7.8 %, and
 # dynamic int8 in down_proj too +10 % / +11 %. The bounds leave room for
-# kernel differences between CPUs.
-MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02}
+# kernel differences between CPUs. int4 (4-bit groups of 32) measured 14.05 / 14.47 against bf16's
+# 13.27 / 13.31 (+5.9 % / +8.7 %): outside the 3 % asked of a default, so it is an option, bounded here
+# so that it does not get worse.
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02, "int4": 1.10}
 
 
 def perplexities(model_dir: pathlib.Path, quantization: str) -> dict[str, float]:

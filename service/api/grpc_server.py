@@ -19,7 +19,16 @@ from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 from ..auth import ApiKeyAuth
-from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseFormat, ResponseFormatType
+from ..chat import (
+    ChatMessage,
+    ChatParams,
+    ChatService,
+    LogprobToken,
+    PreparedChat,
+    ResponseFormat,
+    ResponseFormatType,
+    TokenLogprob,
+)
 from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
@@ -95,11 +104,33 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         seed=present("seed"),
         stop=tuple(request.stop),
         response_format=_response_format(request),
+        n=present("n"),
+        logprobs=request.logprobs,
+        top_logprobs=present("top_logprobs"),
+        presence_penalty=present("presence_penalty"),
+        frequency_penalty=present("frequency_penalty"),
+        logit_bias=dict(request.logit_bias) or None,
+    )
+
+
+def _top_logprob(token: LogprobToken) -> pb.TopLogprob:
+    return pb.TopLogprob(token=token.token, logprob=token.logprob, bytes=token.bytes, token_id=token.token_id)
+
+
+def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
+    chosen = entry.chosen
+    return pb.TokenLogprob(
+        token=chosen.token,
+        logprob=chosen.logprob,
+        bytes=chosen.bytes,
+        token_id=chosen.token_id,
+        top_logprobs=[_top_logprob(top) for top in entry.top],
     )
 
 
 def _final_fields(event: TokenEvent) -> dict:
     usage = event.usage
+    assert usage is not None and event.finish_reason is not None
     return {
         "is_final": True,
         "finish_reason": _FINISH_REASONS[event.finish_reason],
@@ -131,33 +162,59 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
     async def _prepare(self, request: pb.ChatRequest, context: aio.ServicerContext) -> PreparedChat:
         return await self._chat.prepare_async(chat_params(request), timeout=context.time_remaining())
 
+    def _logprobs(self, event: TokenEvent) -> list[pb.TokenLogprob]:
+        return [] if event.logprobs is None else [_token_logprob(self._chat.token_logprob(event.logprobs))]
+
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
         prepared = await self._prepare(request, context)
-        pieces: list[str] = []
+        n = prepared.request.sampling.n
+        choices = [pb.Choice(index=index) for index in range(n)]
+        pieces: list[list[str]] = [[] for _ in range(n)]
+        finished = 0
         async for event in self._chat.generate(prepared):
-            pieces.append(event.text)
-            if event.finished:
+            choice = choices[event.index]
+            pieces[event.index].append(event.text)
+            choice.logprobs.extend(self._logprobs(event))
+            if not event.finished:
+                continue
+            choice.finish_reason = _FINISH_REASONS[event.finish_reason]
+            choice.content = "".join(pieces[event.index])
+            finished += 1
+            if finished == n or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
+                final = _final_fields(event)  # the usage of all choices
+                # The top-level answer is choice 0 (cancelled: the reason of the event that ended it all).
+                final["finish_reason"] = choices[0].finish_reason or final["finish_reason"]
                 return pb.ChatResponse(
                     id=prepared.request.request_id,
-                    content="".join(pieces),
+                    content="".join(pieces[0]),
                     index=0,
                     model=prepared.model,
-                    **_final_fields(event),
+                    logprobs=choices[0].logprobs,
+                    choices=choices if n > 1 else [],
+                    **final,
                 )
         raise RuntimeError("engine ended a request without a final event")
 
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         prepared = await self._prepare(request, context)
         request_id = prepared.request.request_id
+        choices_left = prepared.request.sampling.n
         index = 0
         async for event in self._chat.generate(prepared):
+            logprobs = self._logprobs(event)
+            common = dict(id=request_id, content=event.text, index=index, model=prepared.model, logprobs=logprobs)
             if event.finished:
+                choices_left -= 1
+                if not choices_left or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
+                    yield pb.ChatResponse(choice_index=event.index, **common, **_final_fields(event))
+                    return
+                # One choice of several is done: its finish reason, the stream goes on.
                 yield pb.ChatResponse(
-                    id=request_id, content=event.text, index=index, model=prepared.model, **_final_fields(event)
+                    choice_index=event.index, finish_reason=_FINISH_REASONS[event.finish_reason], **common
                 )
-                return
-            if event.text:  # pieces that render as nothing yet are not sent
-                yield pb.ChatResponse(id=request_id, content=event.text, index=index, model=prepared.model)
+                index += 1
+            elif event.text or logprobs:  # pieces that render as nothing yet are not sent
+                yield pb.ChatResponse(choice_index=event.index, **common)
                 index += 1
 
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:

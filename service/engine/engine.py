@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from .detokenizer import token_bytes
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
@@ -120,7 +121,10 @@ class Engine:
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Queue the request and yield its events until the final one.
+        """Queue the request and yield its events until the final one: with
+        n > 1 choices, the events of all choices interleaved (TokenEvent.index)
+        until each has had its final event, or one ends otherwise than by
+        STOP or LENGTH (cancelled, failed: the others are aborted).
 
         Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
         Leaving the iteration early (the consumer was cancelled or closed it)
@@ -128,10 +132,11 @@ class Engine:
 
         Backpressure: at most max_buffered_tokens events wait for the consumer.
         One that falls further behind (its transport is blocked on a client
-        that does not read) has the request aborted; the events buffered so
+        that does not read; n choices may buffer n times as much) has the request aborted; the events buffered so
         far stay readable, then the final event says SLOW_CONSUMER."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         overflowed = False
+        buffer_limit = self._max_buffered_tokens * request.sampling.n
 
         def emit(event: TokenEvent) -> None:
             nonlocal overflowed
@@ -141,7 +146,7 @@ class Engine:
                 queue.put_nowait(event)
             elif overflowed:
                 pass  # generated before the abort took effect; the answer is cut here anyway
-            elif queue.qsize() >= self._max_buffered_tokens:
+            elif queue.qsize() >= buffer_limit:
                 overflowed = True
                 self.abort(request.request_id)  # the usual abort path: the slot is freed before the next step
             else:
@@ -149,10 +154,14 @@ class Engine:
 
         self._scheduler.submit(request, emit)
         finished = False
+        choices_left = request.sampling.n
         try:
             while True:
                 event = await queue.get()
-                finished = event.finished
+                if event.finished:
+                    choices_left -= 1
+                    ended = event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                    finished = choices_left == 0 or not ended
                 yield event
                 if finished:
                     return
@@ -165,6 +174,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0..vocab_size-1 (the width of the logits)."""
+        return int(self.loaded.model.config.vocab_size)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for (for logprobs)."""
+        return token_bytes(self.loaded.tokenizer, token_id)
 
     async def warmup(self) -> None:
         """One short generation, so the first real request does not pay for

@@ -197,3 +197,21 @@ def test_grpc_bad_values_are_invalid_argument_naming_the_field(stub, fields, fie
         stub.Chat(grpc_request(**fields))
     assert exc_info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in exc_info.value.details()
+
+
+def test_python_sdk_exposes_choices_and_logprobs(server):
+    from qwen_grpc_client import QwenClient, build_request
+
+    plain = build_request(HELLO)
+    assert not plain.HasField("n") and not plain.logprobs and not plain.logit_bias  # old behaviour unless asked
+    with QwenClient(server.target, timeout=60) as client:
+        result = client.chat(HELLO, n=2, temperature=1.0, seed=11, max_tokens=8, logprobs=True, top_logprobs=3)
+        assert [c.index for c in result.choices] == [0, 1]
+        assert result.choices[0].content == result.content and result.choices[0].logprobs == result.logprobs
+        assert all(len(entry.top_logprobs) == 3 for c in result.choices for entry in c.logprobs)
+        assert result.completion_tokens == 16
+        single = client.chat(HELLO, max_tokens=8, temperature=0, frequency_penalty=1.5, logit_bias={300: 100})
+        assert len(single.choices) == 1 and single.choices[0].content == single.content and not single.logprobs
+        pieces = list(client.stream(HELLO, n=2, temperature=1.0, seed=11, max_tokens=8, logprobs=True))
+        assert {p.choice_index for p in pieces} == {0, 1}
+        assert "".join(p.content for p in pieces if p.choice_index == 1) == result.choices[1].content

@@ -38,7 +38,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     if isinstance(piece, str) and all(char in alphabet for char in piece):
         return bytes(alphabet[char] for char in piece)
     # Not byte-level BPE (or an id past the tokenizer's): its decoded text.
-    return tokenizer.decode([token_id]).encode("utf-8")
+    return str(tokenizer.decode([token_id])).encode("utf-8")
 
 
 class IncrementalDetokenizer:

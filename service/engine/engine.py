@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from .detokenizer import token_bytes
@@ -178,7 +179,7 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         """Token ids are 0..vocab_size-1 (the width of the logits)."""
-        return int(self.loaded.model.config.vocab_size)
+        return typing.cast(int, self.loaded.model.config.vocab_size)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of text one token stands for (for logprobs)."""

@@ -50,18 +50,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits[seen] = torch.where(scores > 0, boosted, scores * penalty)
 
 
-def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None]) -> None:
-    """In place, batched: OpenAI's presence and frequency penalties.
-    counts[i]: float32 [vocab], how often request i generated each token
-    (None when it uses no such penalty)."""
-    rows = [row for row, (p, count) in enumerate(zip(params, counts)) if p.penalized and count is not None]
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> None:
+    """In place, batched: OpenAI's presence and frequency penalties, from
+    outputs[i], request i's generated token ids. Only the tokens generated
+    so far change, so this costs O(output length), not O(vocabulary): one
+    unique-count per row and one scatter for the batch."""
+    rows = [row for row, p in enumerate(params) if p.penalized and outputs[row]]
     if not rows:
         return
-    index = torch.tensor(rows)
-    stacked = torch.stack([counts[row] for row in rows])  # type: ignore[misc]
-    frequency = torch.tensor([params[row].frequency_penalty for row in rows]).unsqueeze(1)
-    presence = torch.tensor([params[row].presence_penalty for row in rows]).unsqueeze(1)
-    logits[index] -= stacked * frequency + (stacked > 0) * presence
+    row_index, token_index, values = [], [], []
+    for row in rows:
+        p = params[row]
+        tokens, counts = torch.tensor(outputs[row]).unique(return_counts=True)
+        row_index.append(torch.full((len(tokens),), row))
+        token_index.append(tokens)
+        values.append(-(counts * p.frequency_penalty + p.presence_penalty))
+    # Ids are distinct within a row: each logit gets exactly one addition.
+    logits.index_put_((torch.cat(row_index), torch.cat(token_index)), torch.cat(values).float(), accumulate=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -88,19 +93,22 @@ def token_logprobs(
     logits: torch.Tensor, params: list[SamplingParams], chosen: list[int | Exception]
 ) -> list[TokenLogprobs | None]:
     """The chosen token's logprob and the top alternatives for each row that
-    asked for logprobs: one log_softmax and one topk over those rows. The
-    topk is always MAX_TOP_LOGPROBS wide (then cut per row) so that a row's
-    alternatives, ties included, do not depend on what its neighbours ask."""
+    asked for logprobs: logprob = logit - logsumexp(row), with one logsumexp
+    and one topk over those rows (no vocabulary-wide log_softmax written).
+    The topk is always MAX_TOP_LOGPROBS wide (then cut per row) so that a
+    row's alternatives, ties included, do not depend on what its neighbours ask."""
     result: list[TokenLogprobs | None] = [None] * len(params)
     rows = [row for row, p in enumerate(params) if p.logprobs and isinstance(chosen[row], int)]
     if not rows:
         return result
-    logprobs = torch.log_softmax(logits[torch.tensor(rows)], dim=-1).clamp_(min=LOGPROB_FLOOR)
-    tokens = torch.tensor([chosen[row] for row in rows])
-    picked = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    selected = logits if len(rows) == len(logits) else logits[torch.tensor(rows)]
+    normalizer = selected.logsumexp(-1, keepdim=True)
+    tokens = torch.tensor([chosen[row] for row in rows]).unsqueeze(1)
+    picked = (selected.gather(1, tokens) - normalizer).clamp_(min=LOGPROB_FLOOR).squeeze(1).tolist()
     tops: list[list[tuple[int, float]]] = [[] for _ in rows]
     if any(params[row].top_logprobs for row in rows):
-        values, ids = torch.topk(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
+        values, ids = torch.topk(selected, min(MAX_TOP_LOGPROBS, selected.shape[-1]))
+        values = (values - normalizer).clamp_(min=LOGPROB_FLOOR)
         tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     for index, row in enumerate(rows):
         top = tuple(tops[index][: params[row].top_logprobs])
@@ -162,14 +170,14 @@ def select_tokens(
     generators: list[torch.Generator],
     seen_tokens: list[torch.Tensor | None],
     grammars: list[GrammarMatcher | None] | None = None,
-    counts: list[torch.Tensor | None] | None = None,
+    outputs: list[list[int]] | None = None,
 ) -> list[int | Exception]:
     """logits: float32 [B, vocab] (processed in place, see the module doc:
     token_logprobs reads them afterwards). seen_tokens[i] holds the
     distinct token ids of request i's prompt + output when it uses a
     repetition penalty, else None. grammars[i] is request i's grammar state
-    (None: unconstrained); the selected token is fed to it. counts[i]: see
-    apply_penalties.
+    (None: unconstrained); the selected token is fed to it. outputs[i]:
+    request i's generated token ids (for presence/frequency penalties).
 
     Rows are independent: a row whose selection raises gets the exception in
     its place, and every other row is computed exactly as without it (its
@@ -181,8 +189,8 @@ def select_tokens(
                 apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
             except Exception as exc:  # noqa: BLE001 - reported per row
                 chosen[row] = exc
-    if counts is not None:
-        apply_penalties(logits, params, counts)
+    if outputs is not None:
+        apply_penalties(logits, params, outputs)
     apply_logit_bias(logits, params)
     if grammars is not None:
         constrain(logits, grammars, chosen)

@@ -77,7 +77,6 @@ class _Sequence:
     generator: torch.Generator
     submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
     seen: torch.Tensor | None = None  # bool [vocab] of prompt+output ids, for repetition penalty (set on admission)
-    counts: torch.Tensor | None = None  # float32 [vocab] of output ids, for presence/frequency penalties
     index: int = 0  # the choice (of n) this sequence generates
     reserved: int = 1  # slots it holds: n until the prompt is done and it forks, then 1
     grammar: GrammarMatcher | None = None  # constrained decoding state
@@ -265,8 +264,6 @@ class Scheduler:
             if seq.request.sampling.repetition_penalty != 1.0:  # a torch op: on this thread (see __init__)
                 seq.seen = torch.zeros(self._runner.vocab_size, dtype=torch.bool)
                 seq.seen[list(seq.request.prompt_token_ids)] = True
-            if seq.request.sampling.penalized:
-                seq.counts = torch.zeros(self._runner.vocab_size, dtype=torch.float32)
             if self._prefix_cache is not None:
                 prompt = seq.request.prompt_token_ids
                 seq.block_keys = block_keys(prompt, reusable_blocks(len(prompt), BLOCK_SIZE))
@@ -355,7 +352,6 @@ class Scheduler:
                 detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, sampling.stop),
                 generator=make_generator(None if sampling.seed is None else sampling.seed + index),
                 seen=None if seq.seen is None else seq.seen.clone(),
-                counts=None if seq.counts is None else seq.counts.clone(),
                 grammar=seq.request.grammar.matcher() if seq.request.grammar is not None else None,
                 index=index,
                 reserved=1,
@@ -430,7 +426,7 @@ class Scheduler:
                 [seq.generator for seq in batch],
                 [seq.seen for seq in batch],
                 [seq.grammar for seq in batch],
-                [seq.counts for seq in batch],
+                [seq.output_ids for seq in batch],
             )
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
@@ -456,7 +452,12 @@ class Scheduler:
         """Select one row's token on its own."""
         try:
             (token,) = select_tokens(
-                logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen], [seq.grammar], [seq.counts]
+                logits.unsqueeze(0),
+                [seq.request.sampling],
+                [seq.generator],
+                [seq.seen],
+                [seq.grammar],
+                [seq.output_ids],
             )
         except Exception as exc:  # noqa: BLE001 - reported by _checked
             return exc
@@ -472,8 +473,6 @@ class Scheduler:
         seq.output_ids.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
-        if seq.counts is not None:
-            seq.counts[token] += 1
         if token in self._eos:  # not part of the answer: its logprobs are not reported (as OpenAI)
             self._release(seq, FinishReason.STOP, text=seq.detokenizer.flush())
             return

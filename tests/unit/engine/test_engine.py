@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+from tiny_model import tiny_engine_config
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
@@ -30,9 +31,7 @@ def loaded(tiny_model_dir):
 
 
 def make_engine(loaded, **overrides) -> Engine:
-    options = dict(max_batch_size=4, max_waiting=8, max_model_len=512, prefill_chunk_size=16, threads=1)
-    options.update(overrides)
-    engine = Engine(loaded, **options)
+    engine = Engine(loaded, tiny_engine_config(**overrides))
     engine.start()
     return engine
 

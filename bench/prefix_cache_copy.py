@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.engine_decode import _median_ms  # noqa: E402
 from service.config import default_model_path  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner  # noqa: E402
 from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys  # noqa: E402
@@ -45,7 +46,12 @@ def main() -> int:
     args = p.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
-    runner = ModelRunner(load_model(args.model), 2, 2048, args.quantization, args.kv_cache_dtype)
+    runner = ModelRunner(
+        load_model(args.model),
+        EngineConfig.defaults(
+            max_batch_size=2, max_model_len=2048, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype
+        ),
+    )
     tokens = list(range(1000, 1000 + max(lengths)))
     result = {
         "quantization": args.quantization,

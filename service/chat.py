@@ -242,6 +242,10 @@ class ChatService:
         except InvalidSamplingParams as exc:
             raise InvalidArgument(exc.field, exc.message) from None
 
+    def default_sampling(self, max_tokens: int) -> SamplingParams:
+        """The sampling of a request that sets only max_tokens (the server's defaults)."""
+        return self._sampling(ChatParams(messages=(), max_tokens=max_tokens))
+
     @staticmethod
     def _text_bytes(messages: list[dict[str, str]]) -> int:
         """The UTF-8 size of the messages' text: what tokenizing them costs."""

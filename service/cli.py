@@ -155,6 +155,7 @@ class Server:
     async def start(self) -> None:
         from .api.grpc_server import set_serving
         from .chat import ChatService, served_model_names
+        from .engine.config import EngineConfig
         from .engine.engine import Engine
         from .engine.loader import load_model, model_name
         from .observability.metrics import MetricsServer
@@ -177,16 +178,7 @@ class Server:
         self.engine = await asyncio.to_thread(
             Engine,
             functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir),
-            max_batch_size=s.max_batch_size,
-            max_waiting=s.max_waiting,
-            max_model_len=s.max_model_len,
-            prefill_chunk_size=s.prefill_chunk_size,
-            interleaved_prefill_tokens=s.interleaved_prefill_tokens,
-            threads=s.threads,
-            quantization=s.quantization,
-            kv_cache_dtype=s.kv_cache_dtype,
-            max_buffered_tokens=s.max_buffered_tokens,
-            prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
+            EngineConfig.from_settings(s),
             observer=model_metrics,
         )
         _release_freed_memory()
@@ -198,7 +190,7 @@ class Server:
         self._servicer.attach(self.chat)
         if self._http is not None:
             self._http_backend.chat = self.chat
-        await self.engine.warmup()
+        await self.engine.warmup(self.chat.default_sampling(max_tokens=4))
         await set_serving(self._health, True)
         if self._http is not None:
             self._http_backend.serving = True

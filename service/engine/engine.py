@@ -11,6 +11,7 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from .config import EngineConfig
 from .detokenizer import token_bytes
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
@@ -49,39 +50,21 @@ class Engine:
     def __init__(
         self,
         model: LoadedModel | Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int | None = None,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        max_buffered_tokens: int = 256,
-        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
         then runs on the engine's compute thread (the fast way: see Scheduler).
-        `max_buffered_tokens`: see generate().
-        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache)."""
-        self.max_model_len = max_model_len
-        self._max_buffered_tokens = max_buffered_tokens
+        `config.max_buffered_tokens`: see generate()."""
+        self.config = config
+        self.max_model_len = config.max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
             model if callable(model) else lambda: model,
-            max_batch_size=max_batch_size,
-            max_waiting=max_waiting,
-            max_model_len=max_model_len,
-            prefill_chunk_size=prefill_chunk_size,
-            interleaved_prefill_tokens=interleaved_prefill_tokens or prefill_chunk_size,
-            threads=threads,
+            config,
             deliver=self._deliver,
-            quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-            prefix_cache_bytes=prefix_cache_bytes,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
@@ -137,7 +120,7 @@ class Engine:
         far stay readable, then the final event says SLOW_CONSUMER."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         overflowed = False
-        buffer_limit = self._max_buffered_tokens * request.sampling.n
+        buffer_limit = self.config.max_buffered_tokens * request.sampling.n
 
         def emit(event: TokenEvent) -> None:
             nonlocal overflowed
@@ -185,14 +168,12 @@ class Engine:
         """The bytes of text one token stands for (for logprobs)."""
         return token_bytes(self.loaded.tokenizer, token_id)
 
-    async def warmup(self) -> None:
-        """One short generation, so the first real request does not pay for
-        lazy initialisation (allocator, kernels, tokenizer caches)."""
+    async def warmup(self, sampling: SamplingParams) -> None:
+        """One short generation with `sampling` (the server's defaults: the
+        code paths real requests take), so the first real request does not
+        pay for lazy initialisation (allocator, kernels, tokenizer caches)."""
         prompt = tuple(self.encode_chat([{"role": "user", "content": "Hello"}]))
-        request = GenerationRequest(
-            "warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
-        )
-        async for _ in self.generate(request):
+        async for _ in self.generate(GenerationRequest("warmup", prompt, sampling)):
             pass
 
     async def shutdown(self) -> None:

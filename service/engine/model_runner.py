@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EngineConfig
 from .loader import LoadedModel
 
 
@@ -39,8 +40,6 @@ class PrefillChunk:
         return self.start + len(self.token_ids)
 
 
-QUANTIZATIONS = ("none", "int8", "int8-weight-only")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Keys per block of the CPU attention kernel (flash attention's kv split).
 _KV_BLOCK = 512
@@ -191,19 +190,15 @@ class ModelRunner:
     def __init__(
         self,
         loaded: LoadedModel,
-        num_slots: int,
-        max_model_len: int,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig,
     ) -> None:
-        """Repacks the loaded model's weights, or takes them from
-        loaded.packed (read from the weight cache; the model is then a
-        skeleton on the meta device). A fresh packing is stored in
+        """One KV-cache slot per engine_config.max_batch_size, each
+        max_model_len positions. Repacks the loaded model's weights, or takes
+        them from loaded.packed (read from the weight cache; the model is then
+        a skeleton on the meta device). A fresh packing is stored in
         loaded.weight_cache when there is one."""
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose from {KV_CACHE_DTYPES}")
+        num_slots, max_model_len = engine_config.max_batch_size, engine_config.max_model_len
+        quantization, kv_cache_dtype = engine_config.quantization, engine_config.kv_cache_dtype
         model = loaded.model
         config = model.config
         if config.hidden_act != "silu":

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import torch
 
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMatcher
 from .loader import LoadedModel
@@ -109,25 +110,17 @@ class Scheduler:
     def __init__(
         self,
         load: Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int,
         deliver: Deliver,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
-        self._max_batch = max_batch_size
-        self._max_waiting = max_waiting
-        self._max_model_len = max_model_len
-        self._chunk = prefill_chunk_size
-        self._interleaved_chunk = interleaved_prefill_tokens
-        self._threads = threads
+        self._max_batch = config.max_batch_size
+        self._max_waiting = config.max_waiting
+        self._max_model_len = config.max_model_len
+        self._chunk = config.prefill_chunk_size
+        self._interleaved_chunk = config.interleaved_prefill_tokens
+        self._threads = config.threads
         self._deliver = deliver
         self._observer = observer
         self._cond = threading.Condition()
@@ -155,10 +148,10 @@ class Scheduler:
         def build() -> None:
             self.loaded = load()
             self._eos = self.loaded.eos_token_ids
-            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization, kv_cache_dtype)
+            self._runner = ModelRunner(self.loaded, config)
             self._slots: SlotTable[_Sequence] = SlotTable(self._runner)
             self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
-            blocks = prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
+            blocks = config.prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
             self._prefix_cache = PrefixCache(self._runner, blocks) if blocks else None
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)

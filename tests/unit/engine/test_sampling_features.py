@@ -10,6 +10,7 @@ import math
 
 import pytest
 from batch_invariance import arrangements, assert_all_equal
+from tiny_model import tiny_engine_config
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
@@ -30,11 +31,13 @@ PROMPT = "What is the capital of France?"
 _ids = itertools.count()
 
 
-def make_engine(model_dir, quantization: str = "int8", dtype: str = "bfloat16", **overrides) -> Engine:
+def make_engine(model_dir, **overrides) -> Engine:
     """int8 over bfloat16: a batch-invariant configuration (test_batch_invariance.py)."""
-    options = dict(max_batch_size=8, max_waiting=8, max_model_len=512, prefill_chunk_size=64, threads=1)
-    options.update(overrides)
-    engine = Engine(load_model(str(model_dir), dtype=dtype), quantization=quantization, **options)
+    config = tiny_engine_config(
+        **{"max_batch_size": 8, "prefill_chunk_size": 64, "interleaved_prefill_tokens": 64, "quantization": "int8"}
+        | overrides
+    )
+    engine = Engine(load_model(str(model_dir), dtype="bfloat16"), config)
     engine.start()
     return engine
 

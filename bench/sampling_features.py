@@ -5,8 +5,10 @@ For B rows (--batches, default 1, 4, 16): select_tokens for sampled rows
 without any feature (A) against the same rows with top_logprobs=20,
 presence/frequency penalties over --output-tokens generated tokens and a
 300-entry logit_bias, plus token_logprobs (B). A and B alternate for --rounds rounds of --repeats steps each; the
-median per round and over rounds are reported, as milliseconds per step. A
-benchmark, not a test: note the machine's load (`uptime`).
+median per round and over rounds are reported, as milliseconds of this
+process's CPU time per step (CPU time, not wall time: on a shared, loaded
+machine wall time mostly measures the other processes). A benchmark, not a
+test: note the machine's load (printed).
 
     python bench/sampling_features.py [--rounds 5] [--repeats 30] [--threads 2]
 """
@@ -19,13 +21,14 @@ import os
 import pathlib
 import statistics
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine_decode import _median_ms  # noqa: E402
 from service.engine.sampling import make_generator, select_tokens, token_logprobs  # noqa: E402
 from service.engine.types import MAX_LOGIT_BIAS_ENTRIES, SamplingParams  # noqa: E402
 
@@ -53,14 +56,24 @@ def step(logits: torch.Tensor, params: SamplingParams, rows: int, outputs: list[
         token_logprobs(batch, all_params, chosen)
 
 
+def _median_cpu_ms(run: Callable[[], None], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        run()
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
+
+
 def measure(rows: int, rounds: int, repeats: int, output_tokens: int) -> dict:
     logits = torch.randn(rows, VOCAB) * 5
     # Each row has generated output_tokens tokens so far (the penalties' input).
     outputs = [torch.randint(0, VOCAB, (output_tokens,)).tolist() for _ in range(rows)]
     plain, features = [], []
     for _ in range(rounds):  # alternate A and B so load drifts hit both alike
-        plain.append(_median_ms(lambda: step(logits, PLAIN, rows, outputs), repeats))
-        features.append(_median_ms(lambda: step(logits, FEATURES, rows, outputs), repeats))
+        plain.append(_median_cpu_ms(lambda: step(logits, PLAIN, rows, outputs), repeats))
+        features.append(_median_cpu_ms(lambda: step(logits, FEATURES, rows, outputs), repeats))
     return {
         "rows": rows,
         "plain_ms": round(statistics.median(plain), 3),

@@ -99,10 +99,12 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
 
 
 def _final_fields(event: TokenEvent) -> dict:
-    usage = event.usage
+    reason, usage = event.finish_reason, event.usage
+    if reason is None or usage is None:
+        raise ValueError("not a final event")
     return {
         "is_final": True,
-        "finish_reason": _FINISH_REASONS[event.finish_reason],
+        "finish_reason": _FINISH_REASONS[reason],
         "usage": pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -332,7 +334,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     try:
         cert = pathlib.Path(settings.tls_cert_file).read_bytes()
-        key = pathlib.Path(settings.tls_key_file).read_bytes()
+        key = pathlib.Path(settings.tls_key_file or "").read_bytes()  # set with tls_cert_file (Settings checks)
         client_ca = pathlib.Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
     except OSError as exc:
         raise ConfigError(f"cannot read a TLS file: {exc}") from exc

@@ -20,7 +20,7 @@ import math
 import pathlib
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
@@ -322,7 +322,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     pieces: list[str] = []
     async for event in chat.generate(prepared):
         pieces.append(event.text)
-        if event.finished:
+        if event.finish_reason is not None:  # the final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
             usage = event.usage
@@ -360,7 +360,7 @@ async def _sse_body(
         event = first
         out = writer.role()
         while True:
-            if event.finished:
+            if event.finish_reason is not None:  # the final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
@@ -439,7 +439,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     and stops both transports through its drain sequence."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 
@@ -567,13 +567,15 @@ class HttpServer:
         )
         config = uvicorn.Config(
             app,
+            # uvicorn annotates a protocol class, and whole seconds where it
+            # takes any number (asyncio timers): both are taken as they are.
             http=functools.partial(BoundedHttpProtocol, limits=limits),  # type: ignore[arg-type]
             timeout_keep_alive=settings.http_keepalive_timeout,  # type: ignore[arg-type]
             log_config=None,  # keep qwen-serve's logging setup
             access_log=False,
             lifespan="off",
             server_header=False,
-            timeout_graceful_shutdown=shutdown_grace,
+            timeout_graceful_shutdown=shutdown_grace,  # type: ignore[arg-type]
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -587,7 +589,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     @property
-    def task(self) -> asyncio.Task[None] | None:
+    def task(self) -> asyncio.Task[None]:
+        """The serving task, from start() on."""
+        if self._task is None:
+            raise RuntimeError("the HTTP server has not been started")
         return self._task
 
     async def stop(self, grace: float | None = None) -> None:
@@ -596,6 +601,6 @@ class HttpServer:
         if self._task is None:
             return
         if grace is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # seconds, as above
         self._server.should_exit = True
         await self._task

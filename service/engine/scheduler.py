@@ -277,7 +277,7 @@ class Scheduler:
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
             if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
-                self._prefix_cache.copy_into(seq.reused, slot)
+                self._reused_from().copy_into(seq.reused, slot)
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
@@ -315,11 +315,17 @@ class Scheduler:
         if sampled:
             self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits)
 
+    def _reused_from(self) -> PrefixCache:
+        """The prefix cache, where a sequence's `reused` blocks come from."""
+        if self._prefix_cache is None:
+            raise RuntimeError("reused blocks without a prefix cache")
+        return self._prefix_cache
+
     def _reuse_done(self, seq: _Sequence, reused_tokens: int) -> None:
         """The step that started after a prompt's reused prefix succeeded."""
         seq.cached_prompt_tokens = reused_tokens
         self._prefix_hit_tokens_total += reused_tokens
-        self._prefix_cache.unpin(seq.reused)
+        self._reused_from().unpin(seq.reused)
         seq.reused = []
         self._observe("prefix_reused", reused_tokens)
 
@@ -380,8 +386,8 @@ class Scheduler:
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
-        for seq, token in zip(batch, chosen):
-            token = self._checked(seq, token)
+        for seq, selected in zip(batch, chosen):
+            token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             else:
@@ -432,7 +438,7 @@ class Scheduler:
         if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
             self._store_blocks(seq, self._slots.slot_of(seq))
         if seq.reused:
-            self._prefix_cache.unpin(seq.reused)
+            self._reused_from().unpin(seq.reused)
         self._slots.remove(seq)
         with self._cond:
             self._active_count -= 1

@@ -14,6 +14,7 @@ Quantizations are measured one after another in one process, on this thread
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -92,12 +93,12 @@ def prepare(model: str, quantization: str, make_runner: RunnerFactory = _runner)
 def time_steps(runner, result: dict) -> dict:
     with torch.inference_mode():
         for batch in BATCHES:
-            ms = _median_ms(lambda: runner.decode([1234] * batch, [30] * batch), 30)
+            ms = _median_ms(functools.partial(runner.decode, [1234] * batch, [30] * batch), 30)
             result[f"decode_ms_B{batch}"] = round(ms, 2)
             result[f"tok_s_B{batch}"] = round(batch / ms * 1e3, 1)
         for tokens in (32, 256):
             chunk = PrefillChunk(max(BATCHES), list(range(2000, 2000 + tokens)), 0)
-            result[f"prefill_ms_{tokens}"] = round(_median_ms(lambda: runner.step([], [], [chunk]), 5), 1)
+            result[f"prefill_ms_{tokens}"] = round(_median_ms(functools.partial(runner.step, [], [], [chunk]), 5), 1)
     return result
 
 

@@ -85,7 +85,7 @@ def main() -> None:
                 step_ms[constrained].append(statistics.median(steps) * 1e3)
                 select_ms[constrained].append(statistics.median(selects) * 1e3)
     print(
-        f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{l:.1f}' for l in loads)}"
+        f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{load:.1f}' for load in loads)}"
     )
     print(
         "| constrained rows of 16 | step ms | of which select_tokens ms | step overhead vs 0 (median of per-round ratios) |"

@@ -12,6 +12,7 @@ them (PrefixCache.store), and to prefill the same N tokens in passes of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -69,11 +70,15 @@ def main() -> int:
                     runner.prefill(0, tokens[start : min(length, start + args.prefill_chunk_size)], start)
 
             result[f"prefill_ms_{length}"] = median_ms(prefill, args.repeats)
+
             # Into an empty store each time (first-touch page faults included, as when the cache fills).
-            result[f"store_ms_{length}"] = median_ms(lambda: PrefixCache(runner, blocks).store(keys, 0), args.repeats)
+            def store(blocks: int = blocks, keys: list[bytes] = keys) -> None:
+                PrefixCache(runner, blocks).store(keys, 0)
+
+            result[f"store_ms_{length}"] = median_ms(store, args.repeats)
             cache.store(keys, 0)
             cache.match(keys)
-            result[f"copy_in_ms_{length}"] = median_ms(lambda: cache.copy_into(keys, 1), args.repeats)
+            result[f"copy_in_ms_{length}"] = median_ms(functools.partial(cache.copy_into, keys, 1), args.repeats)
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1))
     return 0

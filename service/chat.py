@@ -12,6 +12,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import enum
+import functools
 import json
 import time
 import uuid
@@ -40,6 +41,7 @@ from .errors import (
     InvalidArgument,
     ModelNotFound,
     Overloaded,
+    ServiceError,
     SlowConsumer,
     Unavailable,
     excerpt,
@@ -65,7 +67,7 @@ class ChatMessage:
     content: str
 
 
-class ResponseFormatType(str, enum.Enum):
+class ResponseFormatType(enum.StrEnum):
     TEXT = "text"
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # JSON valid against ResponseFormat.json_schema
@@ -311,7 +313,7 @@ class ChatService:
         """count_tokens() on the tokenizer thread, within its queue bound."""
         self.resolve_model(model)
         validated = self._validate_messages(messages)
-        encode = lambda: self._engine.encode_chat(validated)
+        encode = functools.partial(self._engine.encode_chat, validated)
         return len(await self._on_tokenizer_thread(encode, self._text_bytes(validated)))
 
     def _check_capacity(self, slots: int) -> None:
@@ -337,8 +339,11 @@ class ChatService:
             model, messages, sampling, size = self._check(params)
             self._check_capacity(sampling.n)
             self._tokenizing += 1
+
             # The schema is compiled on the tokenizer thread too (milliseconds, cached).
-            encode = lambda: (self._engine.encode_chat(messages), self._grammar(params.response_format))
+            def encode() -> tuple[list[int], Grammar | None]:
+                return self._engine.encode_chat(messages), self._grammar(params.response_format)
+
             try:
                 prompt, grammar = await self._on_tokenizer_thread(encode, size)
             finally:
@@ -453,7 +458,7 @@ class ChatService:
                 telemetry.on_event(event, time.monotonic())
                 yield event
         except EngineOverloaded as exc:
-            error = Overloaded(str(exc), RETRY_AFTER_SECONDS)
+            error: ServiceError = Overloaded(str(exc), RETRY_AFTER_SECONDS)
             telemetry.fail(error)
             raise error from exc
         except EngineStopped as exc:

@@ -340,7 +340,7 @@ def build_parser(prog: str = "qwen-serve") -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         env = f"QWEN_{name.upper()}"
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} [env {env}; default {default!r}]".replace("%", "%%")
         annotation = field.annotation
         if annotation is bool:

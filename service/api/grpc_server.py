@@ -114,7 +114,7 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
 
 
 def _top_logprob(token: LogprobToken) -> pb.TopLogprob:
-    return pb.TopLogprob(token=token.token, logprob=token.logprob, bytes=token.bytes, token_id=token.token_id)
+    return pb.TopLogprob(token=token.token, logprob=token.logprob, token_bytes=token.bytes, token_id=token.token_id)
 
 
 def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
@@ -122,25 +122,33 @@ def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(
         token=chosen.token,
         logprob=chosen.logprob,
-        bytes=chosen.bytes,
+        token_bytes=chosen.bytes,
         token_id=chosen.token_id,
         top_logprobs=[_top_logprob(top) for top in entry.top],
     )
 
 
-def _final_fields(event: TokenEvent) -> dict:
-    usage = event.usage
-    assert usage is not None and event.finish_reason is not None
-    return {
-        "is_final": True,
-        "finish_reason": _FINISH_REASONS[event.finish_reason],
-        "usage": pb.Usage(
+def _final(event: TokenEvent) -> pb.ChatResponse:
+    """The fields of a request's last message: is_final, finish_reason, usage."""
+    reason, usage = event.finish_reason, event.usage
+    if reason is None or usage is None:
+        raise ValueError("not a final event")
+    return pb.ChatResponse(
+        is_final=True,
+        finish_reason=_FINISH_REASONS[reason],
+        usage=pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
             cached_prompt_tokens=usage.cached_prompt_tokens,
         ),
-    }
+    )
+
+
+def _ended_the_request(event: TokenEvent, choices_left: int) -> bool:
+    """A choice's final event ends the request when it is the last choice,
+    or when it did not end by STOP or LENGTH (the others are aborted)."""
+    return not choices_left or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class QwenServicer(pb_grpc.QwenServiceServicer):
@@ -170,29 +178,30 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         n = prepared.request.sampling.n
         choices = [pb.Choice(index=index) for index in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
-        finished = 0
+        choices_left = n
         async for event in self._chat.generate(prepared):
             choice = choices[event.index]
             pieces[event.index].append(event.text)
             choice.logprobs.extend(self._logprobs(event))
-            if not event.finished:
+            if event.finish_reason is None:
                 continue
             choice.finish_reason = _FINISH_REASONS[event.finish_reason]
             choice.content = "".join(pieces[event.index])
-            finished += 1
-            if finished == n or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
-                final = _final_fields(event)  # the usage of all choices
+            choices_left -= 1
+            if _ended_the_request(event, choices_left):
+                response = _final(event)  # the usage of all choices
                 # The top-level answer is choice 0 (cancelled: the reason of the event that ended it all).
-                final["finish_reason"] = choices[0].finish_reason or final["finish_reason"]
-                return pb.ChatResponse(
-                    id=prepared.request.request_id,
-                    content="".join(pieces[0]),
-                    index=0,
-                    model=prepared.model,
-                    logprobs=choices[0].logprobs,
-                    choices=choices if n > 1 else [],
-                    **final,
+                response.finish_reason = choices[0].finish_reason or response.finish_reason
+                response.MergeFrom(
+                    pb.ChatResponse(
+                        id=prepared.request.request_id,
+                        content="".join(pieces[0]),
+                        model=prepared.model,
+                        logprobs=choices[0].logprobs,
+                        choices=choices if n > 1 else [],
+                    )
                 )
+                return response
         raise RuntimeError("engine ended a request without a final event")
 
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
@@ -201,21 +210,26 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
         choices_left = prepared.request.sampling.n
         index = 0
         async for event in self._chat.generate(prepared):
-            logprobs = self._logprobs(event)
-            common = dict(id=request_id, content=event.text, index=index, model=prepared.model, logprobs=logprobs)
-            if event.finished:
+            message = pb.ChatResponse(
+                id=request_id,
+                content=event.text,
+                index=index,
+                model=prepared.model,
+                logprobs=self._logprobs(event),
+                choice_index=event.index,
+            )
+            if event.finish_reason is not None:
                 choices_left -= 1
-                if not choices_left or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
-                    yield pb.ChatResponse(choice_index=event.index, **common, **_final_fields(event))
+                if _ended_the_request(event, choices_left):
+                    message.MergeFrom(_final(event))
+                    yield message
                     return
                 # One choice of several is done: its finish reason, the stream goes on.
-                yield pb.ChatResponse(
-                    choice_index=event.index, finish_reason=_FINISH_REASONS[event.finish_reason], **common
-                )
-                index += 1
-            elif event.text or logprobs:  # pieces that render as nothing yet are not sent
-                yield pb.ChatResponse(choice_index=event.index, **common)
-                index += 1
+                message.finish_reason = _FINISH_REASONS[event.finish_reason]
+            elif not (event.text or message.logprobs):  # pieces that render as nothing yet are not sent
+                continue
+            yield message
+            index += 1
 
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -389,7 +403,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     try:
         cert = pathlib.Path(settings.tls_cert_file).read_bytes()
-        key = pathlib.Path(settings.tls_key_file).read_bytes()
+        key = pathlib.Path(settings.tls_key_file or "").read_bytes()  # set with tls_cert_file (Settings checks)
         client_ca = pathlib.Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
     except OSError as exc:
         raise ConfigError(f"cannot read a TLS file: {exc}") from exc

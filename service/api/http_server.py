@@ -20,7 +20,7 @@ import math
 import pathlib
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
@@ -332,7 +332,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
         entry = _logprobs(chat, event)
         if entry is not None:
             logprobs[event.index].append(entry)
-        if event.finished:
+        if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
             finish_reasons[event.index] = _FINISH_REASONS[event.finish_reason]
@@ -386,7 +386,7 @@ async def _sse_body(
         choices_left = n
         while True:
             logprobs = _logprobs(chat, event)
-            if event.finished:
+            if event.finish_reason is not None:  # a choice's final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
@@ -466,7 +466,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     and stops both transports through its drain sequence."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 
@@ -594,13 +594,15 @@ class HttpServer:
         )
         config = uvicorn.Config(
             app,
+            # uvicorn annotates a protocol class, and whole seconds where it
+            # takes any number (asyncio timers): both are taken as they are.
             http=functools.partial(BoundedHttpProtocol, limits=limits),  # type: ignore[arg-type]
             timeout_keep_alive=settings.http_keepalive_timeout,  # type: ignore[arg-type]
             log_config=None,  # keep qwen-serve's logging setup
             access_log=False,
             lifespan="off",
             server_header=False,
-            timeout_graceful_shutdown=shutdown_grace,
+            timeout_graceful_shutdown=shutdown_grace,  # type: ignore[arg-type]
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -614,7 +616,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     @property
-    def task(self) -> asyncio.Task[None] | None:
+    def task(self) -> asyncio.Task[None]:
+        """The serving task, from start() on."""
+        if self._task is None:
+            raise RuntimeError("the HTTP server has not been started")
         return self._task
 
     async def stop(self, grace: float | None = None) -> None:
@@ -623,6 +628,6 @@ class HttpServer:
         if self._task is None:
             return
         if grace is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # seconds, as above
         self._server.should_exit = True
         await self._task

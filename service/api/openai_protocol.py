@@ -348,7 +348,8 @@ class ChunkWriter:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self._include_usage = include_usage
-        self._base = dict(id=request_id, created=now(), model=model)
+        self._created = now()
+        self._model = model
 
     def _event(self, chunk: ChatCompletionChunk) -> bytes:
         exclude = None if self._include_usage else {"usage"}
@@ -367,7 +368,9 @@ class ChunkWriter:
             finish_reason=finish_reason,
             logprobs=None if logprobs is None else ChoiceLogprobs(content=[logprobs]),
         )
-        return self._event(ChatCompletionChunk(**self._base, choices=[choice]))
+        return self._event(
+            ChatCompletionChunk(id=self.request_id, created=self._created, model=self._model, choices=[choice])
+        )
 
     def role(self, index: int = 0) -> bytes:
         return self._chunk({"role": "assistant", "content": ""}, index)
@@ -382,7 +385,9 @@ class ChunkWriter:
         return last + self._chunk({}, index, finish_reason)
 
     def usage(self, usage: Usage) -> bytes:
-        return self._event(ChatCompletionChunk(**self._base, choices=[], usage=usage))
+        return self._event(
+            ChatCompletionChunk(id=self.request_id, created=self._created, model=self._model, choices=[], usage=usage)
+        )
 
     @staticmethod
     def error(detail: ErrorDetail) -> bytes:

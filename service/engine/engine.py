@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import logging
 import typing
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+
+from transformers import BatchEncoding
 
 from .config import EngineConfig
 from .detokenizer import token_bytes
@@ -101,10 +103,14 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids for a conversation, via the tokenizer's chat template."""
-        encoded = self.loaded.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        encoded = self.loaded.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        if not isinstance(encoded, BatchEncoding):
+            raise TypeError(f"the chat template gave {type(encoded)}, not token ids")
+        return list(encoded["input_ids"])
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Queue the request and yield its events until the final one: with
         n > 1 choices, the events of all choices interleaved (TokenEvent.index)
         until each has had its final event, or one ends otherwise than by

@@ -289,7 +289,7 @@ class Scheduler:
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
             if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
-                self._prefix_cache.copy_into(seq.reused, slot)
+                self._reused_from().copy_into(seq.reused, slot)
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
@@ -358,11 +358,17 @@ class Scheduler:
         seq.reserved = 1
         return choices
 
+    def _reused_from(self) -> PrefixCache:
+        """The prefix cache, where a sequence's `reused` blocks come from."""
+        if self._prefix_cache is None:
+            raise RuntimeError("reused blocks without a prefix cache")
+        return self._prefix_cache
+
     def _reuse_done(self, seq: _Sequence, reused_tokens: int) -> None:
         """The step that started after a prompt's reused prefix succeeded."""
         seq.cached_prompt_tokens = reused_tokens
         self._prefix_hit_tokens_total += reused_tokens
-        self._prefix_cache.unpin(seq.reused)
+        self._reused_from().unpin(seq.reused)
         seq.reused = []
         self._observe("prefix_reused", reused_tokens)
 
@@ -426,8 +432,8 @@ class Scheduler:
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
         params = [seq.request.sampling for seq in batch]
         logprobs = token_logprobs(logits, params, chosen) if any(p.logprobs for p in params) else [None] * len(batch)
-        for seq, token, token_logprob in zip(batch, chosen, logprobs):
-            token = self._checked(seq, token)
+        for seq, selected, token_logprob in zip(batch, chosen, logprobs):
+            token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             else:
@@ -490,7 +496,7 @@ class Scheduler:
         if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
             self._store_blocks(seq, self._slots.slot_of(seq))
         if seq.reused:
-            self._prefix_cache.unpin(seq.reused)
+            self._reused_from().unpin(seq.reused)
         self._slots.remove(seq)
         with self._cond:
             self._active_count -= seq.reserved

@@ -160,7 +160,7 @@ def test_sampling_fields_have_their_numbers_and_old_peers_skip_them(tmp_path):
     assert (legacy.n, legacy.logprobs, legacy.top_logprobs, legacy.logit_bias) == (None, False, None, None)
     assert (legacy.presence_penalty, legacy.frequency_penalty) == (None, None)
 
-    entry = pb.TokenLogprob(token="Paris", logprob=-0.1, bytes=b"Paris", token_id=7)
+    entry = pb.TokenLogprob(token="Paris", logprob=-0.1, token_bytes=b"Paris", token_id=7)
     response = pb.ChatResponse(
         id="chat-1",
         content="Paris",

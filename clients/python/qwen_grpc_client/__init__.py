@@ -154,7 +154,7 @@ class Choice:
     index: int
     content: str
     finish_reason: str  # "stop" | "length" | "cancelled"
-    # With logprobs=True: pb.TokenLogprob per generated token (token, logprob, bytes, token_id, top_logprobs).
+    # With logprobs=True: pb.TokenLogprob per generated token (token, logprob, token_bytes, token_id, top_logprobs).
     logprobs: tuple[pb.TokenLogprob, ...] = ()
 
 

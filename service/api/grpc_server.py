@@ -21,7 +21,7 @@ from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from ..auth import ApiKeyAuth
 from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseFormat, ResponseFormatType
 from ..config import ConfigError, Settings
-from ..engine.types import EngineStats, FinishReason, TokenEvent
+from ..engine.types import EngineStats, TokenEvent
 from ..errors import InvalidArgument, Unavailable
 from ..ratelimit import RateLimiter, limiter_from_settings
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
@@ -44,12 +44,6 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 # chunk for a full batch on 2 cores) takes seconds, not tens of them.
 LIVENESS_SERVICE_NAME = "qwen.Liveness"
 LIVENESS_STALL_SECONDS = 30.0
-
-_FINISH_REASONS = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-}
 
 
 def _messages(request_messages) -> list[ChatMessage]:
@@ -104,7 +98,7 @@ def _final_fields(event: TokenEvent) -> dict:
         raise ValueError("not a final event")
     return {
         "is_final": True,
-        "finish_reason": _FINISH_REASONS[reason],
+        "finish_reason": pb.FinishReason.Value(f"FINISH_REASON_{reason.name}"),
         "usage": pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,

@@ -329,13 +329,25 @@ def _usage(usage: Usage) -> oai.Usage:
     )
 
 
+def _logprobs(chat: ChatService, event: TokenEvent) -> oai.TokenLogprob | None:
+    return None if event.logprobs is None else oai.token_logprob(chat.token_logprob(event.logprobs))
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
-    pieces: list[str] = []
+    n = prepared.request.sampling.n
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[oai.TokenLogprob]] = [[] for _ in range(n)]
+    finish_reasons: list[str] = [""] * n
     async for event in chat.generate(prepared):
-        pieces.append(event.text)
-        if event.finish_reason is not None:  # the final event
+        pieces[event.index].append(event.text)
+        entry = _logprobs(chat, event)
+        if entry is not None:
+            logprobs[event.index].append(entry)
+        if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
+            finish_reasons[event.index] = event.finish_reason.value
+        if event.finished and all(finish_reasons):  # the last event: the request's usage
             usage = event.usage
             assert usage is not None
             body = oai.ChatCompletion(
@@ -344,9 +356,14 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                 model=prepared.model,
                 choices=[
                     oai.Choice(
-                        message=oai.AssistantMessage(content="".join(pieces)),
-                        finish_reason=event.finish_reason.value,
+                        index=index,
+                        message=oai.AssistantMessage(content="".join(pieces[index])),
+                        finish_reason=finish_reasons[index],
+                        logprobs=oai.ChoiceLogprobs(content=logprobs[index])
+                        if prepared.request.sampling.logprobs
+                        else None,
                     )
+                    for index in range(n)
                 ],
                 usage=_usage(usage),
             )
@@ -361,29 +378,39 @@ async def _stream(request: Request, chat: ChatService, prepared: PreparedChat, i
     events = chat.generate(prepared)
     first = await until_disconnect(request, anext(events))
     writer = oai.ChunkWriter(_completion_id(prepared), prepared.model, include_usage)
-    return EventStreamResponse(_sse_body(writer, first, events, include_usage))
+    return EventStreamResponse(_sse_body(chat, writer, prepared.request.sampling.n, first, events, include_usage))
 
 
 async def _sse_body(
-    writer: oai.ChunkWriter, first: TokenEvent, events: AsyncIterator[TokenEvent], include_usage: bool
+    chat: ChatService,
+    writer: oai.ChunkWriter,
+    n: int,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
+    """Every choice's chunks carry its index; each choice ends with its own
+    finish chunk, and the usage and [DONE] follow the last."""
     try:
         event = first
-        out = writer.role()
+        out = b"".join(writer.role(index) for index in range(n))
+        choices_left = n
         while True:
-            if event.finish_reason is not None:  # the final event
+            logprobs = _logprobs(chat, event)
+            if event.finish_reason is not None:  # a choice's final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.finish(event.text, event.finish_reason.value)
-                if include_usage and event.usage is not None:
-                    usage = event.usage
-                    out += writer.usage(_usage(usage))
-                yield out + writer.DONE
-                return
-            if event.text:  # pieces that render as nothing yet are not sent (as over gRPC)
-                out += writer.content(event.text)
+                out += writer.finish(event.text, event.finish_reason.value, event.index, logprobs)
+                choices_left -= 1
+                if not choices_left:
+                    if include_usage and event.usage is not None:
+                        out += writer.usage(_usage(event.usage))
+                    yield out + writer.DONE
+                    return
+            elif event.text or logprobs:  # pieces that render as nothing yet are not sent (as over gRPC)
+                out += writer.content(event.text, event.index, logprobs)
             if out:
                 yield out
                 out = b""

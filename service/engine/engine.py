@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import typing
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from transformers import BatchEncoding
 
 from .config import EngineConfig
+from .detokenizer import token_bytes
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
@@ -109,7 +111,10 @@ class Engine:
         return list(encoded["input_ids"])
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Queue the request and yield its events until the final one.
+        """Queue the request and yield its events until the final one: with
+        n > 1 choices, the events of all choices interleaved (TokenEvent.index)
+        until each has had its final event, or one ends otherwise than by
+        STOP or LENGTH (cancelled, failed: the others are aborted).
 
         Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
         Leaving the iteration early (the consumer was cancelled or closed it)
@@ -117,10 +122,11 @@ class Engine:
 
         Backpressure: at most max_buffered_tokens events wait for the consumer.
         One that falls further behind (its transport is blocked on a client
-        that does not read) has the request aborted; the events buffered so
+        that does not read; n choices may buffer n times as much) has the request aborted; the events buffered so
         far stay readable, then the final event says SLOW_CONSUMER."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         overflowed = False
+        buffer_limit = self.config.max_buffered_tokens * request.sampling.n
 
         def emit(event: TokenEvent) -> None:
             nonlocal overflowed
@@ -130,7 +136,7 @@ class Engine:
                 queue.put_nowait(event)
             elif overflowed:
                 pass  # generated before the abort took effect; the answer is cut here anyway
-            elif queue.qsize() >= self.config.max_buffered_tokens:
+            elif queue.qsize() >= buffer_limit:
                 overflowed = True
                 self.abort(request.request_id)  # the usual abort path: the slot is freed before the next step
             else:
@@ -138,10 +144,14 @@ class Engine:
 
         self._scheduler.submit(request, emit)
         finished = False
+        choices_left = request.sampling.n
         try:
             while True:
                 event = await queue.get()
-                finished = event.finished
+                if event.finished:
+                    choices_left -= 1
+                    ended = event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                    finished = choices_left == 0 or not ended
                 yield event
                 if finished:
                     return
@@ -154,6 +164,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0..vocab_size-1 (the width of the logits)."""
+        return typing.cast(int, self.loaded.model.config.vocab_size)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for (for logprobs)."""
+        return token_bytes(self.loaded.tokenizer, token_id)
 
     async def warmup(self, sampling: SamplingParams) -> None:
         """One short generation with `sampling` (the server's defaults: the

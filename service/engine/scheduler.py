@@ -21,6 +21,12 @@ Its `cached` counts them only once that step succeeded: a failed step
 leaves it as it was, and the copy is redone. The full blocks of a slot are
 stored as its prompt is computed and when the request ends (its answer
 included, so the next turn of a chat finds prompt and answer).
+
+A request for n > 1 choices is admitted with n slots reserved and its prompt
+is computed once: when it is complete, the request forks (_fork) into n
+sequences, the n - 1 new ones taking the next decoding slots with a copy of
+the prompt's KV and sampling their first token from the same logits row,
+each with its own generator (seed + i).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .loader import LoadedModel
 from .model_runner import ModelRunner, PrefillChunk
 from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
 from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
-from .sampling import make_generator, select_tokens
+from .sampling import make_generator, select_tokens, token_logprobs
 from .slots import SlotTable
 from .types import (
     EngineObserver,
@@ -52,6 +58,7 @@ from .types import (
     GenerationRequest,
     RequestTiming,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
 
@@ -71,6 +78,8 @@ class _Sequence:
     generator: torch.Generator
     submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
     seen: torch.Tensor | None = None  # bool [vocab] of prompt+output ids, for repetition penalty (set on admission)
+    index: int = 0  # the choice (of n) this sequence generates
+    reserved: int = 1  # slots it holds: n until the prompt is done and it forks, then 1
     grammar: GrammarMatcher | None = None  # constrained decoding state
     admitted: float | None = None
     first_token: float | None = None
@@ -161,11 +170,13 @@ class Scheduler:
             generator=make_generator(sampling.seed),
             submitted=time.monotonic(),
             grammar=request.grammar.matcher() if request.grammar is not None else None,
+            reserved=sampling.n,
         )
         with self._cond:
             if self._stopping:
                 raise EngineStopped("engine is shutting down")
-            if self._active_count + len(self._waiting) >= self._max_batch + self._max_waiting:
+            waiting = sum(s.reserved for s in self._waiting)
+            if self._active_count + waiting + sequence.reserved > self._max_batch + self._max_waiting:
                 raise EngineOverloaded(self._active_count, len(self._waiting))
             self._waiting.append(sequence)
             self._cond.notify()
@@ -239,7 +250,8 @@ class Scheduler:
         if not self._waiting or self._active_count >= self._max_batch:
             return
         now = time.monotonic()
-        while self._waiting and self._active_count < self._max_batch:
+        # FIFO: a request for n choices waits at the head until n slots are free.
+        while self._waiting and self._active_count + self._waiting[0].reserved <= self._max_batch:
             seq = self._waiting.popleft()
             seq.admitted = now
             if seq.request.sampling.repetition_penalty != 1.0:  # a torch op: on this thread (see __init__)
@@ -250,7 +262,7 @@ class Scheduler:
                 seq.block_keys = block_keys(prompt, reusable_blocks(len(prompt), BLOCK_SIZE))
                 seq.reused = self._prefix_cache.match(seq.block_keys)
             self._slots.admit(seq)
-            self._active_count += 1
+            self._active_count += seq.reserved
             self._prompt_tokens_total += seq.prompt_len
 
     def _drop_aborted_and_expired(self, aborts: set[str]) -> None:
@@ -312,8 +324,39 @@ class Scheduler:
                 self._slots.prompt_done()
                 sampled = sampled + [seq]
                 rows.append(len(decoding) + index)
+        # After every completed prompt joined the decoders: the choices of a
+        # forked one take the slots after theirs, sampling from its logits row.
+        for seq, row in list(zip(sampled, rows)):
+            if seq.reserved > 1:
+                choices = self._fork(seq)
+                sampled = sampled + choices
+                rows += [row] * len(choices)
         if sampled:
-            self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits)
+            self._sample(sampled, logits if rows == list(range(len(logits))) else logits[rows])
+
+    def _fork(self, seq: _Sequence) -> list[_Sequence]:
+        """The prompt of a request for n choices is complete: n - 1 more
+        sequences decode from a copy of its KV (see the module doc)."""
+        sampling = seq.request.sampling
+        choices = []
+        for index in range(1, seq.reserved):
+            choice = dataclasses.replace(
+                seq,
+                detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, sampling.stop),
+                generator=make_generator(None if sampling.seed is None else sampling.seed + index),
+                seen=None if seq.seen is None else seq.seen.clone(),
+                grammar=seq.request.grammar.matcher() if seq.request.grammar is not None else None,
+                index=index,
+                reserved=1,
+                output_ids=[],
+                block_keys=list(seq.block_keys),
+                reused=[],
+            )
+            self._slots.fork(choice, self._slots.slot_of(seq))
+            self._kv_used += choice.cached
+            choices.append(choice)
+        seq.reserved = 1
+        return choices
 
     def _reused_from(self) -> PrefixCache:
         """The prefix cache, where a sequence's `reused` blocks come from."""
@@ -382,16 +425,19 @@ class Scheduler:
                 [seq.generator for seq in batch],
                 [seq.seen for seq in batch],
                 [seq.grammar for seq in batch],
+                [seq.output_ids for seq in batch],
             )
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
-        for seq, selected in zip(batch, chosen):
+        params = [seq.request.sampling for seq in batch]
+        logprobs = token_logprobs(logits, params, chosen) if any(p.logprobs for p in params) else [None] * len(batch)
+        for seq, selected, token_logprob in zip(batch, chosen, logprobs):
             token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             else:
-                self._accept(seq, token)
+                self._accept(seq, token, token_logprob)
 
     @staticmethod
     def _checked(seq: _Sequence, token: int | Exception) -> int | None:
@@ -405,14 +451,19 @@ class Scheduler:
         """Select one row's token on its own."""
         try:
             (token,) = select_tokens(
-                logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen], [seq.grammar]
+                logits.unsqueeze(0),
+                [seq.request.sampling],
+                [seq.generator],
+                [seq.seen],
+                [seq.grammar],
+                [seq.output_ids],
             )
         except Exception as exc:  # noqa: BLE001 - reported by _checked
             return exc
         return token
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        """Record one sampled token: emit its text, finish the request if done."""
+    def _accept(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one sampled token: emit its text (and logprobs), finish the request if done."""
         seq.generated += 1
         self._generated_total += 1
         if seq.first_token is None:
@@ -421,18 +472,25 @@ class Scheduler:
         seq.output_ids.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
-        if token in self._eos:
+        if token in self._eos:  # not part of the answer: its logprobs are not reported (as OpenAI)
             self._release(seq, FinishReason.STOP, text=seq.detokenizer.flush())
             return
         text = seq.detokenizer.add_token(token)
         if seq.detokenizer.stopped:
-            self._release(seq, FinishReason.STOP, text=text)
+            self._release(seq, FinishReason.STOP, text=text, logprobs=logprobs)
         elif seq.generated >= seq.request.sampling.max_tokens or seq.cached + 1 >= self._max_model_len:
-            self._release(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush())
+            self._release(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush(), logprobs=logprobs)
         else:
-            self._outbox.append((seq.emit, TokenEvent(text=text)))
+            self._outbox.append((seq.emit, TokenEvent(text=text, index=seq.index, logprobs=logprobs)))
 
-    def _release(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+    def _release(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        text: str = "",
+        error: str | None = None,
+        logprobs: TokenLogprobs | None = None,
+    ) -> None:
         """Free the slot of an admitted request and send its final event."""
         self._kv_used -= seq.cached
         if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
@@ -441,15 +499,30 @@ class Scheduler:
             self._reused_from().unpin(seq.reused)
         self._slots.remove(seq)
         with self._cond:
-            self._active_count -= 1
-        self._finish(seq, reason, text=text, error=error)
+            self._active_count -= seq.reserved
+        self._finish(seq, reason, text=text, error=error, logprobs=logprobs)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        text: str = "",
+        error: str | None = None,
+        logprobs: TokenLogprobs | None = None,
+    ) -> None:
         usage = Usage(
             prompt_tokens=seq.prompt_len, completion_tokens=seq.generated, cached_prompt_tokens=seq.cached_prompt_tokens
         )
         timing = RequestTiming(seq.submitted, seq.admitted, seq.first_token, time.monotonic())
-        event = TokenEvent(text=text, finish_reason=reason, usage=usage, error=error, timing=timing)
+        event = TokenEvent(
+            text=text,
+            finish_reason=reason,
+            usage=usage,
+            error=error,
+            timing=timing,
+            index=seq.index,
+            logprobs=logprobs,
+        )
         self._outbox.append((seq.emit, event))
 
     def _publish(self) -> None:

@@ -154,6 +154,10 @@ model = st.one_of(
 @st.composite
 def chat_requests(draw) -> pb.ChatRequest:
     request = pb.ChatRequest(messages=draw(messages), model=draw(model), stop=draw(stops))
+    request.logprobs = draw(st.booleans())
+    request.logit_bias.update(
+        draw(st.dictionaries(st.integers(-(2**31), 2**31 - 1), float32.filter(lambda v: v is not None), max_size=3))
+    )
     for name, strategy in (
         ("temperature", float32),
         ("top_p", float32),
@@ -161,6 +165,10 @@ def chat_requests(draw) -> pb.ChatRequest:
         ("max_tokens", int32),
         ("top_k", int32),
         ("seed", int64),
+        ("n", int32),
+        ("top_logprobs", int32),
+        ("presence_penalty", float32),
+        ("frequency_penalty", float32),
     ):
         value = draw(strategy)
         if value is not None:
@@ -214,7 +222,7 @@ def _check_final(response: pb.ChatResponse, request: pb.ChatRequest) -> None:
     assert response.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert response.model in SERVED
     limit = request.max_tokens if request.HasField("max_tokens") else 8
-    assert 0 <= response.usage.completion_tokens <= limit
+    assert 0 <= response.usage.completion_tokens <= limit * max(request.n, 1)  # every choice's tokens
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
@@ -353,6 +361,10 @@ http_fields = st.fixed_dictionaries(
             "n",
             "stream_options",
             "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
             "user",
             "top_k",
             "repetition_penalty",

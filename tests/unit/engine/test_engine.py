@@ -302,10 +302,10 @@ async def test_a_failing_request_does_not_hurt_the_others(loaded, monkeypatch):
 
     real_select = scheduler_module.select_tokens
 
-    def flaky_select(logits, params, generators, seen, grammars=None):
+    def flaky_select(logits, params, *args):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("injected sampling failure")
-        return real_select(logits, params, generators, seen, grammars)
+        return real_select(logits, params, *args)
 
     monkeypatch.setattr(scheduler_module, "select_tokens", flaky_select)
     engine = make_engine(loaded)

@@ -8,8 +8,10 @@ import asyncio
 import ctypes
 import functools
 import gc
+import json
 import logging
 import os
+import pathlib
 import resource
 import signal
 import sys
@@ -46,6 +48,10 @@ def raise_fd_limit() -> None:
     _LOG.info("file-descriptor limit raised from %d to %d", soft, hard)
 
 
+class ListenError(Exception):
+    """A listener could not bind its port (taken, or the address is not available)."""
+
+
 class AcceptErrorLog:
     """The event loop's exception handler, with failed accept()s summarised.
 
@@ -76,6 +82,14 @@ class AcceptErrorLog:
             )
             self._count = 0
             self._next_report = now + self._interval
+
+
+def _write_port_file(path: str, ports: dict[str, int | None]) -> None:
+    """Written whole, then renamed into place: a reader never sees half of it."""
+    target = pathlib.Path(path)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    partial.replace(target)
 
 
 def _release_freed_memory() -> None:
@@ -175,9 +189,15 @@ class Server:
         await self._grpc.start()
         _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", s.host, self.grpc_port)
         if self._http is not None:
-            await self._http.start()
+            try:
+                await self._http.start()  # listen() may still find the port taken
+            except OSError as exc:
+                raise ListenError(f"cannot listen for HTTP on {s.host}:{self.http_port}: {exc}") from exc
             self._http.task.add_done_callback(self._http_ended)
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
+        if s.port_file:
+            metrics_port = self.metrics_server.port if self.metrics_server is not None else None
+            _write_port_file(s.port_file, {"grpc": self.grpc_port, "http": self.http_port, "metrics": metrics_port})
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
         load = functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir)
@@ -272,7 +292,10 @@ def _version() -> str:
 async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLog())
-    server = Server(settings)
+    try:
+        server = Server(settings)  # binds every listener; reads nothing of the model yet
+    except OSError as exc:
+        raise ListenError(str(exc)) from exc
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
     start = asyncio.create_task(server.start())
@@ -319,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ConfigError as exc:  # keys file, TLS files
         _LOG.error("invalid configuration: %s", exc)
+        return 2
+    except ListenError as exc:
+        _LOG.error("cannot start: %s", exc)
         return 2
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         _LOG.error("cannot start with --model %s: %s", settings.model, exc)

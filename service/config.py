@@ -211,6 +211,12 @@ class Settings(BaseSettings):
         "them so an idle channel notices a dead replica before the next call).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    port_file: str | None = Field(
+        default=None,
+        description='Write the bound ports as JSON (`{"grpc": P, "http": P, "metrics": P}`, null for a listener '
+        "that is off) to this file once every listener is bound, before the model loads: for ports picked "
+        "with 0 (tests, scripts).",
+    )
     # --- limits and security (see SECURITY.md) -----------------------------
     max_request_bytes: int = Field(
         default=1024 * 1024,

@@ -54,12 +54,6 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 LIVENESS_SERVICE_NAME = "qwen.Liveness"
 LIVENESS_STALL_SECONDS = 30.0
 
-_FINISH_REASONS = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-}
-
 
 def _messages(request_messages) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content) for m in request_messages]
@@ -128,6 +122,11 @@ def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
     )
 
 
+def _finish_reason(reason: FinishReason) -> pb.FinishReason:
+    """The proto's FINISH_REASON_<name> (FinishReason names match the proto's)."""
+    return pb.FinishReason.Value(f"FINISH_REASON_{reason.name}")
+
+
 def _final(event: TokenEvent) -> pb.ChatResponse:
     """The fields of a request's last message: is_final, finish_reason, usage."""
     reason, usage = event.finish_reason, event.usage
@@ -135,7 +134,7 @@ def _final(event: TokenEvent) -> pb.ChatResponse:
         raise ValueError("not a final event")
     return pb.ChatResponse(
         is_final=True,
-        finish_reason=_FINISH_REASONS[reason],
+        finish_reason=_finish_reason(reason),
         usage=pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -185,7 +184,7 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
             choice.logprobs.extend(self._logprobs(event))
             if event.finish_reason is None:
                 continue
-            choice.finish_reason = _FINISH_REASONS[event.finish_reason]
+            choice.finish_reason = _finish_reason(event.finish_reason)
             choice.content = "".join(pieces[event.index])
             choices_left -= 1
             if _ended_the_request(event, choices_left):
@@ -225,7 +224,7 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
                     yield message
                     return
                 # One choice of several is done: its finish reason, the stream goes on.
-                message.finish_reason = _FINISH_REASONS[event.finish_reason]
+                message.finish_reason = _finish_reason(event.finish_reason)
             elif not (event.text or message.logprobs):  # pieces that render as nothing yet are not sent
                 continue
             yield message

@@ -37,8 +37,10 @@ from ..chat import ChatService, PreparedChat
 from ..config import Settings
 from ..engine.types import FinishReason, TokenEvent, Usage
 from ..errors import (
+    INTERNAL_ERROR_MESSAGE,
     ContextLengthExceeded,
     ErrorCode,
+    InternalError,
     InvalidArgument,
     ModelNotFound,
     Overloaded,
@@ -51,8 +53,8 @@ from . import openai_protocol as oai
 _LOG = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
-# create_app's default; qwen-serve passes --max-request-bytes (the gRPC limit too).
-MAX_BODY_BYTES = 4 * 1024 * 1024
+# create_app's default: the server's (qwen-serve passes --max-request-bytes, the gRPC limit too).
+MAX_BODY_BYTES: int = Settings.model_fields["max_request_bytes"].default
 # Kernel send buffer of each HTTP connection. Linux otherwise grows it up to
 # tcp_wmem's maximum (4 MiB) for a client that does not read, which then
 # absorbs a whole long answer: the server never sees backpressure, and 1000
@@ -70,7 +72,6 @@ STATUS_BY_CODE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 REQUEST_ID_HEADER = "x-request-id"
 # A client's x-request-id is echoed only if it is this short and printable ASCII.
 MAX_CLIENT_REQUEST_ID = 256
@@ -104,6 +105,16 @@ def error_detail(exc: ServiceError) -> tuple[int, oai.ErrorDetail]:
     return status, oai.ErrorDetail(message=exc.message, type=kind, param=param, code=code)
 
 
+def _internal_error_detail() -> oai.ErrorDetail:
+    """What a client is told of an unexpected failure (the details go to the log)."""
+    return error_detail(InternalError(INTERNAL_ERROR_MESSAGE))[1]
+
+
+def retry_after(exc: Overloaded) -> dict[str, str]:
+    """The Retry-After header of a 429: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+
+
 def _error_response(status: int, detail: oai.ErrorDetail, headers: dict[str, str] | None = None) -> Response:
     return Response(
         oai.ErrorResponse(error=detail).model_dump_json(),
@@ -132,7 +143,7 @@ async def _service_error(request: Request, exc: Exception) -> Response:
     status, detail = error_detail(exc)
     headers = _request_id_headers(request)
     if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
+        headers.update(retry_after(exc))
     return _error_response(status, detail, headers)
 
 
@@ -152,7 +163,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this response and uvicorn logs the traceback;
     # the client only learns that it was an internal error.
-    return _error_response(500, oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
+    return _error_response(500, _internal_error_detail())
 
 
 # ---------------------------------------------------------------- helpers
@@ -335,7 +346,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
         if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
-            finish_reasons[event.index] = _FINISH_REASONS[event.finish_reason]
+            finish_reasons[event.index] = event.finish_reason.value
         if event.finished and all(finish_reasons):  # the last event: the request's usage
             usage = event.usage
             assert usage is not None
@@ -391,7 +402,7 @@ async def _sse_body(
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.finish(event.text, _FINISH_REASONS[event.finish_reason], event.index, logprobs)
+                out += writer.finish(event.text, event.finish_reason.value, event.index, logprobs)
                 choices_left -= 1
                 if not choices_left:
                     if include_usage and event.usage is not None:
@@ -409,7 +420,7 @@ async def _sse_body(
         yield writer.error(detail)
     except Exception:  # a bug: log it, tell the client it was internal, end the stream cleanly
         _LOG.exception("unhandled error while streaming %s", writer.request_id)
-        yield writer.error(oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
+        yield writer.error(_internal_error_detail())
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 

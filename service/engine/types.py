@@ -12,6 +12,11 @@ if TYPE_CHECKING:
 
 
 class FinishReason(enum.StrEnum):
+    """Values are OpenAI's finish_reason strings, names the proto's
+    FINISH_REASON_* (the transports derive theirs from these). ERROR and
+    SLOW_CONSUMER never reach a client as a finish reason: ChatService
+    turns them into errors."""
+
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached or the context window is full
     CANCELLED = "cancelled"  # aborted (client cancel, deadline, shutdown)

@@ -473,6 +473,6 @@ def test_no_http_flag_and_port_conflicts(tiny_model_dir):
         server = ServerProcess(tiny_model_dir, "--http-port", str(taken.getsockname()[1]))
         try:
             assert server.process.wait(60) == 2  # a startup failure, like a taken gRPC port
-            assert "cannot bind HTTP" in server.log
+            assert "cannot bind HTTP" in server.log and "--model" not in server.log
         finally:
             server.close()

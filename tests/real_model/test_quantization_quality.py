@@ -1,5 +1,5 @@
 """Quality guard for --quantization: perplexity of a fixed text under the
-quantized model versus bf16 (measured figures are in the README)."""
+quantized model versus bf16 (measured figures: README "Performance", bench/README.md)."""
 
 from __future__ import annotations
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 from tiny_model import tiny_engine_config
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
-from service.engine.types import EngineOverloaded, FinishReason, GenerationRequest, SamplingParams
+from service.engine.types import EngineOverloaded, EngineStats, FinishReason, GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 PROMPTS = [
@@ -46,14 +47,17 @@ async def collect(engine: Engine, req: GenerationRequest):
     return "".join(e.text for e in events), events[-1]
 
 
-async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+async def until(engine: Engine, condition: Callable[[EngineStats], bool], timeout: float = 5.0) -> None:
+    """Wait for the engine's state to satisfy `condition` (the compute thread
+    changes it; nothing here waits for time to pass)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.running == 0 and stats.waiting == 0:
-            return
+    while not condition(engine.stats()):
+        assert time.monotonic() < deadline, f"engine never reached the state: {engine.stats()}"
         await asyncio.sleep(0.01)
-    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+    await until(engine, lambda stats: stats.running == 0 and stats.waiting == 0, timeout)
 
 
 async def test_concurrent_greedy_equals_sequential_greedy(loaded):
@@ -96,11 +100,11 @@ async def test_abort_frees_the_slot_before_the_next_step(loaded):
         await wait_idle(engine)
         after_abort = engine.stats().generated_tokens_total
         assert after_abort - before <= 2, "at most the step in flight may finish"
-        await asyncio.sleep(0.2)
-        assert engine.stats().generated_tokens_total == after_abort, "the aborted request kept generating"
-        # The single slot is free again: a new request is admitted, not refused.
+        # The single slot is free again: a new request is admitted, not refused,
+        # and every step since the abort was its own (the aborted one generated nothing more).
         text, final = await collect(engine, request(engine, PROMPTS[1], SamplingParams(max_tokens=3, temperature=0)))
         assert final.usage.completion_tokens == 3
+        assert engine.stats().generated_tokens_total == after_abort + 3, "the aborted request kept generating"
     finally:
         await engine.shutdown()
 
@@ -197,7 +201,7 @@ async def test_overflow_is_refused_at_once(loaded):
         await first.__anext__()
         second = engine.generate(request(engine, PROMPTS[1], slow))
         second_task = asyncio.create_task(second.__anext__())
-        await asyncio.sleep(0.05)
+        await until(engine, lambda stats: stats.waiting == 1)  # the second is queued for the slot
         third = engine.generate(request(engine, PROMPTS[2], slow))
         with pytest.raises(EngineOverloaded):
             await third.__anext__()
@@ -224,7 +228,7 @@ async def test_admission_is_fifo(loaded):
         tasks = []
         for index in range(5):
             tasks.append(asyncio.create_task(run(index)))
-            await asyncio.sleep(0.01)  # submit in a known order
+            await asyncio.sleep(0)  # the task runs up to its first wait: it is submitted before the next one
         await asyncio.gather(*tasks)
         assert order == list(range(5))
     finally:

@@ -46,6 +46,7 @@ from ..errors import (
     SlowConsumer,
     Unavailable,
 )
+from ..tool_calls import CallDelta, ContentDelta, ToolCallParser
 from . import openai_protocol as oai
 
 _LOG = logging.getLogger(__name__)
@@ -318,8 +319,25 @@ def _usage(usage: Usage) -> oai.Usage:
     )
 
 
+def _finish_reason(event: TokenEvent, parser: ToolCallParser | None) -> str:
+    """OpenAI's "tool_calls" when an answer that ended on its own made calls."""
+    if parser is not None and parser.calls and event.finish_reason is FinishReason.STOP:
+        return "tool_calls"
+    return _FINISH_REASONS[event.finish_reason]  # type: ignore[index]
+
+
+def _assistant_message(text: str, parser: ToolCallParser | None) -> oai.AssistantMessage:
+    if parser is None:
+        return oai.AssistantMessage(content=text)
+    content = "".join(d.text for d in parser.feed(text) + parser.flush() if isinstance(d, ContentDelta))
+    if not parser.calls:
+        return oai.AssistantMessage(content=content)
+    return oai.AssistantMessage(content=content or None, tool_calls=[oai.ToolCallOut.of(c) for c in parser.calls])
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     pieces: list[str] = []
+    parser = ToolCallParser(prepared.tool_names) if prepared.tool_names else None
     async for event in chat.generate(prepared):
         pieces.append(event.text)
         if event.finished:
@@ -327,16 +345,12 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                 raise Unavailable("the server stopped before the answer was complete; retry")
             usage = event.usage
             assert usage is not None
+            message = _assistant_message("".join(pieces), parser)
             body = oai.ChatCompletion(
                 id=_completion_id(prepared),
                 created=oai.now(),
                 model=prepared.model,
-                choices=[
-                    oai.Choice(
-                        message=oai.AssistantMessage(content="".join(pieces)),
-                        finish_reason=_FINISH_REASONS[event.finish_reason],
-                    )
-                ],
+                choices=[oai.Choice(message=message, finish_reason=_finish_reason(event, parser))],
                 usage=_usage(usage),
             )
             return Response(body.model_dump_json(), media_type="application/json")
@@ -350,12 +364,25 @@ async def _stream(request: Request, chat: ChatService, prepared: PreparedChat, i
     events = chat.generate(prepared)
     first = await until_disconnect(request, anext(events))
     writer = oai.ChunkWriter(_completion_id(prepared), prepared.model, include_usage)
-    return EventStreamResponse(_sse_body(writer, first, events, include_usage))
+    parser = ToolCallParser(prepared.tool_names) if prepared.tool_names else None
+    return EventStreamResponse(_sse_body(writer, first, events, include_usage, parser))
+
+
+def _tool_call_chunks(writer: oai.ChunkWriter, deltas: list[ContentDelta | CallDelta]) -> bytes:
+    return b"".join(
+        writer.content(d.text) if isinstance(d, ContentDelta) else writer.tool_call(d.index, d.call) for d in deltas
+    )
 
 
 async def _sse_body(
-    writer: oai.ChunkWriter, first: TokenEvent, events: AsyncIterator[TokenEvent], include_usage: bool
+    writer: oai.ChunkWriter,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
+    include_usage: bool,
+    parser: ToolCallParser | None = None,
 ) -> AsyncIterator[bytes]:
+    """`parser`: split tool calls out of the text (content before a call
+    still streams as content)."""
     try:
         event = first
         out = writer.role()
@@ -365,13 +392,19 @@ async def _sse_body(
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.finish(event.text, _FINISH_REASONS[event.finish_reason])
+                if parser is None:
+                    out += writer.finish(event.text, _finish_reason(event, parser))
+                else:
+                    out += _tool_call_chunks(writer, parser.feed(event.text) + parser.flush())
+                    out += writer.finish("", _finish_reason(event, parser))
                 if include_usage and event.usage is not None:
                     usage = event.usage
                     out += writer.usage(_usage(usage))
                 yield out + writer.DONE
                 return
-            if event.text:  # pieces that render as nothing yet are not sent (as over gRPC)
+            if parser is not None:
+                out += _tool_call_chunks(writer, parser.feed(event.text))
+            elif event.text:  # pieces that render as nothing yet are not sent (as over gRPC)
                 out += writer.content(event.text)
             if out:
                 yield out

@@ -3,15 +3,18 @@ types, every bad field named), the mapping to ChatParams, and the response,
 chunk and error shapes. Nothing here knows about a web framework.
 
 Supported: messages (string or text-part content; "developer" is read as
-"system"), model, temperature, top_p, max_tokens / max_completion_tokens,
-stop, seed, stream, stream_options.include_usage, response_format (text,
-json_object, json_schema: grammar-constrained decoding), and the extensions
-top_k and repetition_penalty (as vLLM accepts them). null is accepted for
-every optional field, as OpenAI does. Fields that would change the answer
-in ways this server cannot honour (n > 1, tools, logprobs, non-zero
-presence/frequency penalties, logit_bias) are refused with 400 naming the
-field; fields that change nothing here (user, metadata, store, ...) are
-accepted and ignored; any other field is refused like OpenAI does.
+"system"; "tool" messages and assistant tool_calls; a trailing assistant
+message is a prefill the answer continues), model, temperature, top_p,
+max_tokens / max_completion_tokens, stop, seed, stream,
+stream_options.include_usage, response_format (text, json_object,
+json_schema: grammar-constrained decoding), tools / tool_choice /
+parallel_tool_calls (Qwen2.5's tool-call format, see service/tool_calls.py),
+and the extensions top_k and repetition_penalty (as vLLM accepts them). null
+is accepted for every optional field, as OpenAI does. Fields that would
+change the answer in ways this server cannot honour (n > 1, logprobs,
+non-zero presence/frequency penalties, logit_bias) are refused with 400
+naming the field; fields that change nothing here (user, metadata, store,
+...) are accepted and ignored; any other field is refused like OpenAI does.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import ChatMessage, ChatParams, ResponseFormat, ResponseFormatType
 from ..errors import InvalidArgument
+from ..tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode
 
 # ----------------------------------------------------------------- requests
 
@@ -39,10 +43,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCallWire(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallWire(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallWire
+
+
 class Message(_Strict):
     role: str
     content: str | list[TextPart] | None = None
-    name: str | None = None  # accepted, not used by the chat template
+    name: str | None = None
+    tool_calls: list[ToolCallWire] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -63,6 +80,27 @@ class JsonSchemaFormat(_Strict):
     # The JSON Schema; absent means any JSON value. ("schema" would shadow a BaseModel attribute.)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None  # the schema is always enforced here
+
+
+class FunctionWire(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema; absent: no arguments
+    strict: bool | None = None  # constrained calls always follow the schema here
+
+
+class ToolWire(_Strict):
+    type: Literal["function"]
+    function: FunctionWire
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormatWire(_Strict):
@@ -91,8 +129,8 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolWire] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormatWire | None = None
     # Accepted and ignored: they do not change the answer.
@@ -113,6 +151,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         elif part in ("str", "list[TextPart]", "list[str]", "dict[str,any]", "dict[str,float]") or "[" in str(part):
+            continue
+        elif str(part)[:1].isupper():  # a union member that is a model (NamedToolChoice); fields are lower case
             continue
         else:
             path += f".{part}" if path else str(part)
@@ -155,10 +195,6 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         raise InvalidArgument("top_logprobs", "is not supported")
     if request.logit_bias:
         raise InvalidArgument("logit_bias", "is not supported")
-    if request.tools:
-        raise InvalidArgument("tools", "tool calling is not supported")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise InvalidArgument("tool_choice", "tool calling is not supported")
     if request.stream_options is not None:
         if not request.stream:
             raise InvalidArgument("stream_options", "is only allowed when stream is true")
@@ -180,6 +216,37 @@ def _response_format(wire: ResponseFormatWire | None) -> ResponseFormat | None:
     return ResponseFormat(kind)
 
 
+def _tools(request: ChatCompletionRequest) -> tuple[list[Tool], ToolChoice | None]:
+    tools = [
+        Tool(
+            name=wire.function.name,
+            description=wire.function.description or "",
+            # OpenAI: omitted parameters = a function without arguments.
+            parameters=json.dumps(
+                {"type": "object", "properties": {}} if wire.function.parameters is None else wire.function.parameters
+            ),
+        )
+        for wire in request.tools or ()
+    ]
+    choice = request.tool_choice
+    if choice is None:
+        return tools, None
+    if isinstance(choice, NamedToolChoice):
+        return tools, ToolChoice(ToolChoiceMode.FUNCTION, choice.function.name)
+    return tools, ToolChoice(ToolChoiceMode(choice))
+
+
+def _message(message: Message) -> ChatMessage:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+    return ChatMessage(
+        role=ROLE_ALIASES.get(message.role, message.role),
+        content=message.text(),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id or "",
+        name=message.name or "",
+    )
+
+
 def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
     """Wire -> service. Range checks (temperature, max_tokens, ...) are the
     service layer's, so both transports refuse the same things."""
@@ -196,8 +263,9 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         stop = (request.stop,)
     else:
         stop = tuple(request.stop)
+    tools, tool_choice = _tools(request)
     return ChatParams(
-        messages=[ChatMessage(role=ROLE_ALIASES.get(m.role, m.role), content=m.text()) for m in request.messages],
+        messages=[_message(m) for m in request.messages],
         model=request.model,
         temperature=request.temperature,
         max_tokens=max_tokens,
@@ -207,6 +275,9 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         seed=request.seed,
         stop=stop,
         response_format=_response_format(request.response_format),
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls is not False,
     )
 
 
@@ -224,9 +295,26 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: an answer that is only tool calls, as OpenAI sends it
+    # Left out of the JSON when there are none.
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 class Choice(BaseModel):
@@ -247,9 +335,9 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int = 0
-    # {"role": "assistant", "content": ""} first, then {"content": "..."};
-    # {} on the final chunk when it carries no text.
-    delta: dict[str, str]
+    # {"role": "assistant", "content": ""} first, then {"content": "..."} or
+    # {"tool_calls": [...]}; {} on the final chunk.
+    delta: dict[str, Any]
     finish_reason: str | None = None
 
 
@@ -322,6 +410,13 @@ class ChunkWriter:
 
     def content(self, text: str) -> bytes:
         return self._chunk({"content": text})
+
+    def tool_call(self, index: int, call: ToolCall) -> bytes:
+        """A call as OpenAI streams one: id and name first, then the arguments
+        (here in one fragment: a call is parsed once it is complete)."""
+        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        arguments = {"index": index, "function": {"arguments": call.arguments}}
+        return self._chunk({"tool_calls": [head]}) + self._chunk({"tool_calls": [arguments]})
 
     def finish(self, text: str, finish_reason: str) -> bytes:
         """The last text (if any) in its own chunk, then the finish reason

@@ -114,10 +114,32 @@ class Engine:
         milliseconds for a typical schema: call it off the event loop."""
         return self._grammars.compile(constraint)
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt token ids for a conversation, via the tokenizer's chat template."""
-        encoded = self.loaded.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    def encode_chat(
+        self, messages: Sequence[dict[str, object]], tools: Sequence[dict[str, object]] | None = None
+    ) -> list[int]:
+        """Prompt token ids for a conversation, via the tokenizer's chat
+        template (which renders `tools`, OpenAI-style function definitions).
+        A trailing assistant message is a prefill: rendered without its end,
+        so the answer continues it."""
+        prefill = bool(messages) and messages[-1]["role"] == "assistant"
+        encoded = self.loaded.tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=not prefill,
+            continue_final_message=prefill,
+            tokenize=True,
+        )
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt token ids for raw text (no chat template); special-token
+        spellings in it are read as those tokens."""
+        return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
+
+    def has_tokens(self, spellings: Sequence[str]) -> bool:
+        """Whether the vocabulary has each of these as a single token."""
+        vocab = self.loaded.tokenizer.get_vocab()
+        return all(spelling in vocab for spelling in spellings)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request and yield its events until the final one.

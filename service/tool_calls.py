@@ -32,6 +32,9 @@ CLOSE_TAG = "</tool_call>"
 # OpenAI's rule for function names.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
+# Parallel calls one forced answer may hold: bounds an answer that would
+# otherwise call tools until max_tokens.
+MAX_PARALLEL_CALLS = 4
 # The grammar writes arguments as json.dumps does (the layout the template
 # uses for calls in the history); unbounded whitespace would let a sampled
 # model pad until max_tokens.
@@ -143,12 +146,12 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
 def forced_call_grammar(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> str:
     """The Lark grammar (llguidance dialect) of an answer that is nothing but
     tool calls in the template's format: one call of the named function, or
-    one or more (one if not `parallel`) calls of any of the tools, each one's
+    1..MAX_PARALLEL_CALLS (one if not `parallel`) calls of any of the tools, each one's
     arguments valid against that tool's parameters schema."""
     chosen = [t for t in tools if t.name == choice.name] if choice.mode is ToolChoiceMode.FUNCTION else list(tools)
     repeat = parallel and choice.mode is ToolChoiceMode.REQUIRED
     rules = [
-        'start: call ("\\n" call)*' if repeat else "start: call",
+        f'start: call ("\\n" call){{,{MAX_PARALLEL_CALLS - 1}}}' if repeat else "start: call",
         "call: " + json.dumps(OPEN_TAG + "\n") + " body " + json.dumps("\n" + CLOSE_TAG),
         "body: " + " | ".join(f"tool{i}" for i in range(len(chosen))),
     ]

@@ -47,6 +47,7 @@ from ..errors import (
     Unavailable,
 )
 from ..tool_calls import CallDelta, ContentDelta, ToolCallParser
+from . import openai_completions as legacy
 from . import openai_protocol as oai
 
 _LOG = logging.getLogger(__name__)
@@ -420,6 +421,83 @@ async def _sse_body(
         await events.aclose()  # type: ignore[attr-defined]
 
 
+# ------------------------------------------------ legacy /v1/completions
+
+
+async def completions(request: Request) -> Response:
+    """OpenAI's legacy text completions: a raw prompt, or fill-in-the-middle with `suffix`."""
+    chat = _chat(request)
+    _require_json(request)
+    try:
+        wire = legacy.parse_request(await _read_body(request))
+        params = legacy.to_chat_params(wire)
+        prepared = await chat.prepare_async(params)
+        request_id = prepared.request.request_id.replace("chat-", "cmpl-", 1)
+        echo = (params.prompt or "") if wire.echo else ""
+        headers = _request_id_headers(request, request_id)
+        if wire.stream:
+            include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+            writer = legacy.CompletionChunkWriter(request_id, prepared.model, include_usage)
+            events = chat.generate(prepared)
+            first = await until_disconnect(request, anext(events))
+            response: Response = EventStreamResponse(_text_sse_body(writer, echo, first, events))
+        else:
+            response = await until_disconnect(request, _complete_text(chat, prepared, request_id, echo))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    response.headers.update(headers)
+    return response
+
+
+async def _complete_text(chat: ChatService, prepared: PreparedChat, request_id: str, echo: str) -> Response:
+    pieces = [echo]
+    async for event in chat.generate(prepared):
+        pieces.append(event.text)
+        if event.finished:
+            if event.finish_reason is FinishReason.CANCELLED:
+                raise Unavailable("the server stopped before the answer was complete; retry")
+            assert event.usage is not None
+            choice = legacy.CompletionChoice(text="".join(pieces), finish_reason=_FINISH_REASONS[event.finish_reason])
+            body = legacy.TextCompletion(
+                id=request_id, created=oai.now(), model=prepared.model, choices=[choice], usage=_usage(event.usage)
+            )
+            return Response(body.model_dump_json(), media_type="application/json")
+    raise RuntimeError("engine ended a request without a final event")
+
+
+async def _text_sse_body(
+    writer: legacy.CompletionChunkWriter, echo: str, first: TokenEvent, events: AsyncIterator[TokenEvent]
+) -> AsyncIterator[bytes]:
+    try:
+        event = first
+        out = writer.text(echo) if echo else b""
+        while True:
+            if event.text:
+                out += writer.text(event.text)
+            if event.finished:
+                if event.finish_reason is FinishReason.CANCELLED:
+                    _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
+                    yield out + writer.error(detail)
+                    return
+                out += writer.text("", _FINISH_REASONS[event.finish_reason])
+                if writer.include_usage and event.usage is not None:
+                    out += writer.usage(_usage(event.usage))
+                yield out + writer.DONE
+                return
+            if out:
+                yield out
+                out = b""
+            event = await anext(events)
+    except ServiceError as exc:
+        _, detail = error_detail(exc)
+        yield writer.error(detail)
+    except Exception:
+        _LOG.exception("unhandled error while streaming %s", writer.request_id)
+        yield writer.error(oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------------- app
 
 
@@ -452,6 +530,7 @@ def create_app(
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
         ],
         middleware=list(middleware),
         exception_handlers={

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -161,10 +161,18 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """Raw request body -> validated request; InvalidArgument names the field."""
+    return parse_body(body, ChatCompletionRequest)
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_body(body: bytes, request_type: type[RequestT]) -> RequestT:
+    """Raw request body -> a validated `request_type`; InvalidArgument names the field."""
     if not body.strip():
         raise InvalidArgument("body", "the request body is empty; send a JSON object")
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return request_type.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # For a union (e.g. content: string or parts) the deepest location is

@@ -9,6 +9,7 @@ import llguidance.hf
 import pytest
 
 from service.tool_calls import (
+    MAX_PARALLEL_CALLS,
     CallDelta,
     ContentDelta,
     Tool,
@@ -79,6 +80,8 @@ def test_the_grammar_accepts_only_calls_of_the_tools_with_valid_arguments(tokeni
 
     assert accepts(required, weather) and accepts(required, weather + "\n" + time)
     assert not accepts(single, weather + "\n" + time) and accepts(single, time)
+    assert accepts(required, "\n".join([time] * MAX_PARALLEL_CALLS))
+    assert not accepts(required, "\n".join([time] * (MAX_PARALLEL_CALLS + 1)))
     assert accepts(named, time) and not accepts(named, weather)
     assert not accepts(required, weather.replace('"city": "Oslo"', '"town": "Oslo"'))
     assert not accepts(required, "Sure! " + weather)

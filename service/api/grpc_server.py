@@ -24,6 +24,7 @@ from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
 from ..ratelimit import RateLimiter, limiter_from_settings
+from ..tool_calls import CallDelta, ContentDelta, Tool, ToolCall, ToolCallParser, ToolChoice, ToolChoiceMode
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
 
@@ -53,7 +54,39 @@ _FINISH_REASONS = {
 
 
 def _messages(request_messages) -> list[ChatMessage]:
-    return [ChatMessage(role=m.role, content=m.content) for m in request_messages]
+    return [
+        ChatMessage(
+            role=m.role,
+            content=m.content,
+            tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+            tool_call_id=m.tool_call_id,
+            name=m.name,
+        )
+        for m in request_messages
+    ]
+
+
+_TOOL_CHOICE_MODES = {
+    pb.ToolChoice.MODE_NONE: ToolChoiceMode.NONE,
+    pb.ToolChoice.MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.ToolChoice.MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.ToolChoice.MODE_FUNCTION: ToolChoiceMode.FUNCTION,
+}
+
+
+def _tool_choice(request: pb.ChatRequest) -> ToolChoice | None:
+    wire = request.tool_choice
+    if not request.HasField("tool_choice") or wire.mode == pb.ToolChoice.MODE_UNSPECIFIED:
+        return None
+    if wire.mode not in _TOOL_CHOICE_MODES:  # a value from a newer proto
+        raise InvalidArgument("tool_choice.mode", f"unknown mode {wire.mode}")
+    if wire.function_name and wire.mode != pb.ToolChoice.MODE_FUNCTION:
+        raise InvalidArgument("tool_choice.function_name", "is only allowed with MODE_FUNCTION")
+    return ToolChoice(_TOOL_CHOICE_MODES[wire.mode], wire.function_name)
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 _RESPONSE_FORMAT_TYPES = {
@@ -95,14 +128,21 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         seed=present("seed"),
         stop=tuple(request.stop),
         response_format=_response_format(request),
+        tools=[Tool(t.name, t.description, t.parameters) for t in request.tools],
+        tool_choice=_tool_choice(request),
+        parallel_tool_calls=present("parallel_tool_calls") is not False,
     )
 
 
-def _final_fields(event: TokenEvent) -> dict:
+def _final_fields(event: TokenEvent, parser: ToolCallParser | None = None) -> dict:
+    """`parser`: the answer's tool calls, which make an answer that ended on its own TOOL_CALLS."""
     usage = event.usage
+    finish_reason = _FINISH_REASONS[event.finish_reason]
+    if parser is not None and parser.calls and event.finish_reason is FinishReason.STOP:
+        finish_reason = pb.FINISH_REASON_TOOL_CALLS
     return {
         "is_final": True,
-        "finish_reason": _FINISH_REASONS[event.finish_reason],
+        "finish_reason": finish_reason,
         "usage": pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -133,31 +173,51 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
 
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
         prepared = await self._prepare(request, context)
+        parser = ToolCallParser(prepared.tool_names) if prepared.tool_names else None
         pieces: list[str] = []
         async for event in self._chat.generate(prepared):
             pieces.append(event.text)
             if event.finished:
+                content = "".join(pieces)
+                if parser is not None:
+                    deltas = parser.feed(content) + parser.flush()
+                    content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
                 return pb.ChatResponse(
                     id=prepared.request.request_id,
-                    content="".join(pieces),
+                    content=content,
                     index=0,
                     model=prepared.model,
-                    **_final_fields(event),
+                    tool_calls=_tool_calls(parser.calls if parser is not None else []),
+                    **_final_fields(event, parser),
                 )
         raise RuntimeError("engine ended a request without a final event")
 
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         prepared = await self._prepare(request, context)
         request_id = prepared.request.request_id
+        parser = ToolCallParser(prepared.tool_names) if prepared.tool_names else None
         index = 0
         async for event in self._chat.generate(prepared):
+            if parser is None:
+                content, calls = event.text, []
+            else:  # tool-call markup becomes tool_calls, never content
+                deltas = parser.feed(event.text) + (parser.flush() if event.finished else [])
+                content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+                calls = [d.call for d in deltas if isinstance(d, CallDelta)]
             if event.finished:
                 yield pb.ChatResponse(
-                    id=request_id, content=event.text, index=index, model=prepared.model, **_final_fields(event)
+                    id=request_id,
+                    content=content,
+                    index=index,
+                    model=prepared.model,
+                    tool_calls=_tool_calls(calls),
+                    **_final_fields(event, parser),
                 )
                 return
-            if event.text:  # pieces that render as nothing yet are not sent
-                yield pb.ChatResponse(id=request_id, content=event.text, index=index, model=prepared.model)
+            if content or calls:  # pieces that render as nothing yet are not sent
+                yield pb.ChatResponse(
+                    id=request_id, content=content, index=index, model=prepared.model, tool_calls=_tool_calls(calls)
+                )
                 index += 1
 
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:

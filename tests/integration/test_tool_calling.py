@@ -227,3 +227,99 @@ def test_bad_completions_are_refused_naming_the_param(server, fields, param):
     with pytest.raises(openai.BadRequestError) as refused:
         sdk(server).completions.create(**{"model": "", "prompt": "x", "max_tokens": 4, **fields})
     assert refused.value.body["param"] == param
+
+
+# ------------------------------------------------------------------- gRPC
+
+
+def grpc_tools() -> list:
+    from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+
+    return [pb.Tool(name=t["function"]["name"], parameters=json.dumps(t["function"]["parameters"])) for t in TOOLS]
+
+
+def test_grpc_forced_calls_unary_and_streamed(server, stub):
+    from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+
+    for seed in range(4):
+        request = pb.ChatRequest(
+            messages=[pb.Message(**m) for m in HELLO],
+            tools=grpc_tools(),
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+            temperature=1.0,
+            seed=seed,
+            max_tokens=500,
+        )
+        reply = stub.Chat(request, timeout=60)
+        assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS and reply.content == ""
+        assert_valid_calls([_as_openai(c) for c in reply.tool_calls])
+        pieces = list(stub.ChatStream(request, timeout=60))
+        assert pieces[-1].is_final and pieces[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert "".join(p.content for p in pieces) == ""  # the markup never shows as content
+        streamed = [c for p in pieces for c in p.tool_calls]
+        assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in reply.tool_calls]
+    named = pb.ToolChoice(mode=pb.ToolChoice.MODE_FUNCTION, function_name="get_time")
+    reply = stub.Chat(
+        pb.ChatRequest(
+            messages=[pb.Message(**m) for m in HELLO], tools=grpc_tools(), tool_choice=named, max_tokens=200
+        ),
+        timeout=60,
+    )
+    assert [c.name for c in reply.tool_calls] == ["get_time"]
+
+
+def _as_openai(call):
+    """A gRPC ToolCall in the SDK's shape, for assert_valid_calls."""
+    from openai.types.chat import ChatCompletionMessageToolCall
+
+    return ChatCompletionMessageToolCall(
+        id=call.id, type="function", function={"name": call.name, "arguments": call.arguments}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tool_choice": {"mode": 4, "function_name": "nope"}, "with_tools": True}, "tool_choice"),
+        ({"tool_choice": {"mode": 3}}, "tool_choice"),
+        ({"tool_choice": {"mode": 9}}, "tool_choice.mode"),
+        ({"tools": [{"name": "f", "parameters": "{not json"}]}, "tools[0].function.parameters"),
+        ({"messages": [*HELLO, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+    ],
+)
+def test_grpc_bad_tool_requests_are_invalid_argument_naming_the_field(stub, fields, field):
+    import grpc
+
+    from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
+
+    fields = dict(fields)
+    request = pb.ChatRequest(messages=[pb.Message(**m) for m in fields.pop("messages", HELLO)], max_tokens=4)
+    if fields.pop("with_tools", False):
+        request.tools.extend(grpc_tools())
+    for tool in fields.pop("tools", ()):
+        request.tools.append(pb.Tool(**tool))
+    if "tool_choice" in fields:
+        request.tool_choice.CopyFrom(pb.ToolChoice(**fields.pop("tool_choice")))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Chat(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith(field)
+
+
+def test_the_python_sdk_calls_tools_and_sends_the_results_back(server):
+    from qwen_grpc_client import QwenClient
+
+    with QwenClient(server.target, timeout=60) as client:
+        answer = client.chat(HELLO, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200)
+        assert answer.finish_reason == "tool_calls" and len(answer.tool_calls) == 1
+        call = answer.tool_calls[0]
+        jsonschema.validate(call.parsed_arguments(), SCHEMAS[call.name])
+        history = [
+            *HELLO,
+            {"role": "assistant", "content": "", "tool_calls": answer.tool_calls},
+            {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"},
+        ]
+        follow_up = client.chat(history, tools=TOOLS, tool_choice="none", max_tokens=4)
+        assert follow_up.tool_calls == () and follow_up.prompt_tokens > answer.prompt_tokens
+        prefill = client.chat([*HELLO, {"role": "assistant", "content": "It is"}], temperature=0, max_tokens=4)
+        assert prefill.finish_reason in ("stop", "length")

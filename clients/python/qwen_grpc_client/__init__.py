@@ -49,6 +49,7 @@ __all__ = [
     "ChatResult",
     "ChatStream",
     "QwenClient",
+    "ToolCall",
     "build_request",
     "replica_of",
     "channel_credentials",
@@ -70,12 +71,71 @@ __all__ = [
 DEFAULT_TIMEOUT_SECONDS = 120.0
 
 
-def _messages(messages: Iterable[Mapping[str, str] | tuple[str, str]]) -> list[pb.Message]:
+def _messages(messages: Iterable[Mapping[str, Any] | tuple[str, str]]) -> list[pb.Message]:
+    """Messages as (role, content) pairs or OpenAI-style dicts, which may
+    carry an assistant's tool_calls or a tool message's tool_call_id/name."""
     out = []
     for message in messages:
-        role, content = (message["role"], message["content"]) if isinstance(message, Mapping) else message
-        out.append(pb.Message(role=role, content=content))
+        if not isinstance(message, Mapping):
+            role, content = message
+            out.append(pb.Message(role=role, content=content))
+            continue
+        calls = [_tool_call(call) for call in message.get("tool_calls") or ()]
+        out.append(
+            pb.Message(
+                role=message["role"],
+                content=message.get("content") or "",
+                tool_calls=calls,
+                tool_call_id=message.get("tool_call_id") or "",
+                name=message.get("name") or "",
+            )
+        )
     return out
+
+
+def _tool_call(call: Mapping[str, Any] | ToolCall) -> pb.ToolCall:
+    """A call from an earlier answer: a ToolCall, or OpenAI's {"id", "function": {"name", "arguments"}}."""
+    if isinstance(call, ToolCall):
+        return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+    function = call["function"]
+    arguments = function["arguments"]
+    return pb.ToolCall(
+        id=call["id"],
+        name=function["name"],
+        arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+    )
+
+
+def _tool(tool: Mapping[str, Any]) -> pb.Tool:
+    """OpenAI's {"type": "function", "function": {...}} or the function dict
+    itself; parameters as a dict, JSON text or a pydantic model class."""
+    function = tool.get("function", tool)
+    parameters = function.get("parameters")
+    if hasattr(parameters, "model_json_schema"):  # a pydantic model, without importing pydantic
+        parameters = parameters.model_json_schema()
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    return pb.Tool(
+        name=function["name"],
+        description=function.get("description") or "",
+        parameters=parameters if isinstance(parameters, str) else json.dumps(parameters),
+    )
+
+
+_TOOL_CHOICE_MODES = {
+    "none": pb.ToolChoice.MODE_NONE,
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "required": pb.ToolChoice.MODE_REQUIRED,
+}
+
+
+def _tool_choice(choice: str | Mapping[str, Any]) -> pb.ToolChoice:
+    """ "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}} (OpenAI's shapes)."""
+    if isinstance(choice, str):
+        if choice not in _TOOL_CHOICE_MODES:
+            raise ValueError(f"tool_choice must be none, auto, required or a function, got {choice!r}")
+        return pb.ToolChoice(mode=_TOOL_CHOICE_MODES[choice])
+    return pb.ToolChoice(mode=pb.ToolChoice.MODE_FUNCTION, function_name=choice["function"]["name"])
 
 
 def build_request(
@@ -91,13 +151,27 @@ def build_request(
     stop: Sequence[str] = (),
     json_schema: Mapping[str, Any] | str | type | None = None,
     json_mode: bool = False,
+    tools: Sequence[Mapping[str, Any]] = (),
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.ChatRequest:
     """Only the parameters you pass are sent; the rest take server defaults.
 
     Structured output: `json_schema=` (a JSON Schema as a dict or JSON text,
     or a pydantic model class) makes the server constrain the answer to JSON
-    valid against it; `json_mode=True` to any JSON object."""
-    request = pb.ChatRequest(messages=_messages(messages), model=model, stop=list(stop))
+    valid against it; `json_mode=True` to any JSON object.
+
+    Tool calling: `tools=` in OpenAI's shape ({"type": "function", "function":
+    {"name", "description", "parameters"}}), `tool_choice=` "none" | "auto" |
+    "required" | {"type": "function", "function": {"name": ...}}; the calls
+    come back in ChatResult.tool_calls."""
+    request = pb.ChatRequest(
+        messages=_messages(messages), model=model, stop=list(stop), tools=[_tool(t) for t in tools]
+    )
+    if tool_choice is not None:
+        request.tool_choice.CopyFrom(_tool_choice(tool_choice))
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
     if json_schema is not None:
         if hasattr(json_schema, "model_json_schema"):  # a pydantic model, without importing pydantic
             json_schema = json_schema.model_json_schema()
@@ -119,17 +193,29 @@ def build_request(
 
 
 def finish_reason_name(response: pb.ChatResponse) -> str:
-    """ "stop" | "length" | "cancelled" ("" on non-final messages)."""
+    """ "stop" | "length" | "cancelled" | "tool_calls" ("" on non-final messages)."""
     if not response.finish_reason:
         return ""
     return pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A call the model made; `arguments` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        return json.loads(self.arguments)
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatResult:
     id: str
     content: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int
     model: str
@@ -138,6 +224,9 @@ class ChatResult:
     replica: str = ""
     # Prompt tokens the replica took from its prefix cache (0 from servers without one).
     cached_prompt_tokens: int = 0
+    # The calls the model made (with tools=); pass them back in the history
+    # as {"role": "assistant", "tool_calls": result.tool_calls}.
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @classmethod
     def from_response(cls, response: pb.ChatResponse, replica: str = "") -> ChatResult:
@@ -150,6 +239,7 @@ class ChatResult:
             model=response.model,
             replica=replica,
             cached_prompt_tokens=response.usage.cached_prompt_tokens,
+            tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in response.tool_calls),
         )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwen/qwen_service.proto\x12\x04qwen\"\xdc\x02\n\x0b\x43hatRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12-\n\x0fresponse_format\x18\n \x01(\x0b\x32\x14.qwen.ResponseFormatB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xa7\x01\n\x0eResponseFormat\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.qwen.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\"\xa2\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\x05\x12)\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x12.qwen.FinishReason\x12\x1a\n\x05usage\x18\x06 \x01(\x0b\x32\x0b.qwen.Usage\x12\r\n\x05model\x18\x07 \x01(\t\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x13\n\x11ListModelsRequest\"N\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.qwen.ModelInfo\"D\n\x12\x43ountTokensRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x18\n\x10remaining_tokens\x18\x03 \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf8\x01\n\x0bQwenService\x12-\n\x04\x43hat\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse\x12\x35\n\nChatStream\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse0\x01\x12?\n\nListModels\x12\x17.qwen.ListModelsRequest\x1a\x18.qwen.ListModelsResponse\x12\x42\n\x0b\x43ountTokens\x12\x18.qwen.CountTokensRequest\x1a\x19.qwen.CountTokensResponseB2Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwen/qwen_service.proto\x12\x04qwen\"\xd8\x03\n\x0b\x43hatRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12-\n\x0fresponse_format\x18\n \x01(\x0b\x32\x14.qwen.ResponseFormat\x12\x19\n\x05tools\x18\x11 \x03(\x0b\x32\n.qwen.Tool\x12%\n\x0btool_choice\x18\x12 \x01(\x0b\x32\x10.qwen.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x13 \x01(\x08H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x16\n\x14_parallel_tool_calls\"\xa7\x01\n\x0eResponseFormat\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.qwen.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\"\xc6\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\x05\x12)\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x12.qwen.FinishReason\x12\x1a\n\x05usage\x18\x06 \x01(\x0b\x32\x0b.qwen.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12\"\n\ntool_calls\x18\t \x03(\x0b\x32\x0e.qwen.ToolCall\"p\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\"\n\ntool_calls\x18\x03 \x03(\x0b\x32\x0e.qwen.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x13\n\x11ListModelsRequest\"N\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.qwen.ModelInfo\"D\n\x12\x43ountTokensRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x18\n\x10remaining_tokens\x18\x03 \x01(\x05\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xaa\x01\n\nToolChoice\x12#\n\x04mode\x18\x01 \x01(\x0e\x32\x15.qwen.ToolChoice.Mode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xf8\x01\n\x0bQwenService\x12-\n\x04\x43hat\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse\x12\x35\n\nChatStream\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse0\x01\x12?\n\nListModels\x12\x17.qwen.ListModelsRequest\x1a\x18.qwen.ListModelsResponse\x12\x42\n\x0b\x43ountTokens\x12\x18.qwen.CountTokensRequest\x1a\x19.qwen.CountTokensResponseB2Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,30 +32,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qwen.qwen_service_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpb'
-  _globals['_FINISHREASON']._serialized_start=1198
-  _globals['_FINISHREASON']._serialized_end=1322
+  _globals['_FINISHREASON']._serialized_start=1724
+  _globals['_FINISHREASON']._serialized_end=1878
   _globals['_CHATREQUEST']._serialized_start=34
-  _globals['_CHATREQUEST']._serialized_end=382
-  _globals['_RESPONSEFORMAT']._serialized_start=385
-  _globals['_RESPONSEFORMAT']._serialized_end=552
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=465
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=552
-  _globals['_CHATRESPONSE']._serialized_start=555
-  _globals['_CHATRESPONSE']._serialized_end=717
-  _globals['_MESSAGE']._serialized_start=719
-  _globals['_MESSAGE']._serialized_end=759
-  _globals['_USAGE']._serialized_start=761
-  _globals['_USAGE']._serialized_end=870
-  _globals['_LISTMODELSREQUEST']._serialized_start=872
-  _globals['_LISTMODELSREQUEST']._serialized_end=891
-  _globals['_MODELINFO']._serialized_start=893
-  _globals['_MODELINFO']._serialized_end=971
-  _globals['_LISTMODELSRESPONSE']._serialized_start=973
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1026
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1028
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1096
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1098
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1196
-  _globals['_QWENSERVICE']._serialized_start=1325
-  _globals['_QWENSERVICE']._serialized_end=1573
+  _globals['_CHATREQUEST']._serialized_end=506
+  _globals['_RESPONSEFORMAT']._serialized_start=509
+  _globals['_RESPONSEFORMAT']._serialized_end=676
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=589
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=676
+  _globals['_CHATRESPONSE']._serialized_start=679
+  _globals['_CHATRESPONSE']._serialized_end=877
+  _globals['_MESSAGE']._serialized_start=879
+  _globals['_MESSAGE']._serialized_end=991
+  _globals['_USAGE']._serialized_start=993
+  _globals['_USAGE']._serialized_end=1102
+  _globals['_LISTMODELSREQUEST']._serialized_start=1104
+  _globals['_LISTMODELSREQUEST']._serialized_end=1123
+  _globals['_MODELINFO']._serialized_start=1125
+  _globals['_MODELINFO']._serialized_end=1203
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1205
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1258
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1260
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1328
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1330
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1428
+  _globals['_TOOL']._serialized_start=1430
+  _globals['_TOOL']._serialized_end=1491
+  _globals['_TOOLCHOICE']._serialized_start=1494
+  _globals['_TOOLCHOICE']._serialized_end=1664
+  _globals['_TOOLCHOICE_MODE']._serialized_start=1568
+  _globals['_TOOLCHOICE_MODE']._serialized_end=1664
+  _globals['_TOOLCALL']._serialized_start=1666
+  _globals['_TOOLCALL']._serialized_end=1721
+  _globals['_QWENSERVICE']._serialized_start=1881
+  _globals['_QWENSERVICE']._serialized_end=2129
 # @@protoc_insertion_point(module_scope)

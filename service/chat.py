@@ -44,7 +44,16 @@ from .errors import (
     excerpt,
 )
 from .observability.telemetry import RequestTelemetry, Telemetry
-from .tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode, forced_call_grammar, validate_tools
+from .tool_calls import (
+    CLOSE_TAG,
+    OPEN_TAG,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    forced_call_grammar,
+    validate_tools,
+)
 
 T = TypeVar("T")
 
@@ -318,7 +327,8 @@ class ChatService:
                 ) from None
         if choice.mode is ToolChoiceMode.AUTO:
             return None
-        source = forced_call_grammar(params.tools, choice, params.parallel_tool_calls)
+        tags = self._engine.token_ids((OPEN_TAG, CLOSE_TAG))
+        source = forced_call_grammar(params.tools, choice, params.parallel_tool_calls, tags)
         try:
             return self._engine.compile_grammar(OutputConstraint(ConstraintKind.LARK, source))
         except InvalidGrammar as exc:
@@ -341,7 +351,7 @@ class ChatService:
         Coder model's fill-in-the-middle layout."""
         if suffix is None:
             return self._engine.encode_text(prompt)
-        if not self._engine.has_tokens((FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)):
+        if self._engine.token_ids((FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)) is None:
             raise InvalidArgument("suffix", "this model has no fill-in-the-middle tokens")
         return self._engine.encode_text(f"{FIM_PREFIX}{prompt}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}")
 

@@ -143,16 +143,21 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def forced_call_grammar(tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> str:
+def forced_call_grammar(
+    tools: Sequence[Tool], choice: ToolChoice, parallel: bool, tag_tokens: Sequence[int] | None = None
+) -> str:
     """The Lark grammar (llguidance dialect) of an answer that is nothing but
     tool calls in the template's format: one call of the named function, or
-    1..MAX_PARALLEL_CALLS (one if not `parallel`) calls of any of the tools, each one's
-    arguments valid against that tool's parameters schema."""
+    1..MAX_PARALLEL_CALLS (one if not `parallel`) calls of any of the tools,
+    each one's arguments valid against that tool's parameters schema.
+    `tag_tokens`: the ids of the <tool_call> and </tool_call> tokens when the
+    vocabulary has them (Qwen2.5's does): the grammar must name such added
+    tokens by id, llguidance does not match them as text."""
     chosen = [t for t in tools if t.name == choice.name] if choice.mode is ToolChoiceMode.FUNCTION else list(tools)
     repeat = parallel and choice.mode is ToolChoiceMode.REQUIRED
     rules = [
         f'start: call ("\\n" call){{,{MAX_PARALLEL_CALLS - 1}}}' if repeat else "start: call",
-        "call: " + json.dumps(OPEN_TAG + "\n") + " body " + json.dumps("\n" + CLOSE_TAG),
+        _call_rule(tag_tokens),
         "body: " + " | ".join(f"tool{i}" for i in range(len(chosen))),
     ]
     rules += [f"tool{i}: %json {json.dumps(_call_schema(tool))}" for i, tool in enumerate(chosen)]
@@ -252,3 +257,10 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:length]):
             return length
     return 0
+
+
+def _call_rule(tag_tokens: Sequence[int] | None) -> str:
+    if tag_tokens is None:
+        return "call: " + json.dumps(OPEN_TAG + "\n") + " body " + json.dumps("\n" + CLOSE_TAG)
+    open_id, close_id = tag_tokens
+    return f'call: <[{open_id}]> "\\n" body "\\n" <[{close_id}]>'

@@ -136,10 +136,12 @@ class Engine:
         spellings in it are read as those tokens."""
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
 
-    def has_tokens(self, spellings: Sequence[str]) -> bool:
-        """Whether the vocabulary has each of these as a single token."""
+    def token_ids(self, spellings: Sequence[str]) -> list[int] | None:
+        """The ids of these tokens, or None unless the vocabulary has each as a single token."""
         vocab = self.loaded.tokenizer.get_vocab()
-        return all(spelling in vocab for spelling in spellings)
+        if not all(spelling in vocab for spelling in spellings):
+            return None
+        return [vocab[spelling] for spelling in spellings]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request and yield its events until the final one.

@@ -86,3 +86,21 @@ def test_the_grammar_accepts_only_calls_of_the_tools_with_valid_arguments(tokeni
     assert not accepts(required, weather.replace('"city": "Oslo"', '"town": "Oslo"'))
     assert not accepts(required, "Sure! " + weather)
     assert not accepts(required, weather[:-3])
+
+
+def test_with_tag_tokens_in_the_vocabulary_the_grammar_uses_them(tiny_model_dir):
+    """Qwen2.5 has <tool_call> and </tool_call> as added tokens; llguidance
+    matches those only by id, and the model must be allowed to use them."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    hf.add_tokens(["<tool_call>", "</tool_call>"])
+    ll_tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=len(hf))
+    tags = hf.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    grammar = forced_call_grammar(
+        [Tool("get_time")], ToolChoice(ToolChoiceMode.REQUIRED), parallel=True, tag_tokens=tags
+    )
+    ids = hf.encode('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', add_special_tokens=False)
+    assert ids[0] == tags[0] and ids[-1] == tags[1]
+    matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()

@@ -14,6 +14,7 @@ Quantizations are measured one after another in one process, on this thread
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -21,6 +22,7 @@ import pathlib
 import sys
 import time
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +30,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.config import default_model_path  # noqa: E402
-from service.engine.loader import load_model  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
+from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner, PrefillChunk  # noqa: E402
 
 TEXTS = {name: (REPO / "tests" / "real_model" / f"quality_{name}.txt").read_text() for name in ("text", "code")}
@@ -45,20 +48,38 @@ def _median_ms(run, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _baseline_runner_class(checkout: pathlib.Path) -> type:
-    """Another checkout's ModelRunner, imported under its own package name."""
+RunnerFactory = Callable[[LoadedModel, str], object]
+
+
+def _runner(loaded: LoadedModel, quantization: str) -> ModelRunner:
+    return ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=max(BATCHES) + 1, max_model_len=1024, quantization=quantization)
+    )
+
+
+def _baseline_runner(checkout: pathlib.Path) -> RunnerFactory:
+    """Another checkout's ModelRunner, imported under its own package name;
+    one from before EngineConfig takes its settings as keywords."""
     for name, folder in (("qwen_baseline", "service"), ("qwen_baseline.engine", "service/engine")):
         package = types.ModuleType(name)
         package.__path__ = [str(checkout / folder)]
         sys.modules[name] = package
-    return importlib.import_module("qwen_baseline.engine.model_runner").ModelRunner
+    runner_class = importlib.import_module("qwen_baseline.engine.model_runner").ModelRunner
+    if not (checkout / "service" / "engine" / "config.py").is_file():
+        return lambda loaded, quantization: runner_class(
+            loaded, num_slots=max(BATCHES) + 1, max_model_len=1024, quantization=quantization
+        )
+    config = importlib.import_module("qwen_baseline.engine.config").EngineConfig
+    return lambda loaded, quantization: runner_class(
+        loaded, config.defaults(max_batch_size=max(BATCHES) + 1, max_model_len=1024, quantization=quantization)
+    )
 
 
-def prepare(model: str, quantization: str, runner_class: type = ModelRunner) -> tuple[dict, object]:
+def prepare(model: str, quantization: str, make_runner: RunnerFactory = _runner) -> tuple[dict, object]:
     """Load and repack; perplexities; every slot prefilled with a 30-token prompt."""
     loaded = load_model(model)
     started = time.perf_counter()
-    runner = runner_class(loaded, num_slots=max(BATCHES) + 1, max_model_len=1024, quantization=quantization)
+    runner = make_runner(loaded, quantization)
     result: dict = {"quantization": quantization, "repack_s": round(time.perf_counter() - started, 2)}
     with torch.inference_mode():
         for name, text in TEXTS.items():
@@ -72,12 +93,12 @@ def prepare(model: str, quantization: str, runner_class: type = ModelRunner) -> 
 def time_steps(runner, result: dict) -> dict:
     with torch.inference_mode():
         for batch in BATCHES:
-            ms = _median_ms(lambda: runner.decode([1234] * batch, [30] * batch), 30)
+            ms = _median_ms(functools.partial(runner.decode, [1234] * batch, [30] * batch), 30)
             result[f"decode_ms_B{batch}"] = round(ms, 2)
             result[f"tok_s_B{batch}"] = round(batch / ms * 1e3, 1)
         for tokens in (32, 256):
             chunk = PrefillChunk(max(BATCHES), list(range(2000, 2000 + tokens)), 0)
-            result[f"prefill_ms_{tokens}"] = round(_median_ms(lambda: runner.step([], [], [chunk]), 5), 1)
+            result[f"prefill_ms_{tokens}"] = round(_median_ms(functools.partial(runner.step, [], [], [chunk]), 5), 1)
     return result
 
 
@@ -90,7 +111,7 @@ def compare(model: str, quantization: str, baseline: pathlib.Path, rounds: int) 
     """This checkout against `baseline`, in one process, alternating every
     round (so a change in machine load hits both alike)."""
     sides = {
-        f"{quantization} ({baseline})": prepare(model, quantization, _baseline_runner_class(baseline)),
+        f"{quantization} ({baseline})": prepare(model, quantization, _baseline_runner(baseline)),
         f"{quantization} (this checkout)": prepare(model, quantization),
     }
     results = []

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import enum
+import functools
 import json
 import math
 import time
@@ -39,6 +40,7 @@ from .errors import (
     InvalidArgument,
     ModelNotFound,
     Overloaded,
+    ServiceError,
     SlowConsumer,
     Unavailable,
     excerpt,
@@ -82,7 +84,7 @@ class ChatMessage:
     name: str = ""  # a tool message: the function's name (optional)
 
 
-class ResponseFormatType(str, enum.Enum):
+class ResponseFormatType(enum.StrEnum):
     TEXT = "text"
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # JSON valid against ResponseFormat.json_schema
@@ -269,6 +271,10 @@ class ChatService:
             stop=tuple(params.stop),
         )
 
+    def default_sampling(self, max_tokens: int) -> SamplingParams:
+        """The sampling of a request that sets only max_tokens (the server's defaults)."""
+        return self._sampling(ChatParams(messages=(), max_tokens=max_tokens))
+
     @staticmethod
     def _text_bytes(messages: list[dict[str, object]], extra: Sequence[str] = ()) -> int:
         """The UTF-8 size of the messages' text (and of `extra` texts: tool
@@ -381,7 +387,7 @@ class ChatService:
         """count_tokens() on the tokenizer thread, within its queue bound."""
         self.resolve_model(model)
         validated = self._validate_messages(messages)
-        encode = lambda: self._engine.encode_chat(validated)
+        encode = functools.partial(self._engine.encode_chat, validated)
         return len(await self._on_tokenizer_thread(encode, self._text_bytes(validated)))
 
     def _check_capacity(self) -> None:
@@ -406,11 +412,13 @@ class ChatService:
             checked = self._check(params)
             self._check_capacity()
             self._tokenizing += 1
+
             # Schemas are compiled on the tokenizer thread too (milliseconds, cached).
+            def encode() -> tuple[list[int], Grammar | None]:
+                return self._encode(params, checked)
+
             try:
-                prompt, grammar = await self._on_tokenizer_thread(
-                    lambda: self._encode(params, checked), checked.prompt_bytes
-                )
+                prompt, grammar = await self._on_tokenizer_thread(encode, checked.prompt_bytes)
             finally:
                 self._tokenizing -= 1
             deadline = None if timeout is None else arrival + timeout
@@ -508,7 +516,7 @@ class ChatService:
                 telemetry.on_event(event, time.monotonic())
                 yield event
         except EngineOverloaded as exc:
-            error = Overloaded(str(exc), RETRY_AFTER_SECONDS)
+            error: ServiceError = Overloaded(str(exc), RETRY_AFTER_SECONDS)
             telemetry.fail(error)
             raise error from exc
         except EngineStopped as exc:

@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING
 from .config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from .api.http_server import HttpBackend, HttpServer
+    from .chat import ChatService
+    from .engine.engine import Engine
     from .engine.types import EngineStats
+    from .observability.metrics import MetricsServer
 
 _LOG = logging.getLogger("qwen_grpc")
 
@@ -123,7 +127,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.tracing = setup_tracing(version=_version())
-        self.metrics_server = None
+        self.metrics_server: MetricsServer | None = None
         self._servicer = QwenServicer()
         telemetry = TelemetryInterceptor(self.metrics.grpc, self.tracing.tracer if self.tracing.enabled else None)
         # One key set and one rate limiter for both transports.
@@ -132,7 +136,8 @@ class Server:
         self._grpc, self._health, self.grpc_port = build_server(
             settings, self._servicer, telemetry, auth=auth, limiter=limiter
         )
-        self._http = None
+        self._http: HttpServer | None = None
+        self._http_backend: HttpBackend | None = None
         self.http_port: int | None = None
         if settings.http:
             from .api.http_access import http_middleware
@@ -147,14 +152,15 @@ class Server:
             )
             self._http = HttpServer(settings, app)
             self.http_port = self._http.port
-        self.engine = None
-        self.chat = None
+        self.engine: Engine | None = None
+        self.chat: ChatService | None = None
         self._trimmer: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         from .api.grpc_server import set_serving
         from .chat import ChatService, served_model_names
+        from .engine.config import EngineConfig
         from .engine.engine import Engine
         from .engine.loader import load_model, model_name
         from .observability.metrics import MetricsServer
@@ -163,8 +169,8 @@ class Server:
         started = time.monotonic()
         s = self.settings
         if s.metrics_port:
-            self.metrics_server = MetricsServer(self.metrics.registry, s.host, s.metrics_port)
-            _LOG.info("metrics on http://%s:%d/metrics", s.host, self.metrics_server.port)
+            metrics_server = self.metrics_server = MetricsServer(self.metrics.registry, s.host, s.metrics_port)
+            _LOG.info("metrics on http://%s:%d/metrics", s.host, metrics_server.port)
         await set_serving(self._health, False)
         await self._grpc.start()
         _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", s.host, self.grpc_port)
@@ -174,38 +180,29 @@ class Server:
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
-        self.engine = await asyncio.to_thread(
-            Engine,
-            functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir),
-            max_batch_size=s.max_batch_size,
-            max_waiting=s.max_waiting,
-            max_model_len=s.max_model_len,
-            prefill_chunk_size=s.prefill_chunk_size,
-            interleaved_prefill_tokens=s.interleaved_prefill_tokens,
-            threads=s.threads,
-            quantization=s.quantization,
-            kv_cache_dtype=s.kv_cache_dtype,
-            max_buffered_tokens=s.max_buffered_tokens,
-            prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
-            observer=model_metrics,
-        )
+        load = functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir)
+
+        def build_engine() -> Engine:
+            return Engine(load, EngineConfig.from_settings(s), observer=model_metrics)
+
+        engine = self.engine = await asyncio.to_thread(build_engine)
         _release_freed_memory()
-        model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
-        self.engine.start()
-        self._health.watch_engine(self.engine.stats)  # qwen.Liveness
-        self._trimmer = asyncio.create_task(_trim_when_idle(self.engine.stats))
-        self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
-        self._servicer.attach(self.chat)
-        if self._http is not None:
-            self._http_backend.chat = self.chat
-        await self.engine.warmup()
+        model_metrics.track_engine(engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
+        engine.start()
+        self._health.watch_engine(engine.stats)  # qwen.Liveness
+        self._trimmer = asyncio.create_task(_trim_when_idle(engine.stats))
+        chat = self.chat = ChatService(engine, s, Telemetry(model_metrics, self.tracing.tracer))
+        self._servicer.attach(chat)
+        if self._http_backend is not None:
+            self._http_backend.chat = chat
+        await engine.warmup(chat.default_sampling(max_tokens=4))
         await set_serving(self._health, True)
-        if self._http is not None:
+        if self._http_backend is not None:
             self._http_backend.serving = True
         _LOG.info(
             "SERVING %s as %s in %.1f s",
             s.model,
-            ", ".join(self.chat.served_model_names),
+            ", ".join(chat.served_model_names),
             time.monotonic() - started,
         )
 
@@ -231,7 +228,7 @@ class Server:
         # Ends open Watch streams too, which would otherwise hold the
         # server's stop below for the whole drain timeout.
         await self._health.begin_drain()
-        if self._http is not None:
+        if self._http_backend is not None:
             self._http_backend.serving = False
         if self.chat is not None:
             self.chat.begin_drain()

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engine.config import KvCacheDtype, Quantization
+
 # Name that clients already in the field send in ChatRequest.model.
 LEGACY_MODEL_NAME = "Qwen2.5-0.5B-Instruct"
 DEFAULT_MODEL_DIRNAME = "Qwen2.5-Coder-0.5B-Instruct"
@@ -61,7 +63,7 @@ class Settings(BaseSettings):
         default="bfloat16",
         description="Compute dtype for weights that are not quantized.",
     )
-    quantization: Literal["none", "int8", "int8-weight-only"] = Field(
+    quantization: Quantization = Field(
         default="int8",
         description="Weight quantization of every Linear incl. the output layer, and of the embedding table: "
         "int8 (int8 weights per output channel, int8 activations with one scale per token, so a request's output "
@@ -74,7 +76,7 @@ class Settings(BaseSettings):
         "(start-up ~3x faster). Empty disables it; an unwritable folder only costs that speed-up.",
         json_schema_extra={"doc_default": "`$QWEN_CACHE_DIR/packed`"},
     )
-    kv_cache_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    kv_cache_dtype: KvCacheDtype = Field(
         default="auto",
         description="KV cache element type: auto = the compute dtype (float32 for int8). bfloat16 halves the cache "
         "(12.3 instead of 24.6 KB per token) at +3 % perplexity on code with int8.",
@@ -338,7 +340,7 @@ def build_parser(prog: str = "qwen-serve") -> argparse.ArgumentParser:
     )
     for name, field in Settings.model_fields.items():
         env = f"QWEN_{name.upper()}"
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         help_text = f"{field.description} [env {env}; default {default!r}]".replace("%", "%%")
         annotation = field.annotation
         if annotation is bool:

@@ -136,9 +136,11 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
 
 def _final_fields(event: TokenEvent, parser: ToolCallParser | None = None) -> dict:
     """`parser`: the answer's tool calls, which make an answer that ended on its own TOOL_CALLS."""
-    usage = event.usage
-    finish_reason = _FINISH_REASONS[event.finish_reason]
-    if parser is not None and parser.calls and event.finish_reason is FinishReason.STOP:
+    reason, usage = event.finish_reason, event.usage
+    if reason is None or usage is None:
+        raise ValueError("not a final event")
+    finish_reason = _FINISH_REASONS[reason]
+    if parser is not None and parser.calls and reason is FinishReason.STOP:
         finish_reason = pb.FINISH_REASON_TOOL_CALLS
     return {
         "is_final": True,
@@ -392,7 +394,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     try:
         cert = pathlib.Path(settings.tls_cert_file).read_bytes()
-        key = pathlib.Path(settings.tls_key_file).read_bytes()
+        key = pathlib.Path(settings.tls_key_file or "").read_bytes()  # set with tls_cert_file (Settings checks)
         client_ca = pathlib.Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
     except OSError as exc:
         raise ConfigError(f"cannot read a TLS file: {exc}") from exc

@@ -20,7 +20,7 @@ import math
 import pathlib
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
@@ -322,9 +322,11 @@ def _usage(usage: Usage) -> oai.Usage:
 
 def _finish_reason(event: TokenEvent, parser: ToolCallParser | None) -> str:
     """OpenAI's "tool_calls" when an answer that ended on its own made calls."""
+    if event.finish_reason is None:
+        raise ValueError("not a final event")
     if parser is not None and parser.calls and event.finish_reason is FinishReason.STOP:
         return "tool_calls"
-    return _FINISH_REASONS[event.finish_reason]  # type: ignore[index]
+    return _FINISH_REASONS[event.finish_reason]
 
 
 def _assistant_message(text: str, parser: ToolCallParser | None) -> oai.AssistantMessage:
@@ -341,7 +343,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     parser = ToolCallParser(prepared.tool_names) if prepared.tool_names else None
     async for event in chat.generate(prepared):
         pieces.append(event.text)
-        if event.finished:
+        if event.finish_reason is not None:  # the final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
             usage = event.usage
@@ -388,7 +390,7 @@ async def _sse_body(
         event = first
         out = writer.role()
         while True:
-            if event.finished:
+            if event.finish_reason is not None:  # the final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
@@ -457,7 +459,7 @@ async def _complete_text(chat: ChatService, prepared: PreparedChat, request_id: 
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
             assert event.usage is not None
-            choice = legacy.CompletionChoice(text="".join(pieces), finish_reason=_FINISH_REASONS[event.finish_reason])
+            choice = legacy.CompletionChoice(text="".join(pieces), finish_reason=_finish_reason(event, None))
             body = legacy.TextCompletion(
                 id=request_id, created=oai.now(), model=prepared.model, choices=[choice], usage=_usage(event.usage)
             )
@@ -479,7 +481,7 @@ async def _text_sse_body(
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.text("", _FINISH_REASONS[event.finish_reason])
+                out += writer.text("", _finish_reason(event, None))
                 if writer.include_usage and event.usage is not None:
                     out += writer.usage(_usage(event.usage))
                 yield out + writer.DONE
@@ -551,7 +553,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     and stops both transports through its drain sequence."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 
@@ -679,13 +681,15 @@ class HttpServer:
         )
         config = uvicorn.Config(
             app,
+            # uvicorn annotates a protocol class, and whole seconds where it
+            # takes any number (asyncio timers): both are taken as they are.
             http=functools.partial(BoundedHttpProtocol, limits=limits),  # type: ignore[arg-type]
             timeout_keep_alive=settings.http_keepalive_timeout,  # type: ignore[arg-type]
             log_config=None,  # keep qwen-serve's logging setup
             access_log=False,
             lifespan="off",
             server_header=False,
-            timeout_graceful_shutdown=shutdown_grace,
+            timeout_graceful_shutdown=shutdown_grace,  # type: ignore[arg-type]
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -699,7 +703,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     @property
-    def task(self) -> asyncio.Task[None] | None:
+    def task(self) -> asyncio.Task[None]:
+        """The serving task, from start() on."""
+        if self._task is None:
+            raise RuntimeError("the HTTP server has not been started")
         return self._task
 
     async def stop(self, grace: float | None = None) -> None:
@@ -708,6 +715,6 @@ class HttpServer:
         if self._task is None:
             return
         if grace is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # seconds, as above
         self._server.should_exit = True
         await self._task

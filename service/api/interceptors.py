@@ -203,7 +203,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _peer_attributes(peer: str | None) -> dict[str, object]:
+def _peer_attributes(peer: str | None) -> dict[str, str | int]:
     """ "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" -> network.peer.* attributes."""
     if not peer or ":" not in peer:
         return {}
@@ -211,7 +211,7 @@ def _peer_attributes(peer: str | None) -> dict[str, object]:
     if kind not in ("ipv4", "ipv6"):
         return {}
     host, _, port = address.rpartition(":")
-    attributes: dict[str, object] = {"network.peer.address": host.strip("[]")}
+    attributes: dict[str, str | int] = {"network.peer.address": host.strip("[]")}
     if port.isdigit():
         attributes["network.peer.port"] = int(port)
     return attributes
@@ -267,6 +267,7 @@ class _Call:
                 details = context.details() if code is not grpc.StatusCode.DEADLINE_EXCEEDED else None
                 span.set_status(Status(StatusCode.ERROR, details or code.name))
             span.end()
+        if self._token is not None:
             otel_context.detach(self._token)
 
 
@@ -283,7 +284,7 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         service, method = _split_method(details.method)
         span = None
         if self._tracer is not None and not service.startswith(_UNTRACED_SERVICES):
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+            attributes: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
             attributes.update(_peer_attributes(context.peer()))
             span = self._tracer.start_span(
                 f"{service}/{method}",

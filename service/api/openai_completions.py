@@ -112,7 +112,8 @@ class CompletionChunkWriter:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self.include_usage = include_usage
-        self._base = dict(id=request_id, created=now(), model=model)
+        self._created = now()
+        self._model = model
 
     def _event(self, chunk: TextCompletion) -> bytes:
         exclude = None if self.include_usage else {"usage"}
@@ -120,10 +121,14 @@ class CompletionChunkWriter:
 
     def text(self, text: str, finish_reason: str | None = None) -> bytes:
         choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return self._event(TextCompletion(**self._base, choices=[choice]))
+        return self._event(
+            TextCompletion(id=self.request_id, created=self._created, model=self._model, choices=[choice])
+        )
 
     def usage(self, usage: Usage) -> bytes:
-        return self._event(TextCompletion(**self._base, choices=[], usage=usage))
+        return self._event(
+            TextCompletion(id=self.request_id, created=self._created, model=self._model, choices=[], usage=usage)
+        )
 
     error = staticmethod(ChunkWriter.error)
     DONE = ChunkWriter.DONE

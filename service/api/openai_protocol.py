@@ -402,15 +402,21 @@ class ChunkWriter:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self._include_usage = include_usage
-        self._base = dict(id=request_id, created=now(), model=model)
+        self._created = now()
+        self._model = model
 
     def _event(self, chunk: ChatCompletionChunk) -> bytes:
         exclude = None if self._include_usage else {"usage"}
         return b"data: " + chunk.model_dump_json(exclude=exclude, exclude_none=False).encode() + b"\n\n"
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._event(
-            ChatCompletionChunk(**self._base, choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+            ChatCompletionChunk(
+                id=self.request_id,
+                created=self._created,
+                model=self._model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            )
         )
 
     def role(self) -> bytes:
@@ -432,7 +438,9 @@ class ChunkWriter:
         return (self.content(text) if text else b"") + self._chunk({}, finish_reason)
 
     def usage(self, usage: Usage) -> bytes:
-        return self._event(ChatCompletionChunk(**self._base, choices=[], usage=usage))
+        return self._event(
+            ChatCompletionChunk(id=self.request_id, created=self._created, model=self._model, choices=[], usage=usage)
+        )
 
     @staticmethod
     def error(detail: ErrorDetail) -> bytes:

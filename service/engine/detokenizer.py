@@ -25,7 +25,10 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not isinstance(text, str):  # a list only for a batch of sequences
+            raise TypeError(f"decode() gave {type(text)}")
+        return text
 
     def add_token(self, token_id: int) -> str:
         """Feed one generated token; return the text that may be released now.

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
+from transformers import BatchEncoding
+
+from .config import EngineConfig
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
@@ -47,39 +50,21 @@ class Engine:
     def __init__(
         self,
         model: LoadedModel | Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int | None = None,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        max_buffered_tokens: int = 256,
-        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
         then runs on the engine's compute thread (the fast way: see Scheduler).
-        `max_buffered_tokens`: see generate().
-        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache)."""
-        self.max_model_len = max_model_len
-        self._max_buffered_tokens = max_buffered_tokens
+        `config.max_buffered_tokens`: see generate()."""
+        self.config = config
+        self.max_model_len = config.max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
             model if callable(model) else lambda: model,
-            max_batch_size=max_batch_size,
-            max_waiting=max_waiting,
-            max_model_len=max_model_len,
-            prefill_chunk_size=prefill_chunk_size,
-            interleaved_prefill_tokens=interleaved_prefill_tokens or prefill_chunk_size,
-            threads=threads,
+            config,
             deliver=self._deliver,
-            quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-            prefix_cache_bytes=prefix_cache_bytes,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
@@ -123,13 +108,16 @@ class Engine:
         so the answer continues it."""
         prefill = bool(messages) and messages[-1]["role"] == "assistant"
         encoded = self.loaded.tokenizer.apply_chat_template(
-            list(messages),
+            list(messages),  # type: ignore[arg-type]  # (the stub says str values; templates read any JSON)
             tools=list(tools) if tools else None,
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
             tokenize=True,
+            return_dict=True,
         )
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        if not isinstance(encoded, BatchEncoding):
+            raise TypeError(f"the chat template gave {type(encoded)}, not token ids")
+        return list(encoded["input_ids"])
 
     def encode_text(self, text: str) -> list[int]:
         """Prompt token ids for raw text (no chat template); special-token
@@ -143,7 +131,7 @@ class Engine:
             return None
         return [vocab[spelling] for spelling in spellings]
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Queue the request and yield its events until the final one.
 
         Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
@@ -165,7 +153,7 @@ class Engine:
                 queue.put_nowait(event)
             elif overflowed:
                 pass  # generated before the abort took effect; the answer is cut here anyway
-            elif queue.qsize() >= self._max_buffered_tokens:
+            elif queue.qsize() >= self.config.max_buffered_tokens:
                 overflowed = True
                 self.abort(request.request_id)  # the usual abort path: the slot is freed before the next step
             else:
@@ -190,14 +178,12 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
 
-    async def warmup(self) -> None:
-        """One short generation, so the first real request does not pay for
-        lazy initialisation (allocator, kernels, tokenizer caches)."""
+    async def warmup(self, sampling: SamplingParams) -> None:
+        """One short generation with `sampling` (the server's defaults: the
+        code paths real requests take), so the first real request does not
+        pay for lazy initialisation (allocator, kernels, tokenizer caches)."""
         prompt = tuple(self.encode_chat([{"role": "user", "content": "Hello"}]))
-        request = GenerationRequest(
-            "warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
-        )
-        async for _ in self.generate(request):
+        async for _ in self.generate(GenerationRequest("warmup", prompt, sampling)):
             pass
 
     async def shutdown(self) -> None:

@@ -18,11 +18,13 @@ import dataclasses
 import math
 import mmap
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EngineConfig
 from .loader import LoadedModel
 
 
@@ -39,8 +41,6 @@ class PrefillChunk:
         return self.start + len(self.token_ids)
 
 
-QUANTIZATIONS = ("none", "int8", "int8-weight-only")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Keys per block of the CPU attention kernel (flash attention's kv split).
 _KV_BLOCK = 512
@@ -79,6 +79,11 @@ class Int8WeightOnlyLinear(nn.Module):
     # The CPU kernel is fast with bf16 activations and slow with float32 ones,
     # so float32 callers are served through bf16.
     compute_dtype = torch.bfloat16
+    # Buffers (register_buffer), declared for the type checker.
+    weight: torch.Tensor
+    float_scale: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -126,6 +131,9 @@ class Int8Embedding(nn.Module):
     reads one row per token, so this costs nothing in speed and halves the
     table (Qwen2.5-0.5B: 272 MB in bf16, 136 MB in int8)."""
 
+    weight: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         weight, scale = _int8_rows(embedding.weight.data)
@@ -172,6 +180,9 @@ def _release_pages(tensor: torch.Tensor) -> None:
 class _Block(nn.Module):
     """One transformer layer's packed weights (RMSNorm weights as buffers)."""
 
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
     def __init__(
         self,
         input_norm: torch.Tensor,
@@ -191,20 +202,18 @@ class ModelRunner:
     def __init__(
         self,
         loaded: LoadedModel,
-        num_slots: int,
-        max_model_len: int,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig,
     ) -> None:
-        """Repacks the loaded model's weights, or takes them from
-        loaded.packed (read from the weight cache; the model is then a
-        skeleton on the meta device). A fresh packing is stored in
+        """One KV-cache slot per engine_config.max_batch_size, each
+        max_model_len positions. Repacks the loaded model's weights, or takes
+        them from loaded.packed (read from the weight cache; the model is then
+        a skeleton on the meta device). A fresh packing is stored in
         loaded.weight_cache when there is one."""
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose from {KV_CACHE_DTYPES}")
-        model = loaded.model
+        num_slots, max_model_len = engine_config.max_batch_size, engine_config.max_model_len
+        quantization, kv_cache_dtype = engine_config.quantization, engine_config.kv_cache_dtype
+        # A Qwen2 *ForCausalLM, taken apart below: nn.Module's attribute
+        # lookup gives torch's type checking nothing to check against.
+        model: Any = loaded.model
         config = model.config
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r}")
@@ -256,7 +265,7 @@ class ModelRunner:
                 dtype=lm_head.weight.dtype,
                 device=lm_head.weight.device,
             )
-            lm_head.weight.data = self._embed.weight.data.clone()
+            lm_head.weight.data = embed.weight.data.clone()  # embed is self._embed: _owned() keeps the module
         self._lm_head = pack(lm_head)
         model.lm_head = model.model.embed_tokens = None
         self._weights = nn.Module()
@@ -268,7 +277,7 @@ class ModelRunner:
             raise ValueError(f"the weight cache is for {cache.quantization!r}, not {quantization!r}")
         if loaded.packed is not None:
             self._weights.load_state_dict(loaded.packed, strict=True, assign=True)
-            self._norm = self._weights.norm
+            self._norm = self._weights.get_buffer("norm")
             loaded.packed = None
         elif cache is not None:
             cache.store(self.packed_weights())
@@ -306,7 +315,7 @@ class ModelRunner:
             _release_pages(layer[slot])
 
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
-        return norm.weight.data.to(self.dtype, copy=True)
+        return norm.get_parameter("weight").data.to(self.dtype, copy=True)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -60,7 +60,9 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(token_ids[choice])
 
 
-def constrain(logits: torch.Tensor, grammars: list[GrammarMatcher | None], failed: list[object]) -> None:
+def constrain(
+    logits: torch.Tensor, grammars: list[GrammarMatcher | None], failed: list[int | Exception | None]
+) -> None:
     """In place: mask each grammar row of logits [B, vocab] to the tokens its
     grammar allows next. A row whose mask cannot be computed gets the
     exception in failed[row] and is left alone."""

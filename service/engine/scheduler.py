@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMatcher
 from .loader import LoadedModel
@@ -100,25 +101,17 @@ class Scheduler:
     def __init__(
         self,
         load: Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int,
         deliver: Deliver,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        prefix_cache_bytes: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
-        self._max_batch = max_batch_size
-        self._max_waiting = max_waiting
-        self._max_model_len = max_model_len
-        self._chunk = prefill_chunk_size
-        self._interleaved_chunk = interleaved_prefill_tokens
-        self._threads = threads
+        self._max_batch = config.max_batch_size
+        self._max_waiting = config.max_waiting
+        self._max_model_len = config.max_model_len
+        self._chunk = config.prefill_chunk_size
+        self._interleaved_chunk = config.interleaved_prefill_tokens
+        self._threads = config.threads
         self._deliver = deliver
         self._observer = observer
         self._cond = threading.Condition()
@@ -146,10 +139,10 @@ class Scheduler:
         def build() -> None:
             self.loaded = load()
             self._eos = self.loaded.eos_token_ids
-            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization, kv_cache_dtype)
+            self._runner = ModelRunner(self.loaded, config)
             self._slots: SlotTable[_Sequence] = SlotTable(self._runner)
             self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
-            blocks = prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
+            blocks = config.prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
             self._prefix_cache = PrefixCache(self._runner, blocks) if blocks else None
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
@@ -284,7 +277,7 @@ class Scheduler:
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
             if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
-                self._prefix_cache.copy_into(seq.reused, slot)
+                self._reused_from().copy_into(seq.reused, slot)
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
@@ -322,11 +315,17 @@ class Scheduler:
         if sampled:
             self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits)
 
+    def _reused_from(self) -> PrefixCache:
+        """The prefix cache, where a sequence's `reused` blocks come from."""
+        if self._prefix_cache is None:
+            raise RuntimeError("reused blocks without a prefix cache")
+        return self._prefix_cache
+
     def _reuse_done(self, seq: _Sequence, reused_tokens: int) -> None:
         """The step that started after a prompt's reused prefix succeeded."""
         seq.cached_prompt_tokens = reused_tokens
         self._prefix_hit_tokens_total += reused_tokens
-        self._prefix_cache.unpin(seq.reused)
+        self._reused_from().unpin(seq.reused)
         seq.reused = []
         self._observe("prefix_reused", reused_tokens)
 
@@ -387,8 +386,8 @@ class Scheduler:
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
-        for seq, token in zip(batch, chosen):
-            token = self._checked(seq, token)
+        for seq, selected in zip(batch, chosen):
+            token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             else:
@@ -439,7 +438,7 @@ class Scheduler:
         if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
             self._store_blocks(seq, self._slots.slot_of(seq))
         if seq.reused:
-            self._prefix_cache.unpin(seq.reused)
+            self._reused_from().unpin(seq.reused)
         self._slots.remove(seq)
         with self._cond:
             self._active_count -= 1

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .grammar import Grammar
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached or the context window is full
     CANCELLED = "cancelled"  # aborted (client cancel, deadline, shutdown)
@@ -21,7 +21,7 @@ class FinishReason(str, enum.Enum):
     SLOW_CONSUMER = "slow_consumer"
 
 
-class ConstraintKind(str, enum.Enum):
+class ConstraintKind(enum.StrEnum):
     JSON_SCHEMA = "json_schema"  # a JSON Schema as JSON text
     LARK = "lark"  # a Lark grammar (llguidance's dialect; may embed JSON Schemas)
 

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner
 
@@ -25,7 +26,9 @@ MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02}
 
 def perplexities(model_dir: pathlib.Path, quantization: str) -> dict[str, float]:
     loaded = load_model(str(model_dir))
-    runner = ModelRunner(loaded, num_slots=1, max_model_len=MAX_TOKENS, quantization=quantization)
+    runner = ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=MAX_TOKENS, quantization=quantization)
+    )
     return {name: runner.perplexity(loaded.tokenizer.encode(text)[:MAX_TOKENS]) for name, text in TEXTS.items()}
 
 

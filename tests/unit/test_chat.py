@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny_model import tiny_engine_config
 
 from service.chat import ChatMessage, ChatParams, ChatService, ResponseFormat, ResponseFormatType
 from service.config import LEGACY_MODEL_NAME, Settings
@@ -28,7 +29,7 @@ def schema_format(text: str) -> ResponseFormat:
 def engine(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), dtype="float32")
     # Never started: these tests only validate and tokenize.
-    return Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=256, prefill_chunk_size=64, threads=1)
+    return Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=0, max_model_len=256, prefill_chunk_size=64))
 
 
 def service(engine, **overrides) -> ChatService:

@@ -45,6 +45,7 @@ def client(real_model_dir):
         yield openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
 
 
+@pytest.mark.timeout(3600)  # 20 answers of up to 200 tokens: minutes on a busy 2-core machine
 def test_twenty_sampled_required_calls_are_valid_against_their_schemas(client):
     """The acceptance test of issue #13: constrained calls at temperature 1 are valid 100 % of the time."""
     questions = ["What's the weather in Paris?", "Turn off the kitchen light.", "Is it raining in Oslo?"]

@@ -47,15 +47,27 @@ from .errors import (
     excerpt,
 )
 from .observability.telemetry import RequestTelemetry, Telemetry
+from .tool_calls import (
+    CLOSE_TAG,
+    OPEN_TAG,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    forced_call_grammar,
+    validate_tools,
+)
 
 T = TypeVar("T")
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # A form's schema is a few KiB; compiling one costs milliseconds per KiB on
 # the tokenizer thread, so a bound keeps one request from holding it long.
 MAX_SCHEMA_BYTES = 64 * 1024
 # JSON mode: any JSON object (as OpenAI's json_object).
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
+# Fill-in-the-middle (legacy completions' `suffix`) in the Qwen2.5-Coder format.
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 # RESOURCE_EXHAUSTED carries this retry hint; a slot frees up within about
 # one short answer's time on a busy replica.
 RETRY_AFTER_SECONDS = 1.0
@@ -65,6 +77,9 @@ RETRY_AFTER_SECONDS = 1.0
 class ChatMessage:
     role: str
     content: str
+    tool_calls: Sequence[ToolCall] = ()  # an assistant message's calls
+    tool_call_id: str = ""  # a tool message: the call it answers
+    name: str = ""  # a tool message: the function's name (optional)
 
 
 class ResponseFormatType(enum.StrEnum):
@@ -99,6 +114,14 @@ class ChatParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: Mapping[int, float] | None = None  # token id -> bias
+    # Tool calling (see tool_calls.py); tool_choice None = auto with tools, none without.
+    tools: Sequence[Tool] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Legacy completions: a raw prompt instead of messages (no chat template),
+    # with `suffix` for fill-in-the-middle.
+    prompt: str | None = None
+    suffix: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +155,21 @@ class PreparedChat:
     request: GenerationRequest
     model: str  # the served name that was asked for
     telemetry: RequestTelemetry
+    # Names of the tools whose calls the transport parses out of the answer
+    # (tool_calls.ToolCallParser); empty: the answer is all content.
+    tool_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A request checked before tokenizing."""
+
+    model: str
+    messages: list[dict[str, object]]
+    sampling: SamplingParams
+    prompt_bytes: int
+    tool_choice: ToolChoice
+    tool_names: tuple[str, ...] = ()  # of the tools shown to the model
 
 
 def served_model_names(settings: Settings, model_name: str) -> tuple[str, ...]:
@@ -183,7 +221,9 @@ class ChatService:
         self._draining = True
 
     # ----- validation -----------------------------------------------------
-    def _validate_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    def _validate_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, object]]:
+        """Messages as the chat template takes them. A trailing assistant
+        message is a prefill: the answer continues it."""
         if not messages:
             raise InvalidArgument("messages", "at least one message is required")
         if len(messages) > self._settings.max_messages:
@@ -193,14 +233,19 @@ class ChatService:
                 raise InvalidArgument(
                     f"messages[{index}].role", f"must be one of {', '.join(ROLES)}, got {excerpt(message.role)!r}"
                 )
+            if message.tool_calls and message.role != "assistant":
+                raise InvalidArgument(f"messages[{index}].tool_calls", "only assistant messages carry tool calls")
+            if message.role == "tool" and not message.tool_call_id:
+                raise InvalidArgument(f"messages[{index}].tool_call_id", "is required for a tool message")
         last = messages[-1]
-        if last.role == "assistant":
+        if last.tool_calls:
             raise InvalidArgument(
-                f"messages[{len(messages) - 1}].role", "the last message must not be from the assistant"
+                f"messages[{len(messages) - 1}].tool_calls",
+                "a prefill (trailing assistant message) cannot hold tool calls",
             )
         if not last.content.strip():
             raise InvalidArgument(f"messages[{len(messages) - 1}].content", "must not be empty")
-        return [{"role": m.role, "content": m.content} for m in messages]
+        return [_template_message(m) for m in messages]
 
     def _sampling(self, params: ChatParams) -> SamplingParams:
         """Server defaults applied to the unset fields; the ranges are
@@ -249,15 +294,17 @@ class ChatService:
         return self._sampling(ChatParams(messages=(), max_tokens=max_tokens))
 
     @staticmethod
-    def _text_bytes(messages: list[dict[str, str]]) -> int:
-        """The UTF-8 size of the messages' text: what tokenizing them costs."""
-        return sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+    def _text_bytes(messages: list[dict[str, object]], extra: Sequence[str] = ()) -> int:
+        """The UTF-8 size of the messages' text (and of `extra` texts: tool
+        definitions, a raw prompt): what tokenizing them costs."""
+        texts = [str(m["content"]) for m in messages] + list(extra)
+        return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
-    def _prompt_bytes(self, messages: list[dict[str, str]]) -> int:
+    def _prompt_bytes(self, messages: list[dict[str, object]], extra: Sequence[str] = ()) -> int:
         """_text_bytes(), refusing without tokenizing a prompt that size alone
         proves too long: no token stands for more than engine.max_token_bytes
         bytes, so it has at least ceil(bytes / max_token_bytes) tokens."""
-        size = self._text_bytes(messages)
+        size = self._text_bytes(messages, extra)
         fewest_tokens = -(-size // self._engine.max_token_bytes)
         if fewest_tokens >= self._settings.max_model_len:
             raise InvalidArgument(
@@ -286,6 +333,51 @@ class ChatService:
             return self._engine.compile_grammar(OutputConstraint(ConstraintKind.JSON_SCHEMA, source))
         except InvalidGrammar as exc:
             raise InvalidArgument("response_format", f"unsupported or invalid JSON schema: {exc}") from None
+
+    def _tool_grammar(self, params: ChatParams, choice: ToolChoice) -> Grammar | None:
+        """Compiles every rendered tool's parameters schema (so a bad one is
+        named) and, for tool_choice required or a named function, the
+        grammar that forces the calls."""
+        if choice.mode is ToolChoiceMode.NONE:
+            return None
+        for index, tool in enumerate(params.tools):
+            if len(tool.parameters.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_BYTES:
+                raise InvalidArgument(f"tools[{index}].function.parameters", f"exceeds {MAX_SCHEMA_BYTES} bytes")
+            try:
+                self._engine.compile_grammar(OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(tool.schema())))
+            except InvalidGrammar as exc:
+                raise InvalidArgument(
+                    f"tools[{index}].function.parameters", f"unsupported or invalid JSON schema: {exc}"
+                ) from None
+        if choice.mode is ToolChoiceMode.AUTO:
+            return None
+        tags = self._engine.token_ids((OPEN_TAG, CLOSE_TAG))
+        source = forced_call_grammar(params.tools, choice, params.parallel_tool_calls, tags)
+        try:
+            return self._engine.compile_grammar(OutputConstraint(ConstraintKind.LARK, source))
+        except InvalidGrammar as exc:
+            raise InvalidArgument("tools", f"cannot build the tool-call grammar: {exc}") from None
+
+    def _encode(self, params: ChatParams, checked: _Checked) -> tuple[list[int], Grammar | None]:
+        """Prompt tokens and the answer's grammar: CPU work for the tokenizer thread."""
+        if params.prompt is not None:
+            return self._encode_completion(params.prompt, params.suffix), None
+        choice = checked.tool_choice
+        tools = [t.template_entry() for t in params.tools] if choice.mode is not ToolChoiceMode.NONE else None
+        prompt = self._engine.encode_chat(checked.messages, tools)
+        if choice.mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.FUNCTION):
+            return prompt, self._tool_grammar(params, choice)
+        self._tool_grammar(params, choice)
+        return prompt, self._grammar(params.response_format)
+
+    def _encode_completion(self, prompt: str, suffix: str | None) -> list[int]:
+        """A legacy completion's prompt: the raw text, or with a suffix the
+        Coder model's fill-in-the-middle layout."""
+        if suffix is None:
+            return self._engine.encode_text(prompt)
+        if self._engine.token_ids((FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)) is None:
+            raise InvalidArgument("suffix", "this model has no fill-in-the-middle tokens")
+        return self._engine.encode_text(f"{FIM_PREFIX}{prompt}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}")
 
     def count_tokens(self, messages: Sequence[ChatMessage], model: str = "") -> int:
         self.resolve_model(model)
@@ -336,20 +428,20 @@ class ChatService:
         arrival = time.monotonic()
         telemetry = self._telemetry.start(arrival)
         try:
-            model, messages, sampling, size = self._check(params)
-            self._check_capacity(sampling.n)
+            checked = self._check(params)
+            self._check_capacity(checked.sampling.n)
             self._tokenizing += 1
 
-            # The schema is compiled on the tokenizer thread too (milliseconds, cached).
+            # Schemas are compiled on the tokenizer thread too (milliseconds, cached).
             def encode() -> tuple[list[int], Grammar | None]:
-                return self._engine.encode_chat(messages), self._grammar(params.response_format)
+                return self._encode(params, checked)
 
             try:
-                prompt, grammar = await self._on_tokenizer_thread(encode, size)
+                prompt, grammar = await self._on_tokenizer_thread(encode, checked.prompt_bytes)
             finally:
                 self._tokenizing -= 1
             deadline = None if timeout is None else arrival + timeout
-            prepared = self._build(model, sampling, prompt, grammar, deadline, telemetry)
+            prepared = self._build(checked, prompt, grammar, deadline, telemetry)
         except BaseException as exc:
             telemetry.fail(exc)
             raise
@@ -363,30 +455,42 @@ class ChatService:
         arrival = time.monotonic()
         telemetry = self._telemetry.start(arrival)
         try:
-            model, messages, sampling, _ = self._check(params)
-            prompt, grammar = self._engine.encode_chat(messages), self._grammar(params.response_format)
-            prepared = self._build(
-                model, sampling, prompt, grammar, None if timeout is None else arrival + timeout, telemetry
-            )
+            checked = self._check(params)
+            prompt, grammar = self._encode(params, checked)
+            prepared = self._build(checked, prompt, grammar, None if timeout is None else arrival + timeout, telemetry)
         except BaseException as exc:
             telemetry.fail(exc)
             raise
         telemetry.prepared(prepared.request, prepared.model)
         return prepared
 
-    def _check(self, params: ChatParams) -> tuple[str, list[dict[str, str]], SamplingParams, int]:
-        """Everything decided before tokenizing: (model, messages, sampling, prompt bytes)."""
+    def _check(self, params: ChatParams) -> _Checked:
+        """Everything decided before tokenizing."""
         if self._draining:
             raise Unavailable("server is draining; retry on another replica")
         model = self.resolve_model(params.model)
-        messages = self._validate_messages(params.messages)
         sampling = self._sampling(params)
-        return model, messages, sampling, self._prompt_bytes(messages)
+        if params.prompt is not None:  # legacy completion
+            texts = (params.prompt, params.suffix or "")
+            return _Checked(model, [], sampling, self._prompt_bytes([], texts), ToolChoice(ToolChoiceMode.NONE))
+        messages = self._validate_messages(params.messages)
+        choice = validate_tools(params.tools, params.tool_choice)
+        forced = choice.mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.FUNCTION)
+        if forced and params.messages[-1].role == "assistant":
+            raise InvalidArgument(
+                "tool_choice", f"{choice.mode.value!r} cannot continue a prefill (trailing assistant message)"
+            )
+        if forced and params.response_format is not None and params.response_format.type is not ResponseFormatType.TEXT:
+            raise InvalidArgument(
+                "tool_choice", f"{choice.mode.value!r} conflicts with response_format; send one of them"
+            )
+        shown = params.tools if choice.mode is not ToolChoiceMode.NONE else ()
+        size = self._prompt_bytes(messages, [t.parameters + t.description for t in shown])
+        return _Checked(model, messages, sampling, size, choice, tuple(t.name for t in shown))
 
     def _build(
         self,
-        model: str,
-        sampling: SamplingParams,
+        checked: _Checked,
         prompt: list[int],
         grammar: Grammar | None,
         deadline: float | None,
@@ -400,11 +504,11 @@ class ChatService:
         request = GenerationRequest(
             request_id=f"chat-{uuid.uuid4().hex}",
             prompt_token_ids=tuple(prompt),
-            sampling=sampling,
+            sampling=checked.sampling,
             deadline=deadline,
             grammar=grammar,
         )
-        return PreparedChat(request=request, model=model, telemetry=telemetry)
+        return PreparedChat(request=request, model=checked.model, telemetry=telemetry, tool_names=checked.tool_names)
 
     @staticmethod
     def _expired(request: GenerationRequest) -> bool:
@@ -471,3 +575,15 @@ class ChatService:
         finally:
             telemetry.abandoned()  # no-op unless the consumer left before the final event
             await events.aclose()
+
+
+def _template_message(message: ChatMessage) -> dict[str, object]:
+    """A message as the chat template reads it (OpenAI's shape)."""
+    rendered: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        rendered["tool_calls"] = [call.template_entry() for call in message.tool_calls]
+    if message.tool_call_id:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.name:
+        rendered["name"] = message.name
+    return rendered

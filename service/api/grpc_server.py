@@ -33,6 +33,7 @@ from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
 from ..ratelimit import RateLimiter, limiter_from_settings
+from ..tool_calls import CallDelta, ContentDelta, Tool, ToolCall, ToolCallParser, ToolChoice, ToolChoiceMode
 from .interceptors import AuthInterceptor, ErrorInterceptor, RateLimitInterceptor, TelemetryInterceptor
 from .replica import ReplicaNameInterceptor
 
@@ -56,7 +57,39 @@ LIVENESS_STALL_SECONDS = 30.0
 
 
 def _messages(request_messages) -> list[ChatMessage]:
-    return [ChatMessage(role=m.role, content=m.content) for m in request_messages]
+    return [
+        ChatMessage(
+            role=m.role,
+            content=m.content,
+            tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+            tool_call_id=m.tool_call_id,
+            name=m.name,
+        )
+        for m in request_messages
+    ]
+
+
+_TOOL_CHOICE_MODES = {
+    pb.ToolChoice.MODE_NONE: ToolChoiceMode.NONE,
+    pb.ToolChoice.MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.ToolChoice.MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.ToolChoice.MODE_FUNCTION: ToolChoiceMode.FUNCTION,
+}
+
+
+def _tool_choice(request: pb.ChatRequest) -> ToolChoice | None:
+    wire = request.tool_choice
+    if not request.HasField("tool_choice") or wire.mode == pb.ToolChoice.MODE_UNSPECIFIED:
+        return None
+    if wire.mode not in _TOOL_CHOICE_MODES:  # a value from a newer proto
+        raise InvalidArgument("tool_choice.mode", f"unknown mode {wire.mode}")
+    if wire.function_name and wire.mode != pb.ToolChoice.MODE_FUNCTION:
+        raise InvalidArgument("tool_choice.function_name", "is only allowed with MODE_FUNCTION")
+    return ToolChoice(_TOOL_CHOICE_MODES[wire.mode], wire.function_name)
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 _RESPONSE_FORMAT_TYPES = {
@@ -104,6 +137,9 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         presence_penalty=present("presence_penalty"),
         frequency_penalty=present("frequency_penalty"),
         logit_bias=dict(request.logit_bias) or None,
+        tools=[Tool(t.name, t.description, t.parameters) for t in request.tools],
+        tool_choice=_tool_choice(request),
+        parallel_tool_calls=present("parallel_tool_calls") is not False,
     )
 
 
@@ -122,19 +158,23 @@ def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
     )
 
 
-def _finish_reason(reason: FinishReason) -> pb.FinishReason:
-    """The proto's FINISH_REASON_<name> (FinishReason names match the proto's)."""
+def _finish_reason(reason: FinishReason, parser: ToolCallParser | None = None) -> pb.FinishReason:
+    """The proto's FINISH_REASON_<name> (FinishReason names match the
+    proto's); an answer that ended on its own after tool calls (`parser`
+    holds them) is TOOL_CALLS."""
+    if parser is not None and parser.calls and reason is FinishReason.STOP:
+        return pb.FINISH_REASON_TOOL_CALLS
     return pb.FinishReason.Value(f"FINISH_REASON_{reason.name}")
 
 
-def _final(event: TokenEvent) -> pb.ChatResponse:
+def _final(event: TokenEvent, parser: ToolCallParser | None = None) -> pb.ChatResponse:
     """The fields of a request's last message: is_final, finish_reason, usage."""
     reason, usage = event.finish_reason, event.usage
     if reason is None or usage is None:
         raise ValueError("not a final event")
     return pb.ChatResponse(
         is_final=True,
-        finish_reason=_finish_reason(reason),
+        finish_reason=_finish_reason(reason, parser),
         usage=pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -142,6 +182,10 @@ def _final(event: TokenEvent) -> pb.ChatResponse:
             cached_prompt_tokens=usage.cached_prompt_tokens,
         ),
     )
+
+
+def _tool_call_parser(prepared: PreparedChat) -> ToolCallParser | None:
+    return ToolCallParser(prepared.tool_names) if prepared.tool_names else None
 
 
 def _ended_the_request(event: TokenEvent, choices_left: int) -> bool:
@@ -175,28 +219,35 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
         prepared = await self._prepare(request, context)
         n = prepared.request.sampling.n
+        parsers = [_tool_call_parser(prepared) for _ in range(n)]
         choices = [pb.Choice(index=index) for index in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
         choices_left = n
         async for event in self._chat.generate(prepared):
-            choice = choices[event.index]
+            choice, parser = choices[event.index], parsers[event.index]
             pieces[event.index].append(event.text)
             choice.logprobs.extend(self._logprobs(event))
             if event.finish_reason is None:
                 continue
-            choice.finish_reason = _finish_reason(event.finish_reason)
+            choice.finish_reason = _finish_reason(event.finish_reason, parser)
             choice.content = "".join(pieces[event.index])
+            if parser is not None:  # tool-call markup becomes tool_calls, never content
+                deltas = parser.feed(choice.content) + parser.flush()
+                choice.content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+                choice.tool_calls.extend(_tool_calls(parser.calls))
             choices_left -= 1
             if _ended_the_request(event, choices_left):
-                response = _final(event)  # the usage of all choices
+                response = _final(event, parser)  # the usage of all choices
                 # The top-level answer is choice 0 (cancelled: the reason of the event that ended it all).
-                response.finish_reason = choices[0].finish_reason or response.finish_reason
+                first = choices[0]
+                response.finish_reason = first.finish_reason or response.finish_reason
                 response.MergeFrom(
                     pb.ChatResponse(
                         id=prepared.request.request_id,
-                        content="".join(pieces[0]),
+                        content=first.content if first.finish_reason else "".join(pieces[0]),
                         model=prepared.model,
-                        logprobs=choices[0].logprobs,
+                        logprobs=first.logprobs,
+                        tool_calls=first.tool_calls,
                         choices=choices if n > 1 else [],
                     )
                 )
@@ -206,26 +257,37 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         prepared = await self._prepare(request, context)
         request_id = prepared.request.request_id
-        choices_left = prepared.request.sampling.n
+        n = prepared.request.sampling.n
+        parsers = [_tool_call_parser(prepared) for _ in range(n)]
+        choices_left = n
         index = 0
         async for event in self._chat.generate(prepared):
+            parser = parsers[event.index]
+            ended = event.finish_reason is not None
+            if parser is None:
+                content, calls = event.text, []
+            else:  # tool-call markup becomes tool_calls, never content
+                deltas = parser.feed(event.text) + (parser.flush() if ended else [])
+                content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+                calls = [d.call for d in deltas if isinstance(d, CallDelta)]
             message = pb.ChatResponse(
                 id=request_id,
-                content=event.text,
+                content=content,
                 index=index,
                 model=prepared.model,
                 logprobs=self._logprobs(event),
                 choice_index=event.index,
+                tool_calls=_tool_calls(calls),
             )
             if event.finish_reason is not None:
                 choices_left -= 1
                 if _ended_the_request(event, choices_left):
-                    message.MergeFrom(_final(event))
+                    message.MergeFrom(_final(event, parser))
                     yield message
                     return
                 # One choice of several is done: its finish reason, the stream goes on.
-                message.finish_reason = _finish_reason(event.finish_reason)
-            elif not (event.text or message.logprobs):  # pieces that render as nothing yet are not sent
+                message.finish_reason = _finish_reason(event.finish_reason, parser)
+            elif not (content or calls or message.logprobs):  # pieces that render as nothing yet are not sent
                 continue
             yield message
             index += 1

@@ -48,6 +48,8 @@ from ..errors import (
     SlowConsumer,
     Unavailable,
 )
+from ..tool_calls import CallDelta, ContentDelta, ToolCallParser
+from . import openai_completions as legacy
 from . import openai_protocol as oai
 
 _LOG = logging.getLogger(__name__)
@@ -333,8 +335,33 @@ def _logprobs(chat: ChatService, event: TokenEvent) -> oai.TokenLogprob | None:
     return None if event.logprobs is None else oai.token_logprob(chat.token_logprob(event.logprobs))
 
 
+def _finish_reason(event: TokenEvent, parser: ToolCallParser | None) -> str:
+    """OpenAI's "tool_calls" when an answer that ended on its own made calls."""
+    if event.finish_reason is None:
+        raise ValueError("not a final event")
+    if parser is not None and parser.calls and event.finish_reason is FinishReason.STOP:
+        return "tool_calls"
+    return event.finish_reason.value
+
+
+def _tool_call_parsers(prepared: PreparedChat) -> list[ToolCallParser | None]:
+    """One per choice: tool-call markup becomes tool_calls, never content."""
+    names = prepared.tool_names
+    return [ToolCallParser(names) if names else None for _ in range(prepared.request.sampling.n)]
+
+
+def _assistant_message(text: str, parser: ToolCallParser | None) -> oai.AssistantMessage:
+    if parser is None:
+        return oai.AssistantMessage(content=text)
+    content = "".join(d.text for d in parser.feed(text) + parser.flush() if isinstance(d, ContentDelta))
+    if not parser.calls:
+        return oai.AssistantMessage(content=content)
+    return oai.AssistantMessage(content=content or None, tool_calls=[oai.ToolCallOut.of(c) for c in parser.calls])
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     n = prepared.request.sampling.n
+    parsers = _tool_call_parsers(prepared)
     pieces: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[oai.TokenLogprob]] = [[] for _ in range(n)]
     finish_reasons: list[str] = [""] * n
@@ -346,7 +373,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
         if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
-            finish_reasons[event.index] = event.finish_reason.value
+            finish_reasons[event.index] = _finish_reason(event, parsers[event.index])
         if event.finished and all(finish_reasons):  # the last event: the request's usage
             usage = event.usage
             assert usage is not None
@@ -357,7 +384,7 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                 choices=[
                     oai.Choice(
                         index=index,
-                        message=oai.AssistantMessage(content="".join(pieces[index])),
+                        message=_assistant_message("".join(pieces[index]), parsers[index]),
                         finish_reason=finish_reasons[index],
                         logprobs=oai.ChoiceLogprobs(content=logprobs[index])
                         if prepared.request.sampling.logprobs
@@ -378,37 +405,55 @@ async def _stream(request: Request, chat: ChatService, prepared: PreparedChat, i
     events = chat.generate(prepared)
     first = await until_disconnect(request, anext(events))
     writer = oai.ChunkWriter(_completion_id(prepared), prepared.model, include_usage)
-    return EventStreamResponse(_sse_body(chat, writer, prepared.request.sampling.n, first, events, include_usage))
+    return EventStreamResponse(_sse_body(chat, writer, _tool_call_parsers(prepared), first, events, include_usage))
+
+
+def _tool_call_chunks(writer: oai.ChunkWriter, deltas: list[ContentDelta | CallDelta], index: int) -> bytes:
+    return b"".join(
+        writer.content(d.text, index) if isinstance(d, ContentDelta) else writer.tool_call(d.index, d.call, index)
+        for d in deltas
+    )
 
 
 async def _sse_body(
     chat: ChatService,
     writer: oai.ChunkWriter,
-    n: int,
+    parsers: list[ToolCallParser | None],
     first: TokenEvent,
     events: AsyncIterator[TokenEvent],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """Every choice's chunks carry its index; each choice ends with its own
-    finish chunk, and the usage and [DONE] follow the last."""
+    finish chunk, and the usage and [DONE] follow the last. A choice's
+    parser (with tools) splits its calls out of the text; content before a
+    call still streams as content."""
     try:
         event = first
-        out = b"".join(writer.role(index) for index in range(n))
-        choices_left = n
+        out = b"".join(writer.role(index) for index in range(len(parsers)))
+        choices_left = len(parsers)
         while True:
             logprobs = _logprobs(chat, event)
+            parser = parsers[event.index]
             if event.finish_reason is not None:  # a choice's final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.finish(event.text, event.finish_reason.value, event.index, logprobs)
+                if parser is None:
+                    out += writer.finish(event.text, _finish_reason(event, parser), event.index, logprobs)
+                else:
+                    out += _tool_call_chunks(writer, parser.feed(event.text) + parser.flush(), event.index)
+                    out += writer.finish("", _finish_reason(event, parser), event.index, logprobs)
                 choices_left -= 1
                 if not choices_left:
                     if include_usage and event.usage is not None:
                         out += writer.usage(_usage(event.usage))
                     yield out + writer.DONE
                     return
+            elif parser is not None:
+                out += _tool_call_chunks(writer, parser.feed(event.text), event.index)
+                if logprobs is not None:
+                    out += writer.content("", event.index, logprobs)
             elif event.text or logprobs:  # pieces that render as nothing yet are not sent (as over gRPC)
                 out += writer.content(event.text, event.index, logprobs)
             if out:
@@ -419,6 +464,83 @@ async def _sse_body(
         _, detail = error_detail(exc)
         yield writer.error(detail)
     except Exception:  # a bug: log it, tell the client it was internal, end the stream cleanly
+        _LOG.exception("unhandled error while streaming %s", writer.request_id)
+        yield writer.error(_internal_error_detail())
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------ legacy /v1/completions
+
+
+async def completions(request: Request) -> Response:
+    """OpenAI's legacy text completions: a raw prompt, or fill-in-the-middle with `suffix`."""
+    chat = _chat(request)
+    _require_json(request)
+    try:
+        wire = legacy.parse_request(await _read_body(request))
+        params = legacy.to_chat_params(wire)
+        prepared = await chat.prepare_async(params)
+        request_id = prepared.request.request_id.replace("chat-", "cmpl-", 1)
+        echo = (params.prompt or "") if wire.echo else ""
+        headers = _request_id_headers(request, request_id)
+        if wire.stream:
+            include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+            writer = legacy.CompletionChunkWriter(request_id, prepared.model, include_usage)
+            events = chat.generate(prepared)
+            first = await until_disconnect(request, anext(events))
+            response: Response = EventStreamResponse(_text_sse_body(writer, echo, first, events))
+        else:
+            response = await until_disconnect(request, _complete_text(chat, prepared, request_id, echo))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    response.headers.update(headers)
+    return response
+
+
+async def _complete_text(chat: ChatService, prepared: PreparedChat, request_id: str, echo: str) -> Response:
+    pieces = [echo]
+    async for event in chat.generate(prepared):
+        pieces.append(event.text)
+        if event.finished:
+            if event.finish_reason is FinishReason.CANCELLED:
+                raise Unavailable("the server stopped before the answer was complete; retry")
+            assert event.usage is not None
+            choice = legacy.CompletionChoice(text="".join(pieces), finish_reason=_finish_reason(event, None))
+            body = legacy.TextCompletion(
+                id=request_id, created=oai.now(), model=prepared.model, choices=[choice], usage=_usage(event.usage)
+            )
+            return Response(body.model_dump_json(), media_type="application/json")
+    raise RuntimeError("engine ended a request without a final event")
+
+
+async def _text_sse_body(
+    writer: legacy.CompletionChunkWriter, echo: str, first: TokenEvent, events: AsyncIterator[TokenEvent]
+) -> AsyncIterator[bytes]:
+    try:
+        event = first
+        out = writer.text(echo) if echo else b""
+        while True:
+            if event.text:
+                out += writer.text(event.text)
+            if event.finished:
+                if event.finish_reason is FinishReason.CANCELLED:
+                    _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
+                    yield out + writer.error(detail)
+                    return
+                out += writer.text("", _finish_reason(event, None))
+                if writer.include_usage and event.usage is not None:
+                    out += writer.usage(_usage(event.usage))
+                yield out + writer.DONE
+                return
+            if out:
+                yield out
+                out = b""
+            event = await anext(events)
+    except ServiceError as exc:
+        _, detail = error_detail(exc)
+        yield writer.error(detail)
+    except Exception:
         _LOG.exception("unhandled error while streaming %s", writer.request_id)
         yield writer.error(_internal_error_detail())
     finally:
@@ -457,6 +579,7 @@ def create_app(
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
         ],
         middleware=list(middleware),
         exception_handlers={

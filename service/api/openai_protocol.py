@@ -3,14 +3,17 @@ types, every bad field named), the mapping to ChatParams, and the response,
 chunk and error shapes. Nothing here knows about a web framework.
 
 Supported: messages (string or text-part content; "developer" is read as
-"system"), model, temperature, top_p, max_tokens / max_completion_tokens,
-stop, seed, stream, stream_options.include_usage, response_format (text,
-json_object, json_schema: grammar-constrained decoding), n, logprobs /
-top_logprobs, presence_penalty / frequency_penalty, logit_bias, and the
-extensions top_k and repetition_penalty (as vLLM accepts them). null is
-accepted for every optional field, as OpenAI does. Fields that would change
-the answer in ways this server cannot honour (tools) are refused with 400
-naming the field; fields that change nothing here (user, metadata, store,
+"system"; "tool" messages and assistant tool_calls; a trailing assistant
+message is a prefill the answer continues), model, temperature, top_p,
+max_tokens / max_completion_tokens, stop, seed, stream,
+stream_options.include_usage, response_format (text, json_object,
+json_schema: grammar-constrained decoding), tools / tool_choice /
+parallel_tool_calls (Qwen2.5's tool-call format, see service/tool_calls.py),
+n, logprobs / top_logprobs, presence_penalty / frequency_penalty,
+logit_bias, and the extensions top_k and repetition_penalty (as vLLM
+accepts them). null is accepted for every optional field, as OpenAI does.
+Fields that would change the answer in ways this server cannot honour
+(stream_options.continuous_usage_stats) are refused with 400 naming the field; fields that change nothing here (user, metadata, store,
 ...) are accepted and ignored; any other field is refused like OpenAI does.
 """
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import ChatMessage, ChatParams, LogprobToken, ResponseFormat, ResponseFormatType
 from ..chat import TokenLogprob as ChatTokenLogprob
 from ..errors import InvalidArgument
+from ..tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode
 
 # ----------------------------------------------------------------- requests
 
@@ -39,10 +43,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCallWire(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallWire(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallWire
+
+
 class Message(_Strict):
     role: str
     content: str | list[TextPart] | None = None
-    name: str | None = None  # accepted, not used by the chat template
+    name: str | None = None
+    tool_calls: list[ToolCallWire] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -63,6 +80,27 @@ class JsonSchemaFormat(_Strict):
     # The JSON Schema; absent means any JSON value. ("schema" would shadow a BaseModel attribute.)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None  # the schema is always enforced here
+
+
+class FunctionWire(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema; absent: no arguments
+    strict: bool | None = None  # constrained calls always follow the schema here
+
+
+class ToolWire(_Strict):
+    type: Literal["function"]
+    function: FunctionWire
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormatWire(_Strict):
@@ -90,9 +128,8 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a JSON object key) -> bias
-    # Accepted only at the value that means "off" here.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolWire] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormatWire | None = None
     # Accepted and ignored: they do not change the answer.
@@ -117,6 +154,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
             path += f"[{part}]"
         elif part in ("str", "list[TextPart]", "list[str]", "dict[str,any]", "dict[str,float]") or "[" in str(part):
             continue
+        elif str(part)[:1].isupper():  # a union member that is a model (NamedToolChoice); fields are lower case
+            continue
         else:
             path += f".{part}" if path else str(part)
     return path or "body"
@@ -124,10 +163,18 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """Raw request body -> validated request; InvalidArgument names the field."""
+    return parse_body(body, ChatCompletionRequest)
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_body(body: bytes, request_type: type[RequestT]) -> RequestT:
+    """Raw request body -> a validated `request_type`; InvalidArgument names the field."""
     if not body.strip():
         raise InvalidArgument("body", "the request body is empty; send a JSON object")
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return request_type.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         # For a union (e.g. content: string or parts) the deepest location is
@@ -146,10 +193,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    if request.tools:
-        raise InvalidArgument("tools", "tool calling is not supported")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise InvalidArgument("tool_choice", "tool calling is not supported")
     if request.stream_options is not None:
         if not request.stream:
             raise InvalidArgument("stream_options", "is only allowed when stream is true")
@@ -183,6 +226,37 @@ def _logit_bias(wire: dict[str, float] | None) -> dict[int, float] | None:
     return bias
 
 
+def _tools(request: ChatCompletionRequest) -> tuple[list[Tool], ToolChoice | None]:
+    tools = [
+        Tool(
+            name=wire.function.name,
+            description=wire.function.description or "",
+            # OpenAI: omitted parameters = a function without arguments.
+            parameters=json.dumps(
+                {"type": "object", "properties": {}} if wire.function.parameters is None else wire.function.parameters
+            ),
+        )
+        for wire in request.tools or ()
+    ]
+    choice = request.tool_choice
+    if choice is None:
+        return tools, None
+    if isinstance(choice, NamedToolChoice):
+        return tools, ToolChoice(ToolChoiceMode.FUNCTION, choice.function.name)
+    return tools, ToolChoice(ToolChoiceMode(choice))
+
+
+def _message(message: Message) -> ChatMessage:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+    return ChatMessage(
+        role=ROLE_ALIASES.get(message.role, message.role),
+        content=message.text(),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id or "",
+        name=message.name or "",
+    )
+
+
 def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
     """Wire -> service. Range checks (temperature, max_tokens, ...) are the
     service layer's, so both transports refuse the same things."""
@@ -199,8 +273,9 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         stop = (request.stop,)
     else:
         stop = tuple(request.stop)
+    tools, tool_choice = _tools(request)
     return ChatParams(
-        messages=[ChatMessage(role=ROLE_ALIASES.get(m.role, m.role), content=m.text()) for m in request.messages],
+        messages=[_message(m) for m in request.messages],
         model=request.model,
         temperature=request.temperature,
         max_tokens=max_tokens,
@@ -216,6 +291,9 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         logit_bias=_logit_bias(request.logit_bias),
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls is not False,
     )
 
 
@@ -233,9 +311,26 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: an answer that is only tool calls, as OpenAI sends it
+    # Left out of the JSON when there are none.
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 class TopLogprob(BaseModel):
@@ -285,9 +380,9 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int = 0
-    # {"role": "assistant", "content": ""} first, then {"content": "..."};
-    # {} on the final chunk when it carries no text.
-    delta: dict[str, str]
+    # {"role": "assistant", "content": ""} first, then {"content": "..."} or
+    # {"tool_calls": [...]}; {} on the final chunk when it carries no text.
+    delta: dict[str, Any]
     # With logprobs: the logprobs of the chunk's token (its content may be
     # empty: a token's text can be held back while it may start a stop string).
     logprobs: ChoiceLogprobs | None = None
@@ -352,7 +447,7 @@ class ChunkWriter:
 
     def _chunk(
         self,
-        delta: dict[str, str],
+        delta: dict[str, Any],
         index: int,
         finish_reason: str | None = None,
         logprobs: TokenLogprob | None = None,
@@ -372,6 +467,19 @@ class ChunkWriter:
 
     def content(self, text: str, index: int = 0, logprobs: TokenLogprob | None = None) -> bytes:
         return self._chunk({"content": text}, index, logprobs=logprobs)
+
+    def tool_call(self, call_index: int, call: ToolCall, index: int = 0) -> bytes:
+        """A call as OpenAI streams one: id and name first, then the arguments
+        (here in one fragment: a call is parsed once it is complete).
+        `call_index`: the call's position among the choice's calls."""
+        head = {
+            "index": call_index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        arguments = {"index": call_index, "function": {"arguments": call.arguments}}
+        return self._chunk({"tool_calls": [head]}, index) + self._chunk({"tool_calls": [arguments]}, index)
 
     def finish(self, text: str, finish_reason: str, index: int = 0, logprobs: TokenLogprob | None = None) -> bytes:
         """The last text (if any) in its own chunk, then the finish reason

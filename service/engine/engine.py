@@ -101,14 +101,37 @@ class Engine:
         milliseconds for a typical schema: call it off the event loop."""
         return self._grammars.compile(constraint)
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt token ids for a conversation, via the tokenizer's chat template."""
+    def encode_chat(
+        self, messages: Sequence[dict[str, object]], tools: Sequence[dict[str, object]] | None = None
+    ) -> list[int]:
+        """Prompt token ids for a conversation, via the tokenizer's chat
+        template (which renders `tools`, OpenAI-style function definitions).
+        A trailing assistant message is a prefill: rendered without its end,
+        so the answer continues it."""
+        prefill = bool(messages) and messages[-1]["role"] == "assistant"
         encoded = self.loaded.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+            list(messages),  # type: ignore[arg-type]  # (the stub says str values; templates read any JSON)
+            tools=list(tools) if tools else None,
+            add_generation_prompt=not prefill,
+            continue_final_message=prefill,
+            tokenize=True,
+            return_dict=True,
         )
         if not isinstance(encoded, BatchEncoding):
             raise TypeError(f"the chat template gave {type(encoded)}, not token ids")
         return list(encoded["input_ids"])
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt token ids for raw text (no chat template); special-token
+        spellings in it are read as those tokens."""
+        return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
+
+    def token_ids(self, spellings: Sequence[str]) -> list[int] | None:
+        """The ids of these tokens, or None unless the vocabulary has each as a single token."""
+        vocab = self.loaded.tokenizer.get_vocab()
+        if not all(spelling in vocab for spelling in spellings):
+            return None
+        return [vocab[spelling] for spelling in spellings]
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Queue the request and yield its events until the final one: with

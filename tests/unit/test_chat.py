@@ -12,8 +12,13 @@ from service.config import LEGACY_MODEL_NAME, Settings
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.errors import ContextLengthExceeded, InvalidArgument, ModelNotFound, Unavailable
+from service.tool_calls import Tool, ToolCall, ToolChoice, ToolChoiceMode
 
 USER = (ChatMessage("user", "Hello"),)
+WEATHER = Tool(
+    "get_weather", "The weather in a city.", '{"type": "object", "properties": {"city": {"type": "string"}}}'
+)
+CALL = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
 
 
 def schema_format(text: str) -> ResponseFormat:
@@ -72,7 +77,42 @@ def test_the_prompt_is_the_chat_template_applied(engine):
         (ChatParams(messages=()), "messages"),
         (ChatParams(messages=USER * 9), "messages"),
         (ChatParams(messages=(ChatMessage("robot", "hi"),)), "messages[0].role"),
-        (ChatParams(messages=(ChatMessage("user", "hi"), ChatMessage("assistant", "ok"))), "messages[1].role"),
+        (ChatParams(messages=(ChatMessage("user", "hi"), ChatMessage("tool", "42"))), "messages[1].tool_call_id"),
+        (ChatParams(messages=(ChatMessage("user", "hi", tool_calls=(CALL,)),)), "messages[0].tool_calls"),
+        (ChatParams(messages=(*USER, ChatMessage("assistant", "x", tool_calls=(CALL,)))), "messages[1].tool_calls"),
+        (ChatParams(messages=USER, tool_choice=ToolChoice(ToolChoiceMode.REQUIRED)), "tool_choice"),
+        (
+            ChatParams(messages=USER, tools=(WEATHER,), tool_choice=ToolChoice(ToolChoiceMode.FUNCTION, "nope")),
+            "tool_choice",
+        ),
+        (ChatParams(messages=USER, tools=(WEATHER, WEATHER)), "tools[1].function.name"),
+        (ChatParams(messages=USER, tools=(Tool("bad name"),)), "tools[0].function.name"),
+        (ChatParams(messages=USER, tools=(Tool("f", parameters='{"type": "array"}'),)), "tools[0].function.parameters"),
+        (
+            ChatParams(
+                messages=USER,
+                tools=(Tool("f", parameters='{"type": "object", "properties": {"a": {"type": "nope"}}}'),),
+            ),
+            "tools[0].function.parameters",
+        ),
+        (
+            ChatParams(
+                messages=(*USER, ChatMessage("assistant", "Sure")),
+                tools=(WEATHER,),
+                tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+            ),
+            "tool_choice",
+        ),
+        (
+            ChatParams(
+                messages=USER,
+                tools=(WEATHER,),
+                tool_choice=ToolChoice(ToolChoiceMode.REQUIRED),
+                response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT),
+            ),
+            "tool_choice",
+        ),
+        (ChatParams(messages=(), prompt="x", suffix="y"), "suffix"),
         (ChatParams(messages=(ChatMessage("user", "  \n"),)), "messages[0].content"),
         (ChatParams(messages=USER, max_tokens=-1), "max_tokens"),
         (ChatParams(messages=USER, max_tokens=0), "max_tokens"),
@@ -167,3 +207,32 @@ def test_a_prompt_over_the_context_window_is_context_length_exceeded(engine):
     with pytest.raises(ContextLengthExceeded) as error:
         service(engine).prepare(ChatParams(messages=(ChatMessage("user", "word " * 400),)))
     assert error.value.field == "messages"
+
+
+def test_a_trailing_assistant_message_is_continued(engine):
+    chat = service(engine)
+    prepared = chat.prepare(ChatParams(messages=(*USER, ChatMessage("assistant", "The answer is"))))
+    text = engine.loaded.tokenizer.decode(prepared.request.prompt_token_ids)
+    assert text.endswith("<|im_start|>assistant\nThe answer is")
+
+
+def test_tools_and_tool_messages_reach_the_template_and_forced_calls_get_a_grammar(engine):
+    chat = service(engine)
+    history = (
+        *USER,
+        ChatMessage("assistant", "", tool_calls=(CALL,)),
+        ChatMessage("tool", "sunny", tool_call_id="call_1"),
+    )
+    auto = chat.prepare(ChatParams(messages=history, tools=(WEATHER,)))
+    assert auto.tool_names == ("get_weather",) and auto.request.grammar is None
+    text = engine.loaded.tokenizer.decode(auto.request.prompt_token_ids)
+    assert "<|im_start|>tool\nsunny<|im_end|>" in text  # the tiny ChatML template: role and content
+    none = chat.prepare(ChatParams(messages=USER, tools=(WEATHER,), tool_choice=ToolChoice(ToolChoiceMode.NONE)))
+    assert none.tool_names == () and none.request.grammar is None
+    forced = chat.prepare(ChatParams(messages=USER, tools=(WEATHER,), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED)))
+    assert forced.request.grammar is not None and "<tool_call>" in forced.request.grammar.constraint.source
+
+
+def test_a_raw_prompt_skips_the_chat_template(engine):
+    prepared = service(engine).prepare(ChatParams(messages=(), prompt="def add(a, b):"))
+    assert engine.loaded.tokenizer.decode(prepared.request.prompt_token_ids) == "def add(a, b):"

@@ -177,3 +177,39 @@ def test_sampling_fields_have_their_numbers_and_old_peers_skip_them(tmp_path):
         True,
         0,
     )
+
+
+def test_tool_fields_have_their_numbers_and_old_peers_skip_them(tmp_path):
+    F = descriptor_pb2.FieldDescriptorProto
+    request = {f.name: (f.number, f.type) for f in pb.ChatRequest.DESCRIPTOR.fields}
+    assert request["tools"] == (17, F.TYPE_MESSAGE) and request["tool_choice"] == (18, F.TYPE_MESSAGE)
+    assert request["parallel_tool_calls"] == (19, F.TYPE_BOOL)
+    message = {f.name: (f.number, f.type) for f in pb.Message.DESCRIPTOR.fields}
+    assert message["tool_calls"] == (3, F.TYPE_MESSAGE) and message["tool_call_id"] == (4, F.TYPE_STRING)
+    assert message["name"] == (5, F.TYPE_STRING)
+    assert {f.name: f.number for f in pb.ChatResponse.DESCRIPTOR.fields}["tool_calls"] == 9
+    assert pb.FINISH_REASON_TOOL_CALLS == 4
+
+    OldRequest, OldResponse, _ = _legacy_messages(tmp_path)
+    from service.api.grpc_server import chat_params
+
+    # An old client's request asks for no tools.
+    old = pb.ChatRequest.FromString(OldRequest(max_tokens=8).SerializeToString())
+    params = chat_params(old)
+    assert params.tools == [] and params.tool_choice is None and params.parallel_tool_calls
+    # A new client's tools and tool messages are skipped by an old server, which reads the rest as before.
+    call = pb.ToolCall(id="call_1", name="f", arguments="{}")
+    new = pb.ChatRequest(
+        messages=[
+            pb.Message(role="assistant", content="", tool_calls=[call]),
+            pb.Message(role="tool", content="42", tool_call_id="call_1", name="f"),
+        ],
+        max_tokens=8,
+        tools=[pb.Tool(name="f", parameters='{"type": "object"}')],
+        tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+    )
+    seen = OldRequest.FromString(new.SerializeToString())
+    assert seen.max_tokens == 8 and [(m.role, m.content) for m in seen.messages] == [("assistant", ""), ("tool", "42")]
+    # A response with calls reads as before to an old client.
+    response = pb.ChatResponse(id="chat-1", content="", is_final=True, index=0, tool_calls=[call])
+    assert OldResponse.FromString(response.SerializeToString()).is_final

@@ -50,6 +50,7 @@ __all__ = [
     "ChatStream",
     "Choice",
     "QwenClient",
+    "ToolCall",
     "build_request",
     "replica_of",
     "channel_credentials",
@@ -71,12 +72,71 @@ __all__ = [
 DEFAULT_TIMEOUT_SECONDS = 120.0
 
 
-def _messages(messages: Iterable[Mapping[str, str] | tuple[str, str]]) -> list[pb.Message]:
+def _messages(messages: Iterable[Mapping[str, Any] | tuple[str, str]]) -> list[pb.Message]:
+    """Messages as (role, content) pairs or OpenAI-style dicts, which may
+    carry an assistant's tool_calls or a tool message's tool_call_id/name."""
     out = []
     for message in messages:
-        role, content = (message["role"], message["content"]) if isinstance(message, Mapping) else message
-        out.append(pb.Message(role=role, content=content))
+        if not isinstance(message, Mapping):
+            role, content = message
+            out.append(pb.Message(role=role, content=content))
+            continue
+        calls = [_tool_call(call) for call in message.get("tool_calls") or ()]
+        out.append(
+            pb.Message(
+                role=message["role"],
+                content=message.get("content") or "",
+                tool_calls=calls,
+                tool_call_id=message.get("tool_call_id") or "",
+                name=message.get("name") or "",
+            )
+        )
     return out
+
+
+def _tool_call(call: Mapping[str, Any] | ToolCall) -> pb.ToolCall:
+    """A call from an earlier answer: a ToolCall, or OpenAI's {"id", "function": {"name", "arguments"}}."""
+    if isinstance(call, ToolCall):
+        return pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+    function = call["function"]
+    arguments = function["arguments"]
+    return pb.ToolCall(
+        id=call["id"],
+        name=function["name"],
+        arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+    )
+
+
+def _tool(tool: Mapping[str, Any]) -> pb.Tool:
+    """OpenAI's {"type": "function", "function": {...}} or the function dict
+    itself; parameters as a dict, JSON text or a pydantic model class."""
+    function = tool.get("function", tool)
+    parameters = function.get("parameters")
+    if hasattr(parameters, "model_json_schema"):  # a pydantic model, without importing pydantic
+        parameters = parameters.model_json_schema()
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    return pb.Tool(
+        name=function["name"],
+        description=function.get("description") or "",
+        parameters=parameters if isinstance(parameters, str) else json.dumps(parameters),
+    )
+
+
+_TOOL_CHOICE_MODES = {
+    "none": pb.ToolChoice.MODE_NONE,
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "required": pb.ToolChoice.MODE_REQUIRED,
+}
+
+
+def _tool_choice(choice: str | Mapping[str, Any]) -> pb.ToolChoice:
+    """ "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}} (OpenAI's shapes)."""
+    if isinstance(choice, str):
+        if choice not in _TOOL_CHOICE_MODES:
+            raise ValueError(f"tool_choice must be none, auto, required or a function, got {choice!r}")
+        return pb.ToolChoice(mode=_TOOL_CHOICE_MODES[choice])
+    return pb.ToolChoice(mode=pb.ToolChoice.MODE_FUNCTION, function_name=choice["function"]["name"])
 
 
 def build_request(
@@ -98,6 +158,9 @@ def build_request(
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     logit_bias: Mapping[int, float] | None = None,
+    tools: Sequence[Mapping[str, Any]] = (),
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.ChatRequest:
     """Only the parameters you pass are sent; the rest take server defaults.
 
@@ -108,14 +171,23 @@ def build_request(
     `n=` choices from one prefill of the prompt (choice i samples with
     seed + i); `logprobs=True` (and `top_logprobs=` 0..20 alternatives) for
     each token's logprob; `presence_penalty=` / `frequency_penalty=` in
-    [-2, 2] as OpenAI's; `logit_bias=` {token id: bias in [-100, 100]}."""
+    [-2, 2] as OpenAI's; `logit_bias=` {token id: bias in [-100, 100]}.
+    Tool calling: `tools=` in OpenAI's shape ({"type": "function", "function":
+    {"name", "description", "parameters"}}), `tool_choice=` "none" | "auto" |
+    "required" | {"type": "function", "function": {"name": ...}}; the calls
+    come back in ChatResult.tool_calls."""
     request = pb.ChatRequest(
         messages=_messages(messages),
         model=model,
         stop=list(stop),
         logprobs=logprobs,
         logit_bias=dict(logit_bias or {}),
+        tools=[_tool(t) for t in tools],
     )
+    if tool_choice is not None:
+        request.tool_choice.CopyFrom(_tool_choice(tool_choice))
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
     if json_schema is not None:
         if hasattr(json_schema, "model_json_schema"):  # a pydantic model, without importing pydantic
             json_schema = json_schema.model_json_schema()
@@ -141,7 +213,7 @@ def build_request(
 
 
 def finish_reason_name(response: pb.ChatResponse | pb.Choice) -> str:
-    """ "stop" | "length" | "cancelled" ("" on non-final messages)."""
+    """ "stop" | "length" | "cancelled" | "tool_calls" ("" on non-final messages)."""
     if not response.finish_reason:
         return ""
     return pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -159,10 +231,22 @@ class Choice:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A call the model made; `arguments` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        return json.loads(self.arguments)
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatResult:
     id: str
     content: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int
     model: str
@@ -176,6 +260,9 @@ class ChatResult:
     # Every choice, choice 0 (the fields above) first; one unless n > 1 was asked.
     # completion_tokens counts the tokens of all of them.
     choices: tuple[Choice, ...] = ()
+    # The calls the model made (with tools=); pass them back in the history
+    # as {"role": "assistant", "tool_calls": result.tool_calls}.
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @classmethod
     def from_response(cls, response: pb.ChatResponse, replica: str = "") -> ChatResult:
@@ -193,6 +280,7 @@ class ChatResult:
             cached_prompt_tokens=response.usage.cached_prompt_tokens,
             logprobs=tuple(response.logprobs),
             choices=choices,
+            tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in response.tool_calls),
         )
 
 

@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -82,6 +83,8 @@ type options struct {
 	logprobs                          bool
 	presencePenalty, frequencyPenalty float64
 	logitBias                         map[int32]float32
+	tools                             []*qwenpb.Tool
+	toolChoice                        string
 	set                               map[string]bool // flags given on the command line
 }
 
@@ -128,6 +131,8 @@ func parseFlags(args []string) (*options, []string, error) {
 	fs.Float64Var(&o.presencePenalty, "presence-penalty", 0, "OpenAI's presence penalty in [-2, 2] (default: 0)")
 	fs.Float64Var(&o.frequencyPenalty, "frequency-penalty", 0, "OpenAI's frequency penalty in [-2, 2] (default: 0)")
 	fs.Var(biasFlag(o.logitBias), "logit-bias", "TOKEN_ID=BIAS added to that token's logit, BIAS in [-100, 100] (repeatable)")
+	toolsFile := fs.String("tools", "", "JSON file with the tools the model may call (OpenAI's tools array); calls print as JSON lines")
+	fs.StringVar(&o.toolChoice, "tool-choice", "", "none, auto, required or a function name (default: auto with -tools)")
 	fs.BoolVar(&o.usage, "usage", false, "print finish reason, token usage and replica to stderr")
 	fs.StringVar(&o.apiKey, "api-key", os.Getenv("QWEN_API_KEY"), "sent as 'authorization: Bearer KEY' (default: $QWEN_API_KEY)")
 	fs.BoolVar(&o.useTLS, "tls", false, "use TLS (implied by the certificate flags)")
@@ -150,7 +155,62 @@ func parseFlags(args []string) (*options, []string, error) {
 		}
 		o.jsonSchema = string(schema)
 	}
+	if *toolsFile != "" {
+		tools, err := readTools(*toolsFile)
+		if err != nil {
+			return nil, nil, err
+		}
+		o.tools = tools
+	}
 	return o, fs.Args(), nil
+}
+
+// openAITool is one entry of OpenAI's tools array.
+type openAITool struct {
+	Type     string `json:"type"`
+	Function struct {
+		Name        string          `json:"name"`
+		Description string          `json:"description"`
+		Parameters  json.RawMessage `json:"parameters"`
+	} `json:"function"`
+}
+
+func readTools(path string) ([]*qwenpb.Tool, error) {
+	data, err := ioutil.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var entries []openAITool
+	if err := json.Unmarshal(data, &entries); err != nil {
+		return nil, fmt.Errorf("%s: want a JSON array of {\"type\": \"function\", \"function\": {...}}: %v", path, err)
+	}
+	tools := make([]*qwenpb.Tool, 0, len(entries))
+	for i, entry := range entries {
+		if entry.Type != "function" || entry.Function.Name == "" {
+			return nil, fmt.Errorf("%s: tools[%d] is not a function with a name", path, i)
+		}
+		tools = append(tools, &qwenpb.Tool{
+			Name:        entry.Function.Name,
+			Description: entry.Function.Description,
+			Parameters:  string(entry.Function.Parameters),
+		})
+	}
+	return tools, nil
+}
+
+// toolChoice maps -tool-choice to the request's ToolChoice (nil: the server's default).
+func toolChoice(choice string) *qwenpb.ToolChoice {
+	switch choice {
+	case "":
+		return nil
+	case "none":
+		return &qwenpb.ToolChoice{Mode: qwenpb.ToolChoice_MODE_NONE}
+	case "auto":
+		return &qwenpb.ToolChoice{Mode: qwenpb.ToolChoice_MODE_AUTO}
+	case "required":
+		return &qwenpb.ToolChoice{Mode: qwenpb.ToolChoice_MODE_REQUIRED}
+	}
+	return &qwenpb.ToolChoice{Mode: qwenpb.ToolChoice_MODE_FUNCTION, FunctionName: choice}
 }
 
 // dialTarget adds dns:/// to a bare host:port so every A record is a backend.
@@ -193,7 +253,7 @@ func buildRequest(o *options, prompt string) *qwenpb.ChatRequest {
 		messages = append(messages, &qwenpb.Message{Role: "system", Content: o.system})
 	}
 	messages = append(messages, &qwenpb.Message{Role: "user", Content: prompt})
-	request := &qwenpb.ChatRequest{Messages: messages, Model: o.model, Stop: o.stop}
+	request := &qwenpb.ChatRequest{Messages: messages, Model: o.model, Stop: o.stop, Tools: o.tools, ToolChoice: toolChoice(o.toolChoice)}
 	// Only flags given on the command line are sent; the rest take server defaults.
 	if o.set["temperature"] {
 		v := float32(o.temperature)
@@ -301,6 +361,11 @@ func streamOnce(ctx context.Context, client qwenpb.QwenServiceClient, request *q
 		} else if _, err := io.WriteString(out, response.GetContent()); err != nil {
 			return nil, replicaOf(header), received, err
 		}
+		for _, call := range response.GetToolCalls() {
+			if err := writeToolCall(out, call); err != nil {
+				return nil, replicaOf(header), received, err
+			}
+		}
 		if response.GetIsFinal() {
 			return response, replicaOf(header), received, nil
 		}
@@ -318,6 +383,20 @@ func printLogprobs(w io.Writer, logprobs map[int32][]*qwenpb.TokenLogprob) {
 			fmt.Fprintln(w)
 		}
 	}
+}
+
+// writeToolCall prints a call as one JSON line: {"id", "name", "arguments"}.
+func writeToolCall(out io.Writer, call *qwenpb.ToolCall) error {
+	line, err := json.Marshal(struct {
+		ID        string          `json:"id"`
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	}{call.GetId(), call.GetName(), json.RawMessage(call.GetArguments())})
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(out, "%s\n", line)
+	return err
 }
 
 func replicaOf(md metadata.MD) string {

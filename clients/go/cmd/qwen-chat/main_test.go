@@ -3,6 +3,7 @@ package main
 import (
 	"io/ioutil"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/qwen-grpc/qwen-grpc/clients/go/qwenpb"
@@ -107,5 +108,51 @@ func TestSamplingFlagsAreSent(t *testing.T) {
 	}
 	if _, _, err := parseFlags([]string{"-logit-bias", "x=1", "hi"}); err == nil {
 		t.Error("a malformed -logit-bias was accepted")
+	}
+}
+
+func TestToolsFlagsSetTheToolsAndTheChoice(t *testing.T) {
+	tools := `[{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+		"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]`
+	path := filepath.Join(t.TempDir(), "tools.json")
+	if err := ioutil.WriteFile(path, []byte(tools), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o, _, err := parseFlags([]string{"-tools", path, "-tool-choice", "get_weather", "hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	request := buildRequest(o, "hi")
+	if len(request.GetTools()) != 1 || request.GetTools()[0].GetName() != "get_weather" || request.GetTools()[0].GetDescription() != "Weather" {
+		t.Fatalf("tools = %v", request.GetTools())
+	}
+	if !strings.Contains(request.GetTools()[0].GetParameters(), `"city"`) {
+		t.Errorf("parameters = %q", request.GetTools()[0].GetParameters())
+	}
+	choice := request.GetToolChoice()
+	if choice.GetMode() != qwenpb.ToolChoice_MODE_FUNCTION || choice.GetFunctionName() != "get_weather" {
+		t.Errorf("tool choice = %v", choice)
+	}
+	o, _, _ = parseFlags([]string{"-tools", path, "-tool-choice", "required", "hi"})
+	if got := buildRequest(o, "hi").GetToolChoice().GetMode(); got != qwenpb.ToolChoice_MODE_REQUIRED {
+		t.Errorf("-tool-choice required: %v", got)
+	}
+	o, _, _ = parseFlags([]string{"hi"})
+	if request := buildRequest(o, "hi"); request.ToolChoice != nil || len(request.Tools) != 0 {
+		t.Error("tools were sent without -tools")
+	}
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	if err := ioutil.WriteFile(bad, []byte(`[{"type": "function", "function": {}}]`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := parseFlags([]string{"-tools", bad, "hi"}); err == nil {
+		t.Error("a tool without a name was accepted")
+	}
+	var out strings.Builder
+	if err := writeToolCall(&out, &qwenpb.ToolCall{Id: "call_1", Name: "f", Arguments: `{"a": 1}`}); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != `{"id":"call_1","name":"f","arguments":{"a":1}}`+"\n" {
+		t.Errorf("tool call line = %q", out.String())
 	}
 }

@@ -229,12 +229,12 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
             choice.logprobs.extend(self._logprobs(event))
             if event.finish_reason is None:
                 continue
-            choice.finish_reason = _finish_reason(event.finish_reason, parser)
             choice.content = "".join(pieces[event.index])
             if parser is not None:  # tool-call markup becomes tool_calls, never content
                 deltas = parser.feed(choice.content) + parser.flush()
                 choice.content = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
                 choice.tool_calls.extend(_tool_calls(parser.calls))
+            choice.finish_reason = _finish_reason(event.finish_reason, parser)  # TOOL_CALLS once the calls are parsed
             choices_left -= 1
             if _ended_the_request(event, choices_left):
                 response = _final(event, parser)  # the usage of all choices

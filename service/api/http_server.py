@@ -359,12 +359,29 @@ def _assistant_message(text: str, parser: ToolCallParser | None) -> oai.Assistan
     return oai.AssistantMessage(content=content or None, tool_calls=[oai.ToolCallOut.of(c) for c in parser.calls])
 
 
+def _choice(
+    index: int,
+    text: str,
+    parser: ToolCallParser | None,
+    final: TokenEvent,
+    logprobs: list[oai.TokenLogprob],
+    prepared: PreparedChat,
+) -> oai.Choice:
+    message = _assistant_message(text, parser)  # feeds the parser: the finish reason depends on its calls
+    return oai.Choice(
+        index=index,
+        message=message,
+        finish_reason=_finish_reason(final, parser),
+        logprobs=oai.ChoiceLogprobs(content=logprobs) if prepared.request.sampling.logprobs else None,
+    )
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
     n = prepared.request.sampling.n
     parsers = _tool_call_parsers(prepared)
     pieces: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[oai.TokenLogprob]] = [[] for _ in range(n)]
-    finish_reasons: list[str] = [""] * n
+    finals: list[TokenEvent | None] = [None] * n
     async for event in chat.generate(prepared):
         pieces[event.index].append(event.text)
         entry = _logprobs(chat, event)
@@ -373,8 +390,8 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
         if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
-            finish_reasons[event.index] = _finish_reason(event, parsers[event.index])
-        if event.finished and all(finish_reasons):  # the last event: the request's usage
+            finals[event.index] = event
+        if event.finished and all(finals):  # the last event: the request's usage
             usage = event.usage
             assert usage is not None
             body = oai.ChatCompletion(
@@ -382,15 +399,9 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                 created=oai.now(),
                 model=prepared.model,
                 choices=[
-                    oai.Choice(
-                        index=index,
-                        message=_assistant_message("".join(pieces[index]), parsers[index]),
-                        finish_reason=finish_reasons[index],
-                        logprobs=oai.ChoiceLogprobs(content=logprobs[index])
-                        if prepared.request.sampling.logprobs
-                        else None,
-                    )
-                    for index in range(n)
+                    _choice(index, "".join(pieces[index]), parsers[index], final, logprobs[index], prepared)
+                    for index, final in enumerate(finals)
+                    if final is not None
                 ],
                 usage=_usage(usage),
             )

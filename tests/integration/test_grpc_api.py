@@ -87,9 +87,9 @@ INVALID = [
     (pb.ChatRequest(), "messages"),
     (pb.ChatRequest(messages=[pb.Message(role="wizard", content="hi")]), "messages[0].role"),
     (pb.ChatRequest(messages=[pb.Message(role="user", content="")]), "messages[0].content"),
-    (
-        pb.ChatRequest(messages=[pb.Message(role="user", content="a"), pb.Message(role="assistant", content="b")]),
-        "messages[1].role",
+    (  # a tool result must say which call it answers
+        pb.ChatRequest(messages=[pb.Message(role="user", content="a"), pb.Message(role="tool", content="42")]),
+        "messages[1].tool_call_id",
     ),
     (ask(max_tokens=-5), "max_tokens"),
     (ask(max_tokens=100_000), "max_tokens"),

@@ -242,8 +242,10 @@ def test_oversized_body_is_413(server):
 
 
 def test_unknown_route_and_method_use_the_error_shape(server):
-    status, _, payload = raw(server, "GET", "/v1/completions")
+    status, _, payload = raw(server, "GET", "/v1/nothing-here")
     assert status == 404 and error_of(payload)["code"] == "not_found"
+    status, _, payload = raw(server, "GET", "/v1/completions")
+    assert status == 405 and error_of(payload)["code"] == "method_not_allowed"
     status, _, payload = raw(server, "GET", "/v1/chat/completions")
     assert status == 405 and error_of(payload)["code"] == "method_not_allowed"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import functools
 import gc
 import json
@@ -176,6 +177,7 @@ class Server:
         from .chat import ChatService, served_model_names
         from .engine.config import EngineConfig
         from .engine.engine import Engine
+        from .engine.kernels import resolve_quantization
         from .engine.loader import load_model, model_name
         from .observability.metrics import MetricsServer
         from .observability.telemetry import Telemetry
@@ -200,10 +202,12 @@ class Server:
             _write_port_file(s.port_file, {"grpc": self.grpc_port, "http": self.http_port, "metrics": metrics_port})
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
-        load = functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir)
 
         def build_engine() -> Engine:
-            return Engine(load, EngineConfig.from_settings(s), observer=model_metrics)
+            quantization = resolve_quantization(s.quantization, s.threads)  # `auto`: a kernel probe
+            config = dataclasses.replace(EngineConfig.from_settings(s), quantization=quantization)
+            load = functools.partial(load_model, s.model, s.dtype, quantization, s.weight_cache_dir)
+            return Engine(load, config, observer=model_metrics)
 
         engine = self.engine = await asyncio.to_thread(build_engine)
         _release_freed_memory()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EngineConfig
+from .kernels import resolve_quantization
 from .loader import LoadedModel
 
 
@@ -262,7 +263,8 @@ class ModelRunner:
         a skeleton on the meta device). A fresh packing is stored in
         loaded.weight_cache when there is one."""
         num_slots, max_model_len = engine_config.max_batch_size, engine_config.max_model_len
-        quantization, kv_cache_dtype = engine_config.quantization, engine_config.kv_cache_dtype
+        quantization = resolve_quantization(engine_config.quantization, engine_config.threads)
+        kv_cache_dtype = engine_config.kv_cache_dtype
         # A Qwen2 *ForCausalLM, taken apart below: nn.Module's attribute
         # lookup gives torch's type checking nothing to check against.
         model: Any = loaded.model

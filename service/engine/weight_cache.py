@@ -106,6 +106,7 @@ def main() -> None:
     import argparse
 
     from .config import EngineConfig
+    from .kernels import resolve_quantization
     from .loader import load_model
     from .model_runner import ModelRunner
 
@@ -116,8 +117,10 @@ def main() -> None:
     parser.add_argument("--weight-cache-dir", required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    loaded = load_model(args.model, args.dtype, args.quantization, args.weight_cache_dir)
-    ModelRunner(loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=16, quantization=args.quantization))
+    # `auto` packs for the kernel this machine would choose (the cache file names the result).
+    quantization = resolve_quantization(args.quantization, EngineConfig.defaults().threads)
+    loaded = load_model(args.model, args.dtype, quantization, args.weight_cache_dir)
+    ModelRunner(loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=16, quantization=quantization))
 
 
 if __name__ == "__main__":

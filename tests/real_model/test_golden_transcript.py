@@ -35,13 +35,14 @@ PROMPTS = [
     "List three prime numbers.",
 ]
 MAX_TOKENS = 32
-# The server's defaults but for the threads: fixed, so the transcript does
-# not depend on the machine's core count.
+# The server's defaults but for the threads and the quantization: fixed, so
+# the transcript does not depend on the machine's core count or on the kernel
+# `--quantization auto` would pick on it.
 THREADS = 2
 
 
 async def _transcript(model_dir: pathlib.Path) -> dict:
-    settings = Settings(model=str(model_dir), threads=THREADS)
+    settings = Settings(model=str(model_dir), threads=THREADS, quantization="int8")
     engine = Engine(
         lambda: load_model(settings.model, settings.dtype, settings.quantization, settings.weight_cache_dir),
         EngineConfig.from_settings(settings),

@@ -187,6 +187,8 @@ class Server:
             kv_cache_dtype=s.kv_cache_dtype,
             max_buffered_tokens=s.max_buffered_tokens,
             prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
+            speculative_tokens=s.speculative_tokens,
+            speculative_max_batch=s.speculative_max_batch,
             observer=model_metrics,
         )
         _release_freed_memory()

@@ -58,13 +58,17 @@ class Engine:
         kv_cache_dtype: str = "auto",
         max_buffered_tokens: int = 256,
         prefix_cache_bytes: int = 0,
+        speculative_tokens: int = 0,
+        speculative_max_batch: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
         then runs on the engine's compute thread (the fast way: see Scheduler).
         `max_buffered_tokens`: see generate().
-        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache)."""
+        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache).
+        `speculative_tokens`: most prompt-lookup draft tokens per request and step (0: no
+        speculation), in steps of at most `speculative_max_batch` decoding requests."""
         self.max_model_len = max_model_len
         self._max_buffered_tokens = max_buffered_tokens
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,6 +84,8 @@ class Engine:
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
             prefix_cache_bytes=prefix_cache_bytes,
+            speculative_tokens=speculative_tokens,
+            speculative_max_batch=speculative_max_batch,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded

@@ -1,0 +1,142 @@
+"""Speculative decoding (prompt-lookup drafts), engine only: acceptance rate
+and decode speed with and without it, on the real model.
+
+Three prompt kinds (chat, code editing: the answer repeats the prompt's code
+with changes, summarisation), B concurrent greedy requests of one kind
+(B = 1, 4, 8), int8. One engine; speculation is switched on and off between
+runs, alternating which goes first each round. Decode tok/s = a request's
+completion tokens after the first / (finish - first token), summed over the
+B requests. Acceptance = accepted / drafted tokens. Prints one JSON line per
+run and a table of medians (with min-max) of the on/off ratio per round.
+
+    python bench/speculative.py [--rounds 3] [--max-tokens 96] [--speculative-tokens 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.config import default_model_path  # noqa: E402
+from service.engine.engine import Engine  # noqa: E402
+from service.engine.loader import load_model  # noqa: E402
+from service.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+CODE = '''def moving_average(values, window):
+    """Mean of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        if index >= window - 1:
+            result.append(total / window)
+    return result
+'''
+ARTICLE = (
+    "The city council voted on Tuesday to expand the bicycle lane network by 40 kilometres over the next three "
+    "years. The plan, which costs an estimated 12 million euros, connects the northern suburbs to the central "
+    "station and adds protected lanes on four major roads. Supporters said the change would cut commuting times "
+    "and reduce traffic accidents, pointing to a 2021 pilot on Harbour Street where cyclist injuries fell by a "
+    "third. Opponents, including several shop owners, argued that removing parking spaces would hurt local "
+    "businesses. The council promised to review parking in the affected areas after the first year and to "
+    "publish traffic counts every quarter. Construction of the first section is due to start in the spring."
+)
+PROMPTS = {
+    "chat": "What are three good habits for staying focused while working from home? Explain each briefly.",
+    "code-edit": f"Rename `values` to `samples` and `window` to `size` in this function and return the whole "
+    f"updated function, nothing else:\n\n```python\n{CODE}```",
+    "summarize": f"Summarize this article in three sentences, reusing its wording:\n\n{ARTICLE}",
+}
+BATCHES = (1, 4, 8)
+
+
+async def run(engine: Engine, prompt: tuple[int, ...], batch: int, max_tokens: int) -> dict:
+    stats = engine.stats()
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    async def one(index: int):
+        final = None
+        async for event in engine.generate(GenerationRequest(f"b{index}-{time.monotonic_ns()}", prompt, sampling)):
+            final = event
+        return final
+
+    finals = await asyncio.gather(*(one(i) for i in range(batch)))
+    after = engine.stats()
+    tok_s = sum((f.usage.completion_tokens - 1) / (f.timing.finished - f.timing.first_token) for f in finals)
+    drafted = after.draft_tokens_total - stats.draft_tokens_total
+    accepted = after.accepted_draft_tokens_total - stats.accepted_draft_tokens_total
+    return {
+        "tok_s": round(tok_s, 2),
+        "tokens": finals[0].usage.completion_tokens,
+        "drafted": drafted,
+        "acceptance": round(accepted / drafted, 3) if drafted else None,
+        "accepted_per_token": round(accepted / sum(f.usage.completion_tokens for f in finals), 3),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--speculative-tokens", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    engine = Engine(
+        lambda: load_model(default_model_path()),
+        max_batch_size=max(BATCHES),
+        max_waiting=8,
+        max_model_len=2048,
+        prefill_chunk_size=512,
+        interleaved_prefill_tokens=128,
+        threads=args.threads,
+        quantization="int8",
+        speculative_tokens=args.speculative_tokens,
+        speculative_max_batch=max(BATCHES),
+    )
+    engine.start()
+    scheduler = engine._scheduler  # switched between runs: one model in memory for both arms
+    prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}
+    await run(engine, prompts["chat"], 1, 8)  # warm-up
+    results: dict[tuple[str, int, int], list[dict]] = {}
+    outputs: dict[tuple[str, int], set] = {}
+    print(json.dumps({"uptime": os.getloadavg()}), flush=True)
+    for round_index in range(args.rounds):
+        for kind, prompt in prompts.items():
+            for batch in BATCHES:
+                order = (0, args.speculative_tokens) if round_index % 2 == 0 else (args.speculative_tokens, 0)
+                for tokens in order:
+                    scheduler._speculative_tokens = tokens
+                    result = await run(engine, prompt, batch, args.max_tokens)
+                    results.setdefault((kind, batch, tokens), []).append(result)
+                    outputs.setdefault((kind, batch), set()).add(result["tokens"])
+                    print(json.dumps({"round": round_index, "kind": kind, "batch": batch, "spec": tokens, **result}))
+        print(json.dumps({"uptime": os.getloadavg()}), flush=True)
+    await engine.shutdown()
+    print("\n| prompt | B | acceptance | tok/s off | tok/s on | on/off ratio: median (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for kind in prompts:
+        for batch in BATCHES:
+            off, on = results[(kind, batch, 0)], results[(kind, batch, args.speculative_tokens)]
+            ratios = [b["tok_s"] / a["tok_s"] for a, b in zip(off, on)]
+            print(
+                f"| {kind} | {batch} | {on[0]['acceptance']} | {statistics.median(r['tok_s'] for r in off):.1f} | "
+                f"{statistics.median(r['tok_s'] for r in on):.1f} | {statistics.median(ratios):.2f} "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+            )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

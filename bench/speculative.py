@@ -111,7 +111,6 @@ async def main() -> None:
     prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}
     await run(engine, prompts["chat"], 1, 8)  # warm-up
     results: dict[tuple[str, int, int], list[dict]] = {}
-    outputs: dict[tuple[str, int], set] = {}
     print(json.dumps({"uptime": os.getloadavg()}), flush=True)
     for round_index in range(args.rounds):
         for kind, prompt in prompts.items():
@@ -121,7 +120,6 @@ async def main() -> None:
                     scheduler._speculative_tokens = tokens
                     result = await run(engine, prompt, batch, args.max_tokens)
                     results.setdefault((kind, batch, tokens), []).append(result)
-                    outputs.setdefault((kind, batch), set()).add(result["tokens"])
                     print(json.dumps({"round": round_index, "kind": kind, "batch": batch, "spec": tokens, **result}))
         print(json.dumps({"uptime": os.getloadavg()}), flush=True)
     await engine.shutdown()

@@ -317,3 +317,34 @@ async def test_no_drafts_above_the_batch_limit_or_for_penalties(tiny_model_dir, 
         assert engine.stats().draft_tokens_total == 0
     finally:
         await engine.shutdown()
+
+
+async def test_drafts_share_the_step_budget_with_prompt_chunks(tiny_model_dir, oracle, monkeypatch):
+    long = SamplingParams(max_tokens=60, temperature=0.0)
+    cases = [(PROMPTS[2], long), (PROMPTS[0], long), (PROMPTS[1], long)]
+    await compare(tiny_model_dir, cases, False)  # futures to draft from
+    steps: list[tuple[int, int]] = []  # (prompt tokens, draft tokens) of passes with decoding requests
+    real_plan = Scheduler._plan_drafts
+
+    def recording_plan(self, decoding, chunks):
+        drafts = real_plan(self, decoding, chunks)
+        if decoding:
+            steps.append((sum(len(chunk.token_ids) for chunk in chunks), sum(map(len, drafts))))
+        return drafts
+
+    monkeypatch.setattr(Scheduler, "_plan_drafts", recording_plan)
+    engine = make_engine(tiny_model_dir, 4, interleaved_prefill_tokens=6)
+    try:
+        # Staggered: later prompts are prefilled while the first streams decode with drafts.
+        first = asyncio.ensure_future(outputs(engine, cases[:1], False))
+        while not steps:
+            await asyncio.sleep(0.01)
+        rest = await outputs(engine, cases[1:], True)
+        got = await first + rest
+    finally:
+        await engine.shutdown()
+    expected, _, _ = await compare(tiny_model_dir, cases, False)
+    assert got == expected
+    assert all(prompt + draft <= 6 for prompt, draft in steps)
+    assert any(prompt and draft for prompt, draft in steps)  # both in one pass
+    assert any(draft == 4 for _, draft in steps)

@@ -30,7 +30,7 @@ CASES = [
 async def outputs(engine: Engine, together: bool) -> list[tuple[str, int]]:
     async def one(index: int, text: str, temperature: float, seed: int | None) -> tuple[str, int]:
         prompt = tuple(engine.encode_chat([{"role": "user", "content": text}]))
-        sampling = SamplingParams(max_tokens=64, temperature=temperature, top_p=0.9, seed=seed)
+        sampling = SamplingParams(max_tokens=32, temperature=temperature, top_p=0.9, seed=seed)
         events = [event async for event in engine.generate(GenerationRequest(f"r{index}", prompt, sampling))]
         return "".join(event.text for event in events), events[-1].usage.completion_tokens
 

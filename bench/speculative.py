@@ -10,6 +10,11 @@ B requests. Acceptance = accepted / drafted tokens. Prints one JSON line per
 run and a table of medians (with min-max) of the on/off ratio per round.
 
     python bench/speculative.py [--rounds 3] [--max-tokens 96] [--speculative-tokens 4]
+
+`--acceptance` instead generates each kind once (B=1, greedy: the output is
+the same with or without drafts) and replays the drafting on its tokens for
+a minimum n-gram of 1, 2 and 3: acceptance and tokens per pass without
+timing anything, so it means the same on a busy machine.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.config import default_model_path  # noqa: E402
+from service.engine import speculative  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
+from service.engine.scheduler import Scheduler  # noqa: E402
 from service.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 
 CODE = '''def moving_average(values, window):
@@ -86,12 +93,49 @@ async def run(engine: Engine, prompt: tuple[int, ...], batch: int, max_tokens: i
     }
 
 
+def replay(prompt: tuple[int, ...], output: tuple[int, ...], tokens: int) -> dict:
+    """The passes a request with this greedy output takes at B=1: each
+    drafts from prompt + output so far and keeps the matching prefix."""
+    done, drafted, accepted, passes = 1, 0, 0, 0  # the first token comes from the prompt's pass
+    while done < len(output):
+        draft = speculative.propose_draft(prompt + output[:done], min(tokens, len(output) - done - 1))
+        kept = 0
+        while kept < len(draft) and draft[kept] == output[done + kept]:
+            kept += 1
+        drafted, accepted, passes, done = drafted + len(draft), accepted + kept, passes + 1, done + kept + 1
+    return {
+        "acceptance": round(accepted / drafted, 3) if drafted else None,
+        "tokens_per_pass": round((len(output) - 1) / passes, 2),
+    }
+
+
+async def acceptance(engine: Engine, prompts: dict[str, tuple[int, ...]], args: argparse.Namespace) -> None:
+    outputs: dict[str, tuple[int, ...]] = {}
+    release = Scheduler._release
+
+    def recording_release(scheduler: Scheduler, seq, *rest, **options) -> None:
+        outputs[seq.request.request_id] = tuple(seq.output_ids)
+        release(scheduler, seq, *rest, **options)
+
+    Scheduler._release = recording_release  # type: ignore[method-assign]
+    for kind, prompt in prompts.items():
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+        async for _ in engine.generate(GenerationRequest(kind, prompt, sampling)):
+            pass
+        row = {"kind": kind, "tokens": len(outputs[kind])}
+        for n in (1, 2, 3):
+            speculative.DRAFT_MIN_NGRAM = n
+            row[f"min_ngram_{n}"] = replay(prompt, outputs[kind], args.speculative_tokens)
+        print(json.dumps(row), flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--speculative-tokens", type=int, default=4)
     parser.add_argument("--batches", default="1,4", help="comma-separated concurrent requests per run")
+    parser.add_argument("--acceptance", action="store_true", help="acceptance rates only (see above)")
     # On a busy shared machine two OpenMP threads wait on each other in every op: 1 is the stable choice there.
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
@@ -111,6 +155,10 @@ async def main() -> None:
     engine.start()
     scheduler = engine._scheduler  # switched between runs: one model in memory for both arms
     prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}
+    if args.acceptance:
+        await acceptance(engine, prompts, args)
+        await engine.shutdown()
+        return
     await run(engine, prompts["chat"], 1, 8)  # warm-up
     results: dict[tuple[str, int, int], list[dict]] = {}
     print(json.dumps({"uptime": os.getloadavg()}), flush=True)

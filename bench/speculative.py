@@ -117,7 +117,7 @@ async def acceptance(engine: Engine, prompts: dict[str, tuple[int, ...]], args: 
         outputs[seq.request.request_id] = tuple(seq.output_ids)
         release(scheduler, seq, *rest, **options)
 
-    Scheduler._release = recording_release  # type: ignore[method-assign]
+    Scheduler._release = recording_release  # type: ignore[method-assign,assignment]
     for kind, prompt in prompts.items():
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         async for _ in engine.generate(GenerationRequest(kind, prompt, sampling)):

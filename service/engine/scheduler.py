@@ -497,10 +497,11 @@ class Scheduler:
             self._accept(seq, token)
             if not self._slots.holds(seq) or accepted == len(draft) or token != draft[accepted]:
                 break
-            token = self._checked(seq, self._select_alone(seq, draft_logits[accepted]))
-            if token is None:
+            selected = self._checked(seq, self._select_alone(seq, draft_logits[accepted]))
+            if selected is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
                 break
+            token = selected
             accepted += 1
         self._speculated(len(draft), accepted)
 

@@ -50,7 +50,7 @@ RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation --root /
 FROM deps AS model
 ARG MODEL_FETCH=true
 COPY service/__init__.py service/config.py service/model_fetch.py /src/service/
-COPY service/engine/__init__.py service/engine/loader.py service/engine/weight_cache.py /src/service/engine/
+COPY service/engine/__init__.py service/engine/config.py service/engine/loader.py service/engine/weight_cache.py /src/service/engine/
 RUN mkdir -p /models \
  && if [ "$MODEL_FETCH" = "true" ]; then \
       cd /src && HF_HUB_OFFLINE=1 /opt/venv/bin/python -m service.model_fetch --cache-dir /tmp/qwen-fetch \

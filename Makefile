@@ -1,6 +1,7 @@
 # qwen-grpc — every entry point a user or CI needs.
 #   make run    set up, fetch the model, serve gRPC on :50051 and HTTP on :8000
-#   make test   set up, fetch the model, install helm/kubectl, chromium, nginx and haproxy, run every test
+#   make test   set up, fetch the model, install helm/kubectl, chromium, nginx and haproxy, lint, run every test
+#   make lint   ruff format --check, ruff check, mypy (configured in pyproject.toml)
 #   make test-lb    client-side load-balancing tests (3 replicas in network namespaces + dnsmasq)
 #   make lb-demo    the same fleet scenarios, narrated with their measurements
 #   make go-client  Go qwen-chat for linux/amd64 and linux/arm64 (clients/go/bin/)
@@ -15,7 +16,7 @@ PY := $(BIN)/python
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup model prometheus chromium proxies run test test-fast soak proto lock clean fleet-deps go-client test-lb lb-demo \
+.PHONY: help setup model prometheus chromium proxies run lint test test-fast soak proto lock clean fleet-deps go-client test-lb lb-demo \
 	tools docker-wheels docker-image docker-test k8s-manifests chart-sync chart-check kind-test \
 	bench-protocols docs-screenshot
 
@@ -68,10 +69,17 @@ proxies:  ## install nginx and haproxy (apt) for the proxy tests, if missing
 run: model  ## serve the default model (gRPC :50051, HTTP :8000); pass flags with ARGS="..."
 	$(BIN)/qwen-serve $(ARGS)
 
-test: model fleet-deps go-client tools prometheus chromium proxies  ## every test (unit, integration, browser, real model, fleet, deploy incl. the docker image, observability)
+# ruff and mypy are pinned in requirements.lock; mypy checks service/ and
+# clients/python/qwen_grpc_client (not the generated stubs).
+lint: setup  ## ruff format --check, ruff check, mypy
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint model fleet-deps go-client tools prometheus chromium proxies  ## lint, then every test (unit, integration, browser, real model, fleet, deploy incl. the docker image, observability)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: setup fleet-deps go-client tools prometheus chromium proxies  ## tests that need no real model
+test-fast: lint fleet-deps go-client tools prometheus chromium proxies  ## tests that need no real model
 	$(BIN)/pytest -m "not real_model" $(PYTEST_ARGS)
 
 # The fleet tests need root (network namespaces), dnsmasq and openssl;

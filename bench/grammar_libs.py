@@ -283,7 +283,7 @@ def main() -> None:
                 fill_total, step_ms, tokens = replay(lib, compiled, sequences[:streams], tokenizer.eos_token_id)
                 record.setdefault(f"us_per_token_B{streams}", []).append(fill_total / tokens * 1e6)
                 record.setdefault(f"ms_per_step_B{streams}", []).append(step_ms)
-    print(f"rounds: {args.rounds}; load average (1 min) at each round: {', '.join(f'{l:.1f}' for l in loads)}")
+    print(f"rounds: {args.rounds}; load average (1 min) at each round: {', '.join(f'{load:.1f}' for load in loads)}")
     keys = ["setup_s", "compile_s"] + [f"{k}_B{b}" for b in stream_counts for k in ("us_per_token", "ms_per_step")]
     print("| library | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

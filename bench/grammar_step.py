@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.grammar_libs import SCHEMA  # noqa: E402
 from service.config import default_model_path  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.grammar import GrammarCompiler  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner  # noqa: E402
@@ -52,7 +53,9 @@ def main() -> None:
     loaded = load_model(args.model)
     compiler = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
     grammar = compiler.compile(OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA)))
-    runner = ModelRunner(loaded, num_slots=BATCH + 1, max_model_len=1024, quantization="int8")
+    runner = ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=BATCH + 1, max_model_len=1024, quantization="int8")
+    )
     params = [SamplingParams(max_tokens=1000, temperature=0.7, top_p=0.9, top_k=20)] * BATCH
     generators = [make_generator(row) for row in range(BATCH)]
     step_ms: dict[int, list[float]] = {k: [] for k in CONSTRAINED}
@@ -82,7 +85,7 @@ def main() -> None:
                 step_ms[constrained].append(statistics.median(steps) * 1e3)
                 select_ms[constrained].append(statistics.median(selects) * 1e3)
     print(
-        f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{l:.1f}' for l in loads)}"
+        f"rounds: {args.rounds} x {args.steps} steps; load average (1 min) per round: {', '.join(f'{load:.1f}' for load in loads)}"
     )
     print(
         "| constrained rows of 16 | step ms | of which select_tokens ms | step overhead vs 0 (median of per-round ratios) |"

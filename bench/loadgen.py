@@ -770,12 +770,12 @@ def token_count_table(levels: list[dict]) -> str:
         # The first round of each level (later rounds produce the same greedy answers).
         pairs.setdefault((level["workload"], level["concurrency"]), {}).setdefault(level["server"], level["summary"])
     for (workload, c), sides in pairs.items():
-        o, l = sides.get("ours", {}), sides.get("llama", {})
+        ours, llama = sides.get("ours", {}), sides.get("llama", {})
         lines.append(
-            f"| {workload} | {c} | {_fmt(o.get('prompt_tokens_mean'), digits=1)} | {_fmt(l.get('prompt_tokens_mean'), digits=1)} "
-            f"| {_fmt(o.get('completion_tokens_min'))}/{_fmt(o.get('completion_tokens_mean'), digits=1)} "
-            f"| {_fmt(l.get('completion_tokens_min'))}/{_fmt(l.get('completion_tokens_mean'), digits=1)} "
-            f"| {o.get('finish_reasons', '')} | {l.get('finish_reasons', '')} |"
+            f"| {workload} | {c} | {_fmt(ours.get('prompt_tokens_mean'), digits=1)} | {_fmt(llama.get('prompt_tokens_mean'), digits=1)} "
+            f"| {_fmt(ours.get('completion_tokens_min'))}/{_fmt(ours.get('completion_tokens_mean'), digits=1)} "
+            f"| {_fmt(llama.get('completion_tokens_min'))}/{_fmt(llama.get('completion_tokens_mean'), digits=1)} "
+            f"| {ours.get('finish_reasons', '')} | {llama.get('finish_reasons', '')} |"
         )
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ them (PrefixCache.store), and to prefill the same N tokens in passes of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.engine_decode import _median_ms  # noqa: E402
 from service.config import default_model_path  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner  # noqa: E402
 from service.engine.prefix_cache import BLOCK_SIZE, PrefixCache, block_keys  # noqa: E402
@@ -45,7 +47,12 @@ def main() -> int:
     args = p.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     torch.set_num_threads(args.threads)
-    runner = ModelRunner(load_model(args.model), 2, 2048, args.quantization, args.kv_cache_dtype)
+    runner = ModelRunner(
+        load_model(args.model),
+        EngineConfig.defaults(
+            max_batch_size=2, max_model_len=2048, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype
+        ),
+    )
     tokens = list(range(1000, 1000 + max(lengths)))
     result = {
         "quantization": args.quantization,
@@ -63,11 +70,15 @@ def main() -> int:
                     runner.prefill(0, tokens[start : min(length, start + args.prefill_chunk_size)], start)
 
             result[f"prefill_ms_{length}"] = median_ms(prefill, args.repeats)
+
             # Into an empty store each time (first-touch page faults included, as when the cache fills).
-            result[f"store_ms_{length}"] = median_ms(lambda: PrefixCache(runner, blocks).store(keys, 0), args.repeats)
+            def store(blocks: int = blocks, keys: list[bytes] = keys) -> None:
+                PrefixCache(runner, blocks).store(keys, 0)
+
+            result[f"store_ms_{length}"] = median_ms(store, args.repeats)
             cache.store(keys, 0)
             cache.match(keys)
-            result[f"copy_in_ms_{length}"] = median_ms(lambda: cache.copy_into(keys, 1), args.repeats)
+            result[f"copy_in_ms_{length}"] = median_ms(functools.partial(cache.copy_into, keys, 1), args.repeats)
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1))
     return 0

@@ -441,7 +441,7 @@ async def run_bytes(args, server: ServerProcess) -> dict[str, Any]:
             )
             per_answer = []
             texts[p] = []
-            for i in range(args.bytes_answers + 1):
+            for _ in range(args.bytes_answers + 1):
                 up0, down0, _ = proxy.read(route)
                 # One prompt, greedy: every answer is the same, so the first
                 # answer's surplus is the new connection's cost alone.

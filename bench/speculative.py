@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from service.config import default_model_path  # noqa: E402
 from service.engine import speculative  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.scheduler import Scheduler  # noqa: E402
@@ -140,18 +141,18 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine(
-        lambda: load_model(default_model_path()),
+    # The server's defaults but batch, context, threads and speculation; no prefix cache (the rounds repeat prompts).
+    config = EngineConfig.defaults(
         max_batch_size=max(batches),
         max_waiting=8,
         max_model_len=2048,
-        prefill_chunk_size=512,
-        interleaved_prefill_tokens=128,
         threads=args.threads,
         quantization="int8",
+        prefix_cache_bytes=0,
         speculative_tokens=args.speculative_tokens,
         speculative_max_batch=max(batches),
     )
+    engine = Engine(lambda: load_model(default_model_path()), config)
     engine.start()
     scheduler = engine._scheduler  # switched between runs: one model in memory for both arms
     prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}

@@ -9,6 +9,7 @@ Run: python bench/torchao_eval.py [--ms 1,4,16,64,256] [--methods a,b,...]
 """
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -18,12 +19,8 @@ import sys
 import time
 import warnings
 
-warnings.simplefilter("ignore")
 import torch
 from torch import nn
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-# The engine's own kernels (measured when this ran: torch.ao's module, and weight-only int8 for down_proj).
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 from torchao.quantization import (
     Int8DynamicActivationInt8WeightConfig,
@@ -33,7 +30,12 @@ from torchao.quantization import (
     quantize_,
 )
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# The engine's own kernels (measured when this ran: torch.ao's module, and weight-only int8 for down_proj).
 from service.engine.model_runner import Int8WeightOnlyLinear  # noqa: E402
+
+# torch.ao's and torchao's deprecation notices would bury the table.
+warnings.simplefilter("ignore")
 
 LAYERS = 24
 SHAPES = [("qkv", 896, 1152, True), ("o", 896, 896, False), ("gate_up", 896, 9728, False), ("down", 4864, 896, False)]
@@ -144,7 +146,7 @@ def main():
     t0 = time.perf_counter()
     stacks = build(base_methods)
     print(f"built {base_methods} in {time.perf_counter() - t0:.0f}s", flush=True)
-    for m, (base, over, dt) in COMPOSITE.items():
+    for m, (base, over, _dtype) in COMPOSITE.items():
         if m in methods:
             stacks[m] = [(n, stacks[over[n]][i][1] if n in over else mod) for i, (n, mod) in enumerate(stacks[base])]
     dtypes = {m: (BUILDERS[m][1] if m in BUILDERS else COMPOSITE[m][2]) for m in methods}
@@ -160,7 +162,7 @@ def main():
                     run(stacks[m], xs)  # warm-up, also sizes the measurement
                     warm = time.perf_counter() - t
                     iters = max(1, min(5, int(0.5 / max(warm, 1e-3))))
-                    ms_per, cont = timed(lambda: run(stacks[m], xs), iters)
+                    ms_per, cont = timed(functools.partial(run, stacks[m], xs), iters)
                     times[m][M].append(ms_per)
                     flags[m][M].append(cont)
                 print(

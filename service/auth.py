@@ -46,6 +46,14 @@ def read_keys_file(path: str | pathlib.Path) -> list[str]:
     return keys
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an `authorization` value "Bearer <key>" (scheme in any case), else None."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 class ApiKeyAuth:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
@@ -89,10 +97,10 @@ class ApiKeyAuth:
         caller's key fingerprint or raise Unauthenticated."""
         if not authorization:
             raise Unauthenticated("missing API key: send `authorization: Bearer <key>`")
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthenticated("malformed authorization: expected `Bearer <key>`")
-        identity = self.identify(token.strip())
+        identity = self.identify(token)
         if identity is None:
             raise Unauthenticated("invalid API key")
         return identity

@@ -12,11 +12,11 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import enum
+import functools
 import json
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from .config import LEGACY_MODEL_NAME, Settings
@@ -28,9 +28,11 @@ from .engine.types import (
     EngineStopped,
     FinishReason,
     GenerationRequest,
+    InvalidSamplingParams,
     OutputConstraint,
     SamplingParams,
     TokenEvent,
+    TokenLogprobs,
 )
 from .errors import (
     ContextLengthExceeded,
@@ -39,6 +41,7 @@ from .errors import (
     InvalidArgument,
     ModelNotFound,
     Overloaded,
+    ServiceError,
     SlowConsumer,
     Unavailable,
     excerpt,
@@ -48,9 +51,6 @@ from .observability.telemetry import RequestTelemetry, Telemetry
 T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant")
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_BYTES = 256
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # A form's schema is a few KiB; compiling one costs milliseconds per KiB on
 # the tokenizer thread, so a bound keeps one request from holding it long.
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -67,7 +67,7 @@ class ChatMessage:
     content: str
 
 
-class ResponseFormatType(str, enum.Enum):
+class ResponseFormatType(enum.StrEnum):
     TEXT = "text"
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # JSON valid against ResponseFormat.json_schema
@@ -93,6 +93,31 @@ class ChatParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     response_format: ResponseFormat | None = None
+    n: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[int, float] | None = None  # token id -> bias
+
+
+@dataclasses.dataclass(frozen=True)
+class LogprobToken:
+    """A token as logprobs report it: its text (bytes that are not a whole
+    UTF-8 character written as \\xNN), exact bytes, and logprob."""
+
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's logprob and its most likely alternatives."""
+
+    chosen: LogprobToken
+    top: tuple[LogprobToken, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +132,6 @@ class PreparedChat:
     request: GenerationRequest
     model: str  # the served name that was asked for
     telemetry: RequestTelemetry
-
-
-def _finite(field: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise InvalidArgument(field, f"must be a finite number, got {value}")
-    return value
 
 
 def served_model_names(settings: Settings, model_name: str) -> tuple[str, ...]:
@@ -184,45 +203,50 @@ class ChatService:
         return [{"role": m.role, "content": m.content} for m in messages]
 
     def _sampling(self, params: ChatParams) -> SamplingParams:
+        """Server defaults applied to the unset fields; the ranges are
+        SamplingParams' own (engine/types.py), plus what depends on this server."""
         s = self._settings
-        temperature = (
-            s.temperature_default if params.temperature is None else _finite("temperature", params.temperature)
-        )
-        if not 0.0 <= temperature <= 2.0:
-            raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
         max_tokens = s.max_tokens_default if params.max_tokens is None else params.max_tokens
-        if not 1 <= max_tokens <= s.max_tokens_limit:
+        if (
+            not isinstance(max_tokens, bool)
+            and isinstance(max_tokens, int)
+            and not 1 <= max_tokens <= s.max_tokens_limit
+        ):
             raise InvalidArgument("max_tokens", f"must be between 1 and {s.max_tokens_limit}, got {max_tokens}")
-        top_p = s.top_p_default if params.top_p is None else _finite("top_p", params.top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
-        top_k = s.top_k_default if params.top_k is None else params.top_k
-        if top_k < 0:
-            raise InvalidArgument("top_k", f"must be >= 0 (0 disables), got {top_k}")
-        penalty = (
-            s.repetition_penalty_default
-            if params.repetition_penalty is None
-            else _finite("repetition_penalty", params.repetition_penalty)
-        )
-        if not 0.0 < penalty <= 2.0:
-            raise InvalidArgument("repetition_penalty", f"must be in (0, 2], got {penalty}")
-        if params.seed is not None and not INT64_MIN <= params.seed <= INT64_MAX:
-            # As OpenAI: a seed is an int64 (a wider one would wrap onto another seed's text).
-            raise InvalidArgument("seed", f"must be between {INT64_MIN} and {INT64_MAX}, got {params.seed}")
-        if len(params.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop)}")
-        for index, stop in enumerate(params.stop):
-            if not stop or len(stop.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES:
-                raise InvalidArgument(f"stop[{index}]", f"must be 1..{MAX_STOP_BYTES} bytes")
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=penalty,
-            seed=params.seed,
-            stop=tuple(params.stop),
-        )
+        n = 1 if params.n is None else params.n
+        if isinstance(n, int) and n > s.max_batch_size:
+            raise InvalidArgument("n", f"must be at most the server's batch size {s.max_batch_size}, got {n}")
+        logit_bias = tuple(sorted((params.logit_bias or {}).items()))
+        vocab_size = self._engine.vocab_size
+        for token, _ in logit_bias:
+            if isinstance(token, int) and token >= vocab_size:
+                raise InvalidArgument("logit_bias", f"token id {token} is not below the vocabulary size {vocab_size}")
+
+        def given(value: T | None, default: T) -> T:
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=given(params.temperature, s.temperature_default),
+                top_p=given(params.top_p, s.top_p_default),
+                top_k=given(params.top_k, s.top_k_default),
+                repetition_penalty=given(params.repetition_penalty, s.repetition_penalty_default),
+                seed=params.seed,
+                stop=tuple(params.stop),
+                n=n,
+                logprobs=params.logprobs,
+                top_logprobs=given(params.top_logprobs, 0),
+                presence_penalty=given(params.presence_penalty, 0.0),
+                frequency_penalty=given(params.frequency_penalty, 0.0),
+                logit_bias=logit_bias,
+            )
+        except InvalidSamplingParams as exc:
+            raise InvalidArgument(exc.field, exc.message) from None
+
+    def default_sampling(self, max_tokens: int) -> SamplingParams:
+        """The sampling of a request that sets only max_tokens (the server's defaults)."""
+        return self._sampling(ChatParams(messages=(), max_tokens=max_tokens))
 
     @staticmethod
     def _text_bytes(messages: list[dict[str, str]]) -> int:
@@ -289,17 +313,18 @@ class ChatService:
         """count_tokens() on the tokenizer thread, within its queue bound."""
         self.resolve_model(model)
         validated = self._validate_messages(messages)
-        encode = lambda: self._engine.encode_chat(validated)
+        encode = functools.partial(self._engine.encode_chat, validated)
         return len(await self._on_tokenizer_thread(encode, self._text_bytes(validated)))
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, slots: int) -> None:
         """Admission before tokenizing: requests being tokenized count like
         waiting ones, so a burst is refused at once instead of queueing for
         the tokenizer ahead of the engine's own check (which stays the
-        authority: it still refuses what got past this one in the same tick)."""
+        authority: it still refuses what got past this one in the same tick).
+        A request for n choices needs n slots."""
         stats = self._engine.stats()
         waiting = stats.waiting + self._tokenizing
-        if stats.running + waiting >= self._settings.max_batch_size + self._settings.max_waiting:
+        if stats.running + waiting + slots > self._settings.max_batch_size + self._settings.max_waiting:
             raise Overloaded(
                 f"server is at capacity ({stats.running} running, {waiting} waiting); retry later", RETRY_AFTER_SECONDS
             )
@@ -312,10 +337,13 @@ class ChatService:
         telemetry = self._telemetry.start(arrival)
         try:
             model, messages, sampling, size = self._check(params)
-            self._check_capacity()
+            self._check_capacity(sampling.n)
             self._tokenizing += 1
+
             # The schema is compiled on the tokenizer thread too (milliseconds, cached).
-            encode = lambda: (self._engine.encode_chat(messages), self._grammar(params.response_format))
+            def encode() -> tuple[list[int], Grammar | None]:
+                return self._engine.encode_chat(messages), self._grammar(params.response_format)
+
             try:
                 prompt, grammar = await self._on_tokenizer_thread(encode, size)
             finally:
@@ -382,15 +410,42 @@ class ChatService:
     def _expired(request: GenerationRequest) -> bool:
         return request.deadline is not None and time.monotonic() >= request.deadline
 
+    def token_logprob(self, logprobs: TokenLogprobs) -> TokenLogprob:
+        """An event's logprobs with each token's text and bytes, for the transports."""
+
+        def token(token_id: int, logprob: float) -> LogprobToken:
+            raw = self._engine.token_bytes(token_id)
+            return LogprobToken(token_id, raw.decode("utf-8", "backslashreplace"), raw, logprob)
+
+        return TokenLogprob(
+            token(logprobs.token_id, logprobs.logprob), tuple(token(i, value) for i, value in logprobs.top)
+        )
+
     async def generate(self, prepared: PreparedChat) -> AsyncIterator[TokenEvent]:
         """The engine's events for a prepared request, with engine failures
         turned into ServiceErrors. Closing the iterator aborts the request.
         Every event is observed (TTFT, inter-token latency, tokens) before it
-        is handed on; the final one settles the request's metrics and spans."""
+        is handed on; the final one settles the request's metrics and spans.
+
+        With n > 1 choices every choice has its own final event (its `index`);
+        the last event of all carries the request's usage: the prompt counted
+        once, the completion tokens of every choice summed."""
         telemetry = prepared.telemetry
         events = self._engine.generate(prepared.request)
+        choices_left = prepared.request.sampling.n
+        completion_tokens = 0
         try:
             async for event in events:
+                if event.finished and prepared.request.sampling.n > 1:
+                    choices_left -= 1
+                    completion_tokens += event.usage.completion_tokens if event.usage else 0
+                    if choices_left and event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                        yield event  # one choice done; the request goes on
+                        continue
+                    if event.usage is not None:
+                        event = dataclasses.replace(
+                            event, usage=dataclasses.replace(event.usage, completion_tokens=completion_tokens)
+                        )
                 if event.finish_reason is FinishReason.ERROR:
                     raise InternalError(event.error or "generation failed")
                 if event.finish_reason is FinishReason.SLOW_CONSUMER:
@@ -403,7 +458,7 @@ class ChatService:
                 telemetry.on_event(event, time.monotonic())
                 yield event
         except EngineOverloaded as exc:
-            error = Overloaded(str(exc), RETRY_AFTER_SECONDS)
+            error: ServiceError = Overloaded(str(exc), RETRY_AFTER_SECONDS)
             telemetry.fail(error)
             raise error from exc
         except EngineStopped as exc:

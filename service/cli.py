@@ -8,8 +8,10 @@ import asyncio
 import ctypes
 import functools
 import gc
+import json
 import logging
 import os
+import pathlib
 import resource
 import signal
 import sys
@@ -20,7 +22,11 @@ from typing import TYPE_CHECKING
 from .config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from .api.http_server import HttpBackend, HttpServer
+    from .chat import ChatService
+    from .engine.engine import Engine
     from .engine.types import EngineStats
+    from .observability.metrics import MetricsServer
 
 _LOG = logging.getLogger("qwen_grpc")
 
@@ -40,6 +46,10 @@ def raise_fd_limit() -> None:
         _LOG.warning("cannot raise the file-descriptor limit from %d: %s", soft, exc)
         return
     _LOG.info("file-descriptor limit raised from %d to %d", soft, hard)
+
+
+class ListenError(Exception):
+    """A listener could not bind its port (taken, or the address is not available)."""
 
 
 class AcceptErrorLog:
@@ -72,6 +82,14 @@ class AcceptErrorLog:
             )
             self._count = 0
             self._next_report = now + self._interval
+
+
+def _write_port_file(path: str, ports: dict[str, int | None]) -> None:
+    """Written whole, then renamed into place: a reader never sees half of it."""
+    target = pathlib.Path(path)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    partial.replace(target)
 
 
 def _release_freed_memory() -> None:
@@ -123,7 +141,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.tracing = setup_tracing(version=_version())
-        self.metrics_server = None
+        self.metrics_server: MetricsServer | None = None
         self._servicer = QwenServicer()
         telemetry = TelemetryInterceptor(self.metrics.grpc, self.tracing.tracer if self.tracing.enabled else None)
         # One key set and one rate limiter for both transports.
@@ -132,7 +150,8 @@ class Server:
         self._grpc, self._health, self.grpc_port = build_server(
             settings, self._servicer, telemetry, auth=auth, limiter=limiter
         )
-        self._http = None
+        self._http: HttpServer | None = None
+        self._http_backend: HttpBackend | None = None
         self.http_port: int | None = None
         if settings.http:
             from .api.http_access import http_middleware
@@ -147,14 +166,15 @@ class Server:
             )
             self._http = HttpServer(settings, app)
             self.http_port = self._http.port
-        self.engine = None
-        self.chat = None
+        self.engine: Engine | None = None
+        self.chat: ChatService | None = None
         self._trimmer: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         from .api.grpc_server import set_serving
         from .chat import ChatService, served_model_names
+        from .engine.config import EngineConfig
         from .engine.engine import Engine
         from .engine.loader import load_model, model_name
         from .observability.metrics import MetricsServer
@@ -163,51 +183,46 @@ class Server:
         started = time.monotonic()
         s = self.settings
         if s.metrics_port:
-            self.metrics_server = MetricsServer(self.metrics.registry, s.host, s.metrics_port)
-            _LOG.info("metrics on http://%s:%d/metrics", s.host, self.metrics_server.port)
+            metrics_server = self.metrics_server = MetricsServer(self.metrics.registry, s.host, s.metrics_port)
+            _LOG.info("metrics on http://%s:%d/metrics", s.host, metrics_server.port)
         await set_serving(self._health, False)
         await self._grpc.start()
         _LOG.info("gRPC listening on %s:%d (NOT_SERVING while the model loads)", s.host, self.grpc_port)
         if self._http is not None:
-            await self._http.start()
+            try:
+                await self._http.start()  # listen() may still find the port taken
+            except OSError as exc:
+                raise ListenError(f"cannot listen for HTTP on {s.host}:{self.http_port}: {exc}") from exc
             self._http.task.add_done_callback(self._http_ended)
             _LOG.info("HTTP listening on %s:%d (/health 503 while the model loads)", s.host, self.http_port)
+        if s.port_file:
+            metrics_port = self.metrics_server.port if self.metrics_server is not None else None
+            _write_port_file(s.port_file, {"grpc": self.grpc_port, "http": self.http_port, "metrics": metrics_port})
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
-        self.engine = await asyncio.to_thread(
-            Engine,
-            functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir),
-            max_batch_size=s.max_batch_size,
-            max_waiting=s.max_waiting,
-            max_model_len=s.max_model_len,
-            prefill_chunk_size=s.prefill_chunk_size,
-            interleaved_prefill_tokens=s.interleaved_prefill_tokens,
-            threads=s.threads,
-            quantization=s.quantization,
-            kv_cache_dtype=s.kv_cache_dtype,
-            max_buffered_tokens=s.max_buffered_tokens,
-            prefix_cache_bytes=s.prefix_cache_mb << 20 if s.prefix_caching else 0,
-            speculative_tokens=s.speculative_tokens,
-            speculative_max_batch=s.speculative_max_batch,
-            observer=model_metrics,
-        )
+        load = functools.partial(load_model, s.model, s.dtype, s.quantization, s.weight_cache_dir)
+
+        def build_engine() -> Engine:
+            return Engine(load, EngineConfig.from_settings(s), observer=model_metrics)
+
+        engine = self.engine = await asyncio.to_thread(build_engine)
         _release_freed_memory()
-        model_metrics.track_engine(self.engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
-        self.engine.start()
-        self._health.watch_engine(self.engine.stats)  # qwen.Liveness
-        self._trimmer = asyncio.create_task(_trim_when_idle(self.engine.stats))
-        self.chat = ChatService(self.engine, s, Telemetry(model_metrics, self.tracing.tracer))
-        self._servicer.attach(self.chat)
-        if self._http is not None:
-            self._http_backend.chat = self.chat
-        await self.engine.warmup()
+        model_metrics.track_engine(engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
+        engine.start()
+        self._health.watch_engine(engine.stats)  # qwen.Liveness
+        self._trimmer = asyncio.create_task(_trim_when_idle(engine.stats))
+        chat = self.chat = ChatService(engine, s, Telemetry(model_metrics, self.tracing.tracer))
+        self._servicer.attach(chat)
+        if self._http_backend is not None:
+            self._http_backend.chat = chat
+        await engine.warmup(chat.default_sampling(max_tokens=4))
         await set_serving(self._health, True)
-        if self._http is not None:
+        if self._http_backend is not None:
             self._http_backend.serving = True
         _LOG.info(
             "SERVING %s as %s in %.1f s",
             s.model,
-            ", ".join(self.chat.served_model_names),
+            ", ".join(chat.served_model_names),
             time.monotonic() - started,
         )
 
@@ -233,7 +248,7 @@ class Server:
         # Ends open Watch streams too, which would otherwise hold the
         # server's stop below for the whole drain timeout.
         await self._health.begin_drain()
-        if self._http is not None:
+        if self._http_backend is not None:
             self._http_backend.serving = False
         if self.chat is not None:
             self.chat.begin_drain()
@@ -277,7 +292,10 @@ def _version() -> str:
 async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLog())
-    server = Server(settings)
+    try:
+        server = Server(settings)  # binds every listener; reads nothing of the model yet
+    except OSError as exc:
+        raise ListenError(str(exc)) from exc
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
     start = asyncio.create_task(server.start())
@@ -324,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ConfigError as exc:  # keys file, TLS files
         _LOG.error("invalid configuration: %s", exc)
+        return 2
+    except ListenError as exc:
+        _LOG.error("cannot start: %s", exc)
         return 2
     except (OSError, ValueError) as exc:  # a model that cannot be found or loaded
         _LOG.error("cannot start with --model %s: %s", settings.model, exc)

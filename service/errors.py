@@ -18,7 +18,13 @@ def excerpt(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]}…({len(text)} characters)"
 
 
+# What a client is told of an unexpected failure (the details go to the log only).
+INTERNAL_ERROR_MESSAGE = "internal error"
+
+
 class ErrorCode(enum.Enum):
+    """Named after the gRPC status codes the gRPC transport answers with."""
+
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"

@@ -13,8 +13,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .errors import RateLimited
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 class RateLimiter:
@@ -54,7 +58,23 @@ class RateLimiter:
         return len(self._buckets)
 
 
-def limiter_from_settings(settings) -> RateLimiter | None:
+def grpc_peer_key(peer: str) -> str:
+    """A client's bucket key from its gRPC peer: 'ipv4:10.0.0.7:51234' ->
+    'ipv4:10.0.0.7'; 'ipv6:[::1]:5' -> 'ipv6:[::1]'; other forms (unix
+    sockets) are kept whole."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in address:
+        return f"{kind}:{address.rsplit(':', 1)[0]}"
+    return peer
+
+
+def http_peer_key(address: str) -> str:
+    """A client's bucket key from its HTTP client address, in the form
+    grpc_peer_key() gives, so one client has one bucket on both transports."""
+    return f"ipv6:[{address}]" if ":" in address else f"ipv4:{address}"
+
+
+def limiter_from_settings(settings: Settings) -> RateLimiter | None:
     """The per-client limiter the settings ask for (None when off). One
     instance is shared by every transport, so gRPC and HTTP calls of one
     client draw from the same bucket."""

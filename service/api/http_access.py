@@ -17,7 +17,6 @@ qwen-serve, the same limiter instance as gRPC.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -25,8 +24,8 @@ from starlette.middleware import Middleware
 from ..auth import ApiKeyAuth
 from ..config import Settings
 from ..errors import InvalidArgument, RateLimited, ServiceError, Unauthenticated, excerpt
-from ..ratelimit import RateLimiter
-from .http_server import _error_response, error_detail
+from ..ratelimit import RateLimiter, http_peer_key
+from .http_server import _error_response, error_detail, retry_after
 
 API_PREFIX = "/v1/"
 
@@ -36,13 +35,6 @@ def _header(scope: dict, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-def _peer(scope: dict) -> str:
-    """The client address in the form gRPC's peer_host() gives ("ipv4:1.2.3.4",
-    "ipv6:[::1]"), so one client has one bucket on both transports."""
-    address = (scope.get("client") or ("unknown", 0))[0]
-    return f"ipv6:[{address}]" if ":" in address else f"ipv4:{address}"
 
 
 class AccessMiddleware:
@@ -72,7 +64,7 @@ class AccessMiddleware:
             if self.auth is not None and self._protected(path):
                 client = self.auth.authenticate(_header(scope, b"authorization"))
             if self.limiter is not None and path.startswith(API_PREFIX):
-                self.limiter.check(client or _peer(scope))
+                self.limiter.check(client or http_peer_key((scope.get("client") or ("unknown", 0))[0]))
         except ServiceError as exc:
             await self._refuse(exc, scope, receive, send)
             return
@@ -86,7 +78,7 @@ class AccessMiddleware:
             headers = {"WWW-Authenticate": "Bearer"}
         elif isinstance(exc, RateLimited):
             detail = detail.model_copy(update={"code": "rate_limit_exceeded"})
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+            headers = retry_after(exc)
         await _error_response(status, detail, headers)(scope, receive, send)
 
 

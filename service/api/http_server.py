@@ -20,7 +20,7 @@ import math
 import pathlib
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any, TypeVar
 
 import uvicorn
@@ -37,8 +37,10 @@ from ..chat import ChatService, PreparedChat
 from ..config import Settings
 from ..engine.types import FinishReason, TokenEvent, Usage
 from ..errors import (
+    INTERNAL_ERROR_MESSAGE,
     ContextLengthExceeded,
     ErrorCode,
+    InternalError,
     InvalidArgument,
     ModelNotFound,
     Overloaded,
@@ -51,8 +53,8 @@ from . import openai_protocol as oai
 _LOG = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
-# create_app's default; qwen-serve passes --max-request-bytes (the gRPC limit too).
-MAX_BODY_BYTES = 4 * 1024 * 1024
+# create_app's default: the server's (qwen-serve passes --max-request-bytes, the gRPC limit too).
+MAX_BODY_BYTES: int = Settings.model_fields["max_request_bytes"].default
 # Kernel send buffer of each HTTP connection. Linux otherwise grows it up to
 # tcp_wmem's maximum (4 MiB) for a client that does not read, which then
 # absorbs a whole long answer: the server never sees backpressure, and 1000
@@ -70,7 +72,6 @@ STATUS_BY_CODE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
-_FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 REQUEST_ID_HEADER = "x-request-id"
 # A client's x-request-id is echoed only if it is this short and printable ASCII.
 MAX_CLIENT_REQUEST_ID = 256
@@ -104,6 +105,16 @@ def error_detail(exc: ServiceError) -> tuple[int, oai.ErrorDetail]:
     return status, oai.ErrorDetail(message=exc.message, type=kind, param=param, code=code)
 
 
+def _internal_error_detail() -> oai.ErrorDetail:
+    """What a client is told of an unexpected failure (the details go to the log)."""
+    return error_detail(InternalError(INTERNAL_ERROR_MESSAGE))[1]
+
+
+def retry_after(exc: Overloaded) -> dict[str, str]:
+    """The Retry-After header of a 429: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+
+
 def _error_response(status: int, detail: oai.ErrorDetail, headers: dict[str, str] | None = None) -> Response:
     return Response(
         oai.ErrorResponse(error=detail).model_dump_json(),
@@ -132,7 +143,7 @@ async def _service_error(request: Request, exc: Exception) -> Response:
     status, detail = error_detail(exc)
     headers = _request_id_headers(request)
     if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_seconds)))
+        headers.update(retry_after(exc))
     return _error_response(status, detail, headers)
 
 
@@ -152,7 +163,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this response and uvicorn logs the traceback;
     # the client only learns that it was an internal error.
-    return _error_response(500, oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
+    return _error_response(500, _internal_error_detail())
 
 
 # ---------------------------------------------------------------- helpers
@@ -318,13 +329,25 @@ def _usage(usage: Usage) -> oai.Usage:
     )
 
 
+def _logprobs(chat: ChatService, event: TokenEvent) -> oai.TokenLogprob | None:
+    return None if event.logprobs is None else oai.token_logprob(chat.token_logprob(event.logprobs))
+
+
 async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
-    pieces: list[str] = []
+    n = prepared.request.sampling.n
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list[oai.TokenLogprob]] = [[] for _ in range(n)]
+    finish_reasons: list[str] = [""] * n
     async for event in chat.generate(prepared):
-        pieces.append(event.text)
-        if event.finished:
+        pieces[event.index].append(event.text)
+        entry = _logprobs(chat, event)
+        if entry is not None:
+            logprobs[event.index].append(entry)
+        if event.finish_reason is not None:  # a choice's final event
             if event.finish_reason is FinishReason.CANCELLED:
                 raise Unavailable("the server stopped before the answer was complete; retry")
+            finish_reasons[event.index] = event.finish_reason.value
+        if event.finished and all(finish_reasons):  # the last event: the request's usage
             usage = event.usage
             assert usage is not None
             body = oai.ChatCompletion(
@@ -333,9 +356,14 @@ async def _complete(chat: ChatService, prepared: PreparedChat) -> Response:
                 model=prepared.model,
                 choices=[
                     oai.Choice(
-                        message=oai.AssistantMessage(content="".join(pieces)),
-                        finish_reason=_FINISH_REASONS[event.finish_reason],
+                        index=index,
+                        message=oai.AssistantMessage(content="".join(pieces[index])),
+                        finish_reason=finish_reasons[index],
+                        logprobs=oai.ChoiceLogprobs(content=logprobs[index])
+                        if prepared.request.sampling.logprobs
+                        else None,
                     )
+                    for index in range(n)
                 ],
                 usage=_usage(usage),
             )
@@ -350,29 +378,39 @@ async def _stream(request: Request, chat: ChatService, prepared: PreparedChat, i
     events = chat.generate(prepared)
     first = await until_disconnect(request, anext(events))
     writer = oai.ChunkWriter(_completion_id(prepared), prepared.model, include_usage)
-    return EventStreamResponse(_sse_body(writer, first, events, include_usage))
+    return EventStreamResponse(_sse_body(chat, writer, prepared.request.sampling.n, first, events, include_usage))
 
 
 async def _sse_body(
-    writer: oai.ChunkWriter, first: TokenEvent, events: AsyncIterator[TokenEvent], include_usage: bool
+    chat: ChatService,
+    writer: oai.ChunkWriter,
+    n: int,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
+    """Every choice's chunks carry its index; each choice ends with its own
+    finish chunk, and the usage and [DONE] follow the last."""
     try:
         event = first
-        out = writer.role()
+        out = b"".join(writer.role(index) for index in range(n))
+        choices_left = n
         while True:
-            if event.finished:
+            logprobs = _logprobs(chat, event)
+            if event.finish_reason is not None:  # a choice's final event
                 if event.finish_reason is FinishReason.CANCELLED:
                     _, detail = error_detail(Unavailable("the server stopped before the answer was complete; retry"))
                     yield out + writer.error(detail)
                     return
-                out += writer.finish(event.text, _FINISH_REASONS[event.finish_reason])
-                if include_usage and event.usage is not None:
-                    usage = event.usage
-                    out += writer.usage(_usage(usage))
-                yield out + writer.DONE
-                return
-            if event.text:  # pieces that render as nothing yet are not sent (as over gRPC)
-                out += writer.content(event.text)
+                out += writer.finish(event.text, event.finish_reason.value, event.index, logprobs)
+                choices_left -= 1
+                if not choices_left:
+                    if include_usage and event.usage is not None:
+                        out += writer.usage(_usage(event.usage))
+                    yield out + writer.DONE
+                    return
+            elif event.text or logprobs:  # pieces that render as nothing yet are not sent (as over gRPC)
+                out += writer.content(event.text, event.index, logprobs)
             if out:
                 yield out
                 out = b""
@@ -382,7 +420,7 @@ async def _sse_body(
         yield writer.error(detail)
     except Exception:  # a bug: log it, tell the client it was internal, end the stream cleanly
         _LOG.exception("unhandled error while streaming %s", writer.request_id)
-        yield writer.error(oai.ErrorDetail(message="internal error", type="server_error", code="internal_error"))
+        yield writer.error(_internal_error_detail())
     finally:
         await events.aclose()  # type: ignore[attr-defined]
 
@@ -439,7 +477,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     and stops both transports through its drain sequence."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
 
 
@@ -567,13 +605,15 @@ class HttpServer:
         )
         config = uvicorn.Config(
             app,
+            # uvicorn annotates a protocol class, and whole seconds where it
+            # takes any number (asyncio timers): both are taken as they are.
             http=functools.partial(BoundedHttpProtocol, limits=limits),  # type: ignore[arg-type]
             timeout_keep_alive=settings.http_keepalive_timeout,  # type: ignore[arg-type]
             log_config=None,  # keep qwen-serve's logging setup
             access_log=False,
             lifespan="off",
             server_header=False,
-            timeout_graceful_shutdown=shutdown_grace,
+            timeout_graceful_shutdown=shutdown_grace,  # type: ignore[arg-type]
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[None] | None = None
@@ -587,7 +627,10 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     @property
-    def task(self) -> asyncio.Task[None] | None:
+    def task(self) -> asyncio.Task[None]:
+        """The serving task, from start() on."""
+        if self._task is None:
+            raise RuntimeError("the HTTP server has not been started")
         return self._task
 
     async def stop(self, grace: float | None = None) -> None:
@@ -596,6 +639,6 @@ class HttpServer:
         if self._task is None:
             return
         if grace is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]  # seconds, as above
         self._server.should_exit = True
         await self._task

@@ -11,7 +11,6 @@ Order in build_server (first = outermost):
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -23,30 +22,25 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..auth import ApiKeyAuth
-from ..errors import ErrorCode, Overloaded, ServiceError
+from ..auth import ApiKeyAuth, bearer_token
+from ..errors import INTERNAL_ERROR_MESSAGE, Overloaded, ServiceError
 from ..observability.metrics import GRPC_CODE_NAMES, GrpcServerMetrics
 from ..observability.telemetry import DEADLINE_SLACK_SECONDS
 from ..observability.tracing import extract_context
-from ..ratelimit import RateLimiter
+from ..ratelimit import RateLimiter, grpc_peer_key
+from .grpc_handlers import Behavior, Continuation, Wrapper, rewrap, rpc_kind
 
 _LOG = logging.getLogger(__name__)
 
-STATUS_BY_CODE = {
-    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-}
-
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 # Called with the request and context before the wrapped behavior runs.
 Before = Callable[[Any, aio.ServicerContext], Awaitable[None]]
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def status_of(exc: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a ServiceError: ErrorCode members are named after them."""
+    return grpc.StatusCode[exc.code.name]
 
 
 async def _abort_with(context: aio.ServicerContext, exc: Exception, method: str) -> None:
@@ -54,43 +48,36 @@ async def _abort_with(context: aio.ServicerContext, exc: Exception, method: str)
         if isinstance(exc, Overloaded):
             # gRPC's retry pushback: clients with a retry policy wait this long.
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_seconds * 1000)))),))
-        await context.abort(STATUS_BY_CODE[exc.code], exc.message)
+        await context.abort(status_of(exc), exc.message)
     _LOG.exception("unhandled error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 
 
-def _wrap_unary_request(
-    handler: grpc.RpcMethodHandler, before: Before, deserializer: Callable | None = None
-) -> grpc.RpcMethodHandler:
-    """A copy of a unary-request handler (unary-unary or unary-stream) that
-    awaits `before(request, context)` first; other kinds are returned as is."""
-    deserializer = deserializer or handler.request_deserializer
-    if handler.unary_unary:
-        inner_unary = handler.unary_unary
+def _first(before: Before) -> Wrapper:
+    """Wraps a coroutine behavior (unary or writer) to await `before(request, context)` first."""
 
-        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+    def wrap(inner: Behavior) -> Behavior:
+        async def behavior(request: Any, context: aio.ServicerContext) -> Any:
             await before(request, context)
-            return await inner_unary(request, context)
+            return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary, deserializer, handler.response_serializer)
-    if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-        inner_stream = handler.unary_stream
+        return behavior
 
-        async def stream(request: Any, context: aio.ServicerContext) -> Any:
+    return wrap
+
+
+def _first_stream(before: Before) -> Wrapper:
+    """Wraps an async-generator behavior to await `before(request, context)` first."""
+
+    def wrap(inner: Behavior) -> Behavior:
+        async def behavior(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             await before(request, context)
-            async for response in inner_stream(request, context):
+            async for response in inner(request, context):
                 yield response
 
-        return grpc.unary_stream_rpc_method_handler(stream, deserializer, handler.response_serializer)
-    if handler.unary_stream:  # write-style (context.write)
-        inner_writer = handler.unary_stream
+        return behavior
 
-        async def writer(request: Any, context: aio.ServicerContext) -> Any:
-            await before(request, context)
-            return await inner_writer(request, context)
-
-        return grpc.unary_stream_rpc_method_handler(writer, deserializer, handler.response_serializer)
-    return handler
+    return wrap
 
 
 class _Undecodable:
@@ -100,8 +87,11 @@ class _Undecodable:
         self.error = error
 
 
-async def _reject_undecodable(context: aio.ServicerContext, request: _Undecodable) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
+async def _reject_undecodable(request: Any, context: aio.ServicerContext) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}"
+        )
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -131,54 +121,42 @@ class ErrorInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
 
-            async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await _reject_undecodable(context, request)
+        def unary(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+                await _reject_undecodable(request, context)
                 try:
-                    return await inner_unary(request, context)
+                    return await inner(request, context)
                 except (aio.AbortError, grpc.RpcError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status
                     await _abort_with(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, _lenient(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_stream = handler.unary_stream
+            return behavior
 
-            async def stream(request: Any, context: aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await _reject_undecodable(context, request)
+        def stream(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                await _reject_undecodable(request, context)
                 try:
-                    async for response in inner_stream(request, context):
+                    async for response in inner(request, context):
                         yield response
                 except (aio.AbortError, grpc.RpcError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status
                     await _abort_with(context, exc, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, _lenient(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.unary_stream:
-            # Write-style streams (health Watch uses context.write()): only the
-            # undecodable-request check; errors pass through untouched.
-            inner_writer = handler.unary_stream
+            return behavior
 
-            async def writer(request: Any, context: aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await _reject_undecodable(context, request)
-                return await inner_writer(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                writer, _lenient(handler.request_deserializer), handler.response_serializer
-            )
-        # Streaming requests (reflection) pass through untouched.
-        return handler
+        # Write-style streams (health Watch uses context.write()) get only the
+        # undecodable-request check: their errors pass through untouched, as
+        # do streaming requests (reflection).
+        return rewrap(
+            handler,
+            unary=unary,
+            stream=stream,
+            writer=_first(_reject_undecodable),
+            request_deserializer=_lenient(handler.request_deserializer),
+        )
 
 
 # Server span status per OpenTelemetry's RPC conventions: only these codes
@@ -203,7 +181,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _peer_attributes(peer: str | None) -> dict[str, object]:
+def _peer_attributes(peer: str | None) -> dict[str, str | int]:
     """ "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" -> network.peer.* attributes."""
     if not peer or ":" not in peer:
         return {}
@@ -211,7 +189,7 @@ def _peer_attributes(peer: str | None) -> dict[str, object]:
     if kind not in ("ipv4", "ipv6"):
         return {}
     host, _, port = address.rpartition(":")
-    attributes: dict[str, object] = {"network.peer.address": host.strip("[]")}
+    attributes: dict[str, str | int] = {"network.peer.address": host.strip("[]")}
     if port.isdigit():
         attributes["network.peer.port"] = int(port)
     return attributes
@@ -267,6 +245,7 @@ class _Call:
                 details = context.details() if code is not grpc.StatusCode.DEADLINE_EXCEEDED else None
                 span.set_status(Status(StatusCode.ERROR, details or code.name))
             span.end()
+        if self._token is not None:
             otel_context.detach(self._token)
 
 
@@ -283,7 +262,7 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         service, method = _split_method(details.method)
         span = None
         if self._tracer is not None and not service.startswith(_UNTRACED_SERVICES):
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+            attributes: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
             attributes.update(_peer_attributes(context.peer()))
             span = self._tracer.start_span(
                 f"{service}/{method}",
@@ -298,38 +277,19 @@ class TelemetryInterceptor(aio.ServerInterceptor):
         self._metrics.msg_received.labels(kind, service, method).inc(count)
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None:
             return handler  # unknown method: grpc answers UNIMPLEMENTED itself
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary_response(handler.unary_unary, details, "unary"),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary_response(handler.stream_unary, details, "client_stream"),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream_response(handler.unary_stream, details, "server_stream"),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream_response(handler.stream_stream, details, "bidi_stream"),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        kind = rpc_kind(handler)
+        return rewrap(
+            handler,
+            unary=lambda inner: self._unary_response(inner, details, kind),
+            stream=lambda inner: self._stream_response(inner, details, kind),
+            writer=lambda inner: self._writer_response(inner, details, kind),
+            streaming_requests=True,
+        )
 
     def _requests(self, request: Any, details: grpc.HandlerCallDetails, kind: str) -> Any:
         if kind in ("unary", "server_stream"):
@@ -343,7 +303,7 @@ class TelemetryInterceptor(aio.ServerInterceptor):
 
         return counted()
 
-    def _unary_response(self, inner: Callable, details: grpc.HandlerCallDetails, kind: str) -> Callable:
+    def _unary_response(self, inner: Behavior, details: grpc.HandlerCallDetails, kind: str) -> Behavior:
         async def handle(request: Any, context: aio.ServicerContext) -> Any:
             call = self._begin(kind, details, context)
             try:
@@ -357,20 +317,21 @@ class TelemetryInterceptor(aio.ServerInterceptor):
 
         return handle
 
-    def _stream_response(self, inner: Callable, details: grpc.HandlerCallDetails, kind: str) -> Callable:
-        if not inspect.isasyncgenfunction(inner):  # writes with context.write() (e.g. health Watch)
+    def _writer_response(self, inner: Behavior, details: grpc.HandlerCallDetails, kind: str) -> Behavior:
+        """A streaming response written with context.write() (e.g. health Watch)."""
 
-            async def handle_writer(request: Any, context: aio.ServicerContext) -> None:
-                call = self._begin(kind, details, context)
-                try:
-                    await inner(self._requests(request, details, kind), context)
-                except BaseException as exc:
-                    call.end(context, exc)
-                    raise
-                call.end(context, None)
+        async def handle(request: Any, context: aio.ServicerContext) -> None:
+            call = self._begin(kind, details, context)
+            try:
+                await inner(self._requests(request, details, kind), context)
+            except BaseException as exc:
+                call.end(context, exc)
+                raise
+            call.end(context, None)
 
-            return handle_writer
+        return handle
 
+    def _stream_response(self, inner: Behavior, details: grpc.HandlerCallDetails, kind: str) -> Behavior:
         async def handle(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             call = self._begin(kind, details, context)
             error: BaseException | None = None
@@ -401,13 +362,12 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, me
     async def reject(request_or_iterator: Any, context: aio.ServicerContext) -> None:
         await context.abort(code, message)
 
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject)
-    return grpc.stream_stream_rpc_method_handler(reject)
+    def replace(_: Behavior) -> Behavior:
+        return reject
+
+    return rewrap(
+        handler, unary=replace, stream=replace, writer=replace, streaming_requests=True, request_deserializer=None
+    )
 
 
 class AuthInterceptor(aio.ServerInterceptor):
@@ -435,15 +395,6 @@ class AuthInterceptor(aio.ServerInterceptor):
         return await continuation(details)
 
 
-def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7'; 'ipv6:[::1]:5' -> 'ipv6:[::1]';
-    other forms (unix sockets) are kept whole."""
-    kind, _, address = peer.partition(":")
-    if kind in ("ipv4", "ipv6") and ":" in address:
-        return f"{kind}:{address.rsplit(':', 1)[0]}"
-    return peer
-
-
 class RateLimitInterceptor(aio.ServerInterceptor):
     """Token bucket per client for the methods of `services`: the client is its
     API-key fingerprint when keys are configured (the key was already checked
@@ -464,11 +415,10 @@ class RateLimitInterceptor(aio.ServerInterceptor):
             return handler
         client = None
         if self._auth is not None:
-            authorization = _metadata_value(details, "authorization") or ""
-            client = self._auth.identify(authorization.strip().partition(" ")[2].strip())
+            client = self._auth.identify(bearer_token(_metadata_value(details, "authorization")))
         limiter = self._limiter
 
         async def before(request: Any, context: aio.ServicerContext) -> None:
-            limiter.check(client or peer_host(context.peer()))
+            limiter.check(client or grpc_peer_key(context.peer()))
 
-        return _wrap_unary_request(handler, before)
+        return rewrap(handler, unary=_first(before), stream=_first_stream(before), writer=_first(before))

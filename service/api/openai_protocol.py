@@ -5,25 +5,25 @@ chunk and error shapes. Nothing here knows about a web framework.
 Supported: messages (string or text-part content; "developer" is read as
 "system"), model, temperature, top_p, max_tokens / max_completion_tokens,
 stop, seed, stream, stream_options.include_usage, response_format (text,
-json_object, json_schema: grammar-constrained decoding), and the extensions
-top_k and repetition_penalty (as vLLM accepts them). null is accepted for
-every optional field, as OpenAI does. Fields that would change the answer
-in ways this server cannot honour (n > 1, tools, logprobs, non-zero
-presence/frequency penalties, logit_bias) are refused with 400 naming the
-field; fields that change nothing here (user, metadata, store, ...) are
-accepted and ignored; any other field is refused like OpenAI does.
+json_object, json_schema: grammar-constrained decoding), n, logprobs /
+top_logprobs, presence_penalty / frequency_penalty, logit_bias, and the
+extensions top_k and repetition_penalty (as vLLM accepts them). null is
+accepted for every optional field, as OpenAI does. Fields that would change
+the answer in ways this server cannot honour (tools) are refused with 400
+naming the field; fields that change nothing here (user, metadata, store,
+...) are accepted and ignored; any other field is refused like OpenAI does.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat import ChatMessage, ChatParams, ResponseFormat, ResponseFormatType
+from ..chat import ChatMessage, ChatParams, LogprobToken, ResponseFormat, ResponseFormatType
+from ..chat import TokenLogprob as ChatTokenLogprob
 from ..errors import InvalidArgument
 
 # ----------------------------------------------------------------- requests
@@ -84,13 +84,13 @@ class ChatCompletionRequest(_Strict):
     # Extensions (vLLM and TGI accept these too).
     top_k: int | None = None
     repetition_penalty: float | None = None
-    # Accepted only at the value that means "off" here.
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON object key) -> bias
+    # Accepted only at the value that means "off" here.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -107,7 +107,10 @@ ROLE_ALIASES = {"developer": "system"}
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     """("messages", 0, "content") -> "messages[0].content"; union-member
-    names that pydantic adds to the location are dropped."""
+    names that pydantic adds to the location are dropped. A logit_bias entry
+    is named as the field (its key is a token id, not a field)."""
+    if loc[:1] == ("logit_bias",):
+        return "logit_bias"
     path = ""
     for part in loc:
         if isinstance(part, int):
@@ -143,18 +146,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
-    if request.n not in (None, 1):
-        raise InvalidArgument("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(request, name)
-        if value not in (None, 0):
-            raise InvalidArgument(name, "is not supported (use repetition_penalty)")
-    if request.logprobs:
-        raise InvalidArgument("logprobs", "is not supported")
-    if request.top_logprobs:
-        raise InvalidArgument("top_logprobs", "is not supported")
-    if request.logit_bias:
-        raise InvalidArgument("logit_bias", "is not supported")
     if request.tools:
         raise InvalidArgument("tools", "tool calling is not supported")
     if request.tool_choice not in (None, "none", "auto"):
@@ -178,6 +169,18 @@ def _response_format(wire: ResponseFormatWire | None) -> ResponseFormat | None:
     if wire.json_schema is not None:
         raise InvalidArgument("response_format.json_schema", "is only allowed when type is 'json_schema'")
     return ResponseFormat(kind)
+
+
+def _logit_bias(wire: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if wire is None:
+        return None
+    bias = {}
+    for key, value in wire.items():
+        if not key.isascii() or not key.isdigit():
+            raise InvalidArgument("logit_bias", f"keys must be token ids (non-negative integers), got {key[:40]!r}")
+        bias[int(key)] = value
+    return bias
 
 
 def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
@@ -207,6 +210,12 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         seed=request.seed,
         stop=stop,
         response_format=_response_format(request.response_format),
+        n=request.n,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=_logit_bias(request.logit_bias),
     )
 
 
@@ -229,11 +238,40 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+def _top_logprob(token: LogprobToken) -> TopLogprob:
+    return TopLogprob(token=token.token, logprob=token.logprob, bytes=list(token.bytes))
+
+
+def token_logprob(entry: ChatTokenLogprob) -> TokenLogprob:
+    chosen = entry.chosen
+    return TokenLogprob(
+        token=chosen.token,
+        logprob=chosen.logprob,
+        bytes=list(chosen.bytes),
+        top_logprobs=[_top_logprob(top) for top in entry.top],
+    )
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -250,6 +288,9 @@ class ChunkChoice(BaseModel):
     # {"role": "assistant", "content": ""} first, then {"content": "..."};
     # {} on the final chunk when it carries no text.
     delta: dict[str, str]
+    # With logprobs: the logprobs of the chunk's token (its content may be
+    # empty: a token's text can be held back while it may start a stop string).
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -290,10 +331,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
 def now() -> int:
     return int(time.time())
 
@@ -306,30 +343,46 @@ class ChunkWriter:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self._include_usage = include_usage
-        self._base = dict(id=request_id, created=now(), model=model)
+        self._created = now()
+        self._model = model
 
     def _event(self, chunk: ChatCompletionChunk) -> bytes:
         exclude = None if self._include_usage else {"usage"}
         return b"data: " + chunk.model_dump_json(exclude=exclude, exclude_none=False).encode() + b"\n\n"
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def _chunk(
+        self,
+        delta: dict[str, str],
+        index: int,
+        finish_reason: str | None = None,
+        logprobs: TokenLogprob | None = None,
+    ) -> bytes:
+        choice = ChunkChoice(
+            index=index,
+            delta=delta,
+            finish_reason=finish_reason,
+            logprobs=None if logprobs is None else ChoiceLogprobs(content=[logprobs]),
+        )
         return self._event(
-            ChatCompletionChunk(**self._base, choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+            ChatCompletionChunk(id=self.request_id, created=self._created, model=self._model, choices=[choice])
         )
 
-    def role(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""})
+    def role(self, index: int = 0) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""}, index)
 
-    def content(self, text: str) -> bytes:
-        return self._chunk({"content": text})
+    def content(self, text: str, index: int = 0, logprobs: TokenLogprob | None = None) -> bytes:
+        return self._chunk({"content": text}, index, logprobs=logprobs)
 
-    def finish(self, text: str, finish_reason: str) -> bytes:
+    def finish(self, text: str, finish_reason: str, index: int = 0, logprobs: TokenLogprob | None = None) -> bytes:
         """The last text (if any) in its own chunk, then the finish reason
         with an empty delta, as OpenAI sends it."""
-        return (self.content(text) if text else b"") + self._chunk({}, finish_reason)
+        last = self.content(text, index, logprobs) if text or logprobs else b""
+        return last + self._chunk({}, index, finish_reason)
 
     def usage(self, usage: Usage) -> bytes:
-        return self._event(ChatCompletionChunk(**self._base, choices=[], usage=usage))
+        return self._event(
+            ChatCompletionChunk(id=self.request_id, created=self._created, model=self._model, choices=[], usage=usage)
+        )
 
     @staticmethod
     def error(detail: ErrorDetail) -> bytes:
@@ -342,6 +395,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
+    "ChoiceLogprobs",
     "ChunkWriter",
     "ErrorDetail",
     "ErrorResponse",
@@ -350,5 +404,6 @@ __all__ = [
     "PromptTokensDetails",
     "Usage",
     "parse_request",
+    "token_logprob",
     "to_chat_params",
 ]

@@ -10,14 +10,15 @@ another replica.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from qwen_grpc_client.wire import REPLICA_METADATA_KEY
+
+from .grpc_handlers import Behavior, Continuation, rewrap
 
 
 class ReplicaNameInterceptor(aio.ServerInterceptor):
@@ -26,35 +27,30 @@ class ReplicaNameInterceptor(aio.ServerInterceptor):
         self._prefix = service_prefix
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self._prefix):
             return handler
         metadata = self._metadata
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
 
-            async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                response = await inner_unary(request, context)
+        def unary(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+                response = await inner(request, context)
                 await context.send_initial_metadata(metadata)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            inner_stream = handler.unary_stream
+            return behavior
 
-            async def stream(request: Any, context: aio.ServicerContext) -> Any:
+        def stream(inner: Behavior) -> Behavior:
+            async def behavior(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 first = True
-                async for response in inner_stream(request, context):
+                async for response in inner(request, context):
                     if first:
                         await context.send_initial_metadata(metadata)
                         first = False
                     yield response
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+            return behavior
+
+        return rewrap(handler, unary=unary, stream=stream)

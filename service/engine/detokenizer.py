@@ -8,9 +8,37 @@ stops before it) or ruled out.
 
 from __future__ import annotations
 
+import functools
+
 from transformers import PreTrainedTokenizerBase
 
 _REPLACEMENT = "\ufffd"
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes as printable characters (GPT-2's
+    bytes_to_unicode), reversed: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in spelled:
+            spelled[byte] = chr(256 + extra)
+            extra += 1
+    return {char: byte for byte, char in spelled.items()}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The exact bytes one token stands for (a token may hold part of a
+    UTF-8 character, so its text alone cannot say)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    alphabet = _byte_level_alphabet()
+    if isinstance(piece, str) and all(char in alphabet for char in piece):
+        return bytes(alphabet[char] for char in piece)
+    # Not byte-level BPE (or an id past the tokenizer's): its decoded text.
+    return str(tokenizer.decode([token_id])).encode("utf-8")
 
 
 class IncrementalDetokenizer:
@@ -25,7 +53,10 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not isinstance(text, str):  # a list only for a batch of sequences
+            raise TypeError(f"decode() gave {type(text)}")
+        return text
 
     def add_token(self, token_id: int) -> str:
         """Feed one generated token; return the text that may be released now.

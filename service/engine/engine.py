@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import typing
+from collections.abc import AsyncGenerator, Callable, Sequence
 
+from transformers import BatchEncoding
+
+from .config import EngineConfig
+from .detokenizer import token_bytes
 from .grammar import Grammar, GrammarCompiler
 from .loader import LoadedModel
 from .scheduler import Emit, Scheduler
@@ -47,45 +52,21 @@ class Engine:
     def __init__(
         self,
         model: LoadedModel | Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int | None = None,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        max_buffered_tokens: int = 256,
-        prefix_cache_bytes: int = 0,
-        speculative_tokens: int = 0,
-        speculative_max_batch: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
         repacks its weights in place), or a function that loads one, which
         then runs on the engine's compute thread (the fast way: see Scheduler).
-        `max_buffered_tokens`: see generate().
-        `prefix_cache_bytes`: memory for reusable prompt prefixes (0: no prefix cache).
-        `speculative_tokens`: most prompt-lookup draft tokens per request and step (0: no
-        speculation), in steps of at most `speculative_max_batch` decoding requests."""
-        self.max_model_len = max_model_len
-        self._max_buffered_tokens = max_buffered_tokens
+        `config.max_buffered_tokens`: see generate()."""
+        self.config = config
+        self.max_model_len = config.max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
             model if callable(model) else lambda: model,
-            max_batch_size=max_batch_size,
-            max_waiting=max_waiting,
-            max_model_len=max_model_len,
-            prefill_chunk_size=prefill_chunk_size,
-            interleaved_prefill_tokens=interleaved_prefill_tokens or prefill_chunk_size,
-            threads=threads,
+            config,
             deliver=self._deliver,
-            quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-            prefix_cache_bytes=prefix_cache_bytes,
-            speculative_tokens=speculative_tokens,
-            speculative_max_batch=speculative_max_batch,
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
@@ -122,11 +103,18 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt token ids for a conversation, via the tokenizer's chat template."""
-        encoded = self.loaded.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        encoded = self.loaded.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        if not isinstance(encoded, BatchEncoding):
+            raise TypeError(f"the chat template gave {type(encoded)}, not token ids")
+        return list(encoded["input_ids"])
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Queue the request and yield its events until the final one.
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+        """Queue the request and yield its events until the final one: with
+        n > 1 choices, the events of all choices interleaved (TokenEvent.index)
+        until each has had its final event, or one ends otherwise than by
+        STOP or LENGTH (cancelled, failed: the others are aborted).
 
         Raises EngineOverloaded / EngineStopped at once if it cannot be queued.
         Leaving the iteration early (the consumer was cancelled or closed it)
@@ -134,10 +122,11 @@ class Engine:
 
         Backpressure: at most max_buffered_tokens events wait for the consumer.
         One that falls further behind (its transport is blocked on a client
-        that does not read) has the request aborted; the events buffered so
+        that does not read; n choices may buffer n times as much) has the request aborted; the events buffered so
         far stay readable, then the final event says SLOW_CONSUMER."""
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         overflowed = False
+        buffer_limit = self.config.max_buffered_tokens * request.sampling.n
 
         def emit(event: TokenEvent) -> None:
             nonlocal overflowed
@@ -147,7 +136,7 @@ class Engine:
                 queue.put_nowait(event)
             elif overflowed:
                 pass  # generated before the abort took effect; the answer is cut here anyway
-            elif queue.qsize() >= self._max_buffered_tokens:
+            elif queue.qsize() >= buffer_limit:
                 overflowed = True
                 self.abort(request.request_id)  # the usual abort path: the slot is freed before the next step
             else:
@@ -155,10 +144,14 @@ class Engine:
 
         self._scheduler.submit(request, emit)
         finished = False
+        choices_left = request.sampling.n
         try:
             while True:
                 event = await queue.get()
-                finished = event.finished
+                if event.finished:
+                    choices_left -= 1
+                    ended = event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                    finished = choices_left == 0 or not ended
                 yield event
                 if finished:
                     return
@@ -172,14 +165,21 @@ class Engine:
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
 
-    async def warmup(self) -> None:
-        """One short generation, so the first real request does not pay for
-        lazy initialisation (allocator, kernels, tokenizer caches)."""
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are 0..vocab_size-1 (the width of the logits)."""
+        return typing.cast(int, self.loaded.model.config.vocab_size)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for (for logprobs)."""
+        return token_bytes(self.loaded.tokenizer, token_id)
+
+    async def warmup(self, sampling: SamplingParams) -> None:
+        """One short generation with `sampling` (the server's defaults: the
+        code paths real requests take), so the first real request does not
+        pay for lazy initialisation (allocator, kernels, tokenizer caches)."""
         prompt = tuple(self.encode_chat([{"role": "user", "content": "Hello"}]))
-        request = GenerationRequest(
-            "warmup", prompt, SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=20)
-        )
-        async for _ in self.generate(request):
+        async for _ in self.generate(GenerationRequest("warmup", prompt, sampling)):
             pass
 
     async def shutdown(self) -> None:

@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from .types import ConstraintKind, OutputConstraint
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # a TypedDict of the stubs only
+    from transformers import PreTrainedTokenizerBase
 
 # Answers are compact-ish JSON as json.dumps writes it. Without a fixed
 # layout, whitespace is unbounded: a sampled model can pad with newlines
 # until max_tokens and never close the document.
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_JSON_LAYOUT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Distinct constraints kept compiled (a form's schema repeats request after request).
 _COMPILED_CACHE_SIZE = 64
 
@@ -74,7 +80,9 @@ class GrammarCompiler:
     the server takes traffic. Thread-safe: the service compiles on its
     tokenizer thread while the compute thread matches."""
 
-    def __init__(self, hf_tokenizer: object, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        if not isinstance(hf_tokenizer, PreTrainedTokenizerFast):
+            raise TypeError(f"constrained decoding needs a fast (tokenizers) tokenizer, not {type(hf_tokenizer)}")
         self._tokenizer = llguidance.hf.from_tokenizer(
             hf_tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_token_ids)
         )

@@ -10,7 +10,14 @@ import time
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .weight_cache import WeightCache
 
@@ -21,7 +28,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 @dataclasses.dataclass
 class LoadedModel:
-    model: torch.nn.Module  # a *ForCausalLM in eval mode (the engine repacks it in place)
+    model: PreTrainedModel  # a *ForCausalLM in eval mode (the engine repacks it in place)
     tokenizer: PreTrainedTokenizerBase
     name: str  # the model's own name (folder / file stem / hub id)
     eos_token_ids: frozenset[int]
@@ -40,7 +47,7 @@ def model_name(source: str) -> str:
     return source  # hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
 
 
-def load_from_gguf(gguf_path: pathlib.Path, dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_from_gguf(gguf_path: pathlib.Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF into a plain (serializable) transformers model.
 
     transformers' GGUF path returns a model tagged with a quantizer that refuses
@@ -83,6 +90,8 @@ def load_model(
     torch_dtype = _DTYPES[dtype]
     path = pathlib.Path(source)
     cache = packed = None
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     if weight_cache_dir and quantization is not None and path.is_dir():  # a model folder (not .gguf)
         cache = WeightCache(pathlib.Path(weight_cache_dir), source, dtype, quantization)
         packed = cache.load()

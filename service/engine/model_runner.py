@@ -18,11 +18,13 @@ import dataclasses
 import math
 import mmap
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EngineConfig
 from .loader import LoadedModel
 
 
@@ -39,8 +41,6 @@ class PrefillChunk:
         return self.start + len(self.token_ids)
 
 
-QUANTIZATIONS = ("none", "int8", "int8-weight-only")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Keys per block of the CPU attention kernel (flash attention's kv split).
 _KV_BLOCK = 512
@@ -79,6 +79,11 @@ class Int8WeightOnlyLinear(nn.Module):
     # The CPU kernel is fast with bf16 activations and slow with float32 ones,
     # so float32 callers are served through bf16.
     compute_dtype = torch.bfloat16
+    # Buffers (register_buffer), declared for the type checker.
+    weight: torch.Tensor
+    float_scale: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -121,10 +126,65 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
         return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
 
+def _int4_groups(
+    weight: torch.Tensor, group_size: int, dtype: torch.dtype, rows_per_block: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of `group_size` inputs (the group's min
+    and max map to about 0 and 15), packed for torch's CPU int4 kernel, and the
+    groups' [scale, zero] in `dtype` as the kernel wants them:
+    w = (q - 8) * scale + zero. The codes are rounded against the scale and zero
+    as stored (in dtype), not as computed. A block of rows at a time, like _int8_rows."""
+    rows, columns = weight.shape
+    codes = torch.empty(weight.shape, dtype=torch.int32, device=weight.device)
+    scales_and_zeros = torch.empty(columns // group_size, rows, 2, dtype=dtype, device=weight.device)
+    for start in range(0, rows, rows_per_block):
+        block = weight[start : start + rows_per_block].float().view(-1, columns // group_size, group_size)
+        low, high = block.amin(dim=2), block.amax(dim=2)
+        scale = ((high - low) / 15.0).clamp(min=1e-6).to(dtype).float()
+        zero = (low + 8 * scale).to(dtype).float()
+        code = torch.round((block - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        codes[start : start + len(block)] = code.view(len(block), columns).to(torch.int32)
+        scales_and_zeros[:, start : start + len(block)] = torch.stack((scale, zero), dim=2).transpose(0, 1).to(dtype)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scales_and_zeros
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights, asymmetric, a scale and a zero per group of 32 inputs;
+    bf16 activations (torch's _weight_int4pack_mm_for_cpu: its float32 path is
+    scalar, 10-20x slower). 5 bits a weight with the group parameters,
+    against int8's 8: decode at small batch is bound by reading weights.
+    Batch-invariant: the kernel computes each row alone, in the same order
+    whatever the number of rows (tests/unit/engine/test_batch_invariance.py)."""
+
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.out_features = linear.out_features
+        # The kernel packs outputs 16 at a time: zero rows pad the rest (Qwen's shapes need none).
+        padded = F.pad(linear.weight.data, (0, 0, 0, -linear.out_features % 16))
+        weight, scales_and_zeros = _int4_groups(padded, group_size, self.compute_dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(self.compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 class Int8Embedding(nn.Module):
     """The token embedding table as int8 with one scale per row: a lookup
     reads one row per token, so this costs nothing in speed and halves the
     table (Qwen2.5-0.5B: 272 MB in bf16, 136 MB in int8)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
@@ -172,6 +232,9 @@ def _release_pages(tensor: torch.Tensor) -> None:
 class _Block(nn.Module):
     """One transformer layer's packed weights (RMSNorm weights as buffers)."""
 
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
     def __init__(
         self,
         input_norm: torch.Tensor,
@@ -191,20 +254,18 @@ class ModelRunner:
     def __init__(
         self,
         loaded: LoadedModel,
-        num_slots: int,
-        max_model_len: int,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
+        engine_config: EngineConfig,
     ) -> None:
-        """Repacks the loaded model's weights, or takes them from
-        loaded.packed (read from the weight cache; the model is then a
-        skeleton on the meta device). A fresh packing is stored in
+        """One KV-cache slot per engine_config.max_batch_size, each
+        max_model_len positions. Repacks the loaded model's weights, or takes
+        them from loaded.packed (read from the weight cache; the model is then
+        a skeleton on the meta device). A fresh packing is stored in
         loaded.weight_cache when there is one."""
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose from {KV_CACHE_DTYPES}")
-        model = loaded.model
+        num_slots, max_model_len = engine_config.max_batch_size, engine_config.max_model_len
+        quantization, kv_cache_dtype = engine_config.quantization, engine_config.kv_cache_dtype
+        # A Qwen2 *ForCausalLM, taken apart below: nn.Module's attribute
+        # lookup gives torch's type checking nothing to check against.
+        model: Any = loaded.model
         config = model.config
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r}")
@@ -216,12 +277,14 @@ class ModelRunner:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._intermediate = config.intermediate_size
-        # int8 computes in float32 (its activations are quantized per call); everything else in the loaded dtype.
-        self.dtype = torch.float32 if quantization == "int8" else loaded.dtype
+        # int8 computes in float32 (its activations are quantized per call), int4 too (its Linears take
+        # bf16 and return float32, so norms and attention keep float32); everything else in the loaded dtype.
+        self.dtype = torch.float32 if quantization in ("int8", "int4") else loaded.dtype
         pack = {
             "none": _owned,
             "int8": RowwiseInt8Linear,
             "int8-weight-only": Int8WeightOnlyLinear,
+            "int4": Int4Linear,
         }[quantization]
 
         embed = model.model.embed_tokens
@@ -256,7 +319,7 @@ class ModelRunner:
                 dtype=lm_head.weight.dtype,
                 device=lm_head.weight.device,
             )
-            lm_head.weight.data = self._embed.weight.data.clone()
+            lm_head.weight.data = embed.weight.data.clone()  # embed is self._embed: _owned() keeps the module
         self._lm_head = pack(lm_head)
         model.lm_head = model.model.embed_tokens = None
         self._weights = nn.Module()
@@ -268,7 +331,7 @@ class ModelRunner:
             raise ValueError(f"the weight cache is for {cache.quantization!r}, not {quantization!r}")
         if loaded.packed is not None:
             self._weights.load_state_dict(loaded.packed, strict=True, assign=True)
-            self._norm = self._weights.norm
+            self._norm = self._weights.get_buffer("norm")
             loaded.packed = None
         elif cache is not None:
             cache.store(self.packed_weights())
@@ -306,7 +369,7 @@ class ModelRunner:
             _release_pages(layer[slot])
 
     def _norm_weight(self, norm: nn.Module) -> torch.Tensor:
-        return norm.weight.data.to(self.dtype, copy=True)
+        return norm.get_parameter("weight").data.to(self.dtype, copy=True)
 
     @property
     def kv_bytes_per_token(self) -> int:

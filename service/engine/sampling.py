@@ -1,18 +1,34 @@
 """Next-token selection for a batch of requests with their own settings.
 
-Greedy rows (temperature 0) take the argmax in one batched call; sampled rows
-apply repetition penalty, temperature, top-k and top-p, then draw with the
-request's own torch.Generator so a seed reproduces the same text whatever
-else shares the batch. Rows with a grammar are masked to the tokens it
-allows before selection (a batch without one pays nothing for this).
+The logits of a step are processed in place, in this order, each stage one
+batched operation over the rows that use it (a batch where no row does pays
+nothing for it):
+1. repetition penalty (CTRL-style, over prompt and output);
+2. presence and frequency penalties (OpenAI's, over the generated tokens);
+3. logit_bias;
+4. the grammar mask (constrained decoding) last, so that no bias or penalty
+   can re-allow a token the grammar forbids (-inf stays -inf).
+Greedy rows (temperature 0) then take the argmax in one batched call; sampled
+rows apply temperature, top-k and top-p, then draw with the request's own
+torch.Generator so a seed reproduces the same text whatever else shares the
+batch.
+
+Logprobs (token_logprobs) are of the processed logits of step 4: the
+distribution after penalties, bias and grammar, before temperature, top-k
+and top-p. So a greedy token's logprob is the largest of its alternatives
+whatever the temperature, and a token the grammar forbids is never reported
+as likely. (vLLM's default reports the raw model logprobs instead.) Every
+stage works row by row, so a row's numbers do not depend on the batch.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .grammar import GrammarMatcher, allocate_bitmask, apply_bitmask
-from .types import SamplingParams
+from .types import LOGPROB_FLOOR, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -32,6 +48,72 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     # into +inf, and inf - inf is NaN in the softmax: saturate instead.
     boosted = (scores / penalty).clamp(max=torch.finfo(logits.dtype).max)
     logits[seen] = torch.where(scores > 0, boosted, scores * penalty)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> None:
+    """In place, batched: OpenAI's presence and frequency penalties, from
+    outputs[i], request i's generated token ids. Only the tokens generated
+    so far change, so this costs O(output length), not O(vocabulary): one
+    unique-count per row and one scatter for the batch."""
+    rows = [row for row, p in enumerate(params) if p.penalized and outputs[row]]
+    if not rows:
+        return
+    row_index, token_index, values = [], [], []
+    for row in rows:
+        p = params[row]
+        tokens, counts = torch.tensor(outputs[row]).unique(return_counts=True)
+        row_index.append(torch.full((len(tokens),), row))
+        token_index.append(tokens)
+        values.append(-(counts * p.frequency_penalty + p.presence_penalty))
+    # Ids are distinct within a row: each logit gets exactly one addition.
+    logits.index_put_((torch.cat(row_index), torch.cat(token_index)), torch.cat(values).float(), accumulate=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_tensors(bias: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (token ids, values); cached because the same
+    params come back every step of a request (and across requests)."""
+    ids, values = zip(*bias)
+    return torch.tensor(ids), torch.tensor(values, dtype=torch.float32)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place, batched: add each request's logit_bias to its row."""
+    rows = [row for row, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return
+    biases = [_bias_tensors(params[row].logit_bias) for row in rows]
+    row_index = torch.cat([torch.full((len(ids),), row) for row, (ids, _) in zip(rows, biases)])
+    token_index = torch.cat([ids for ids, _ in biases])
+    # Ids are distinct within a row, so accumulating adds each bias once.
+    logits.index_put_((row_index, token_index), torch.cat([values for _, values in biases]), accumulate=True)
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], chosen: list[int | Exception]
+) -> list[TokenLogprobs | None]:
+    """The chosen token's logprob and the top alternatives for each row that
+    asked for logprobs: logprob = logit - logsumexp(row), with one logsumexp
+    and one topk over those rows (no vocabulary-wide log_softmax written).
+    The topk is always MAX_TOP_LOGPROBS wide (then cut per row) so that a
+    row's alternatives, ties included, do not depend on what its neighbours ask."""
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    rows = [row for row, p in enumerate(params) if p.logprobs and isinstance(chosen[row], int)]
+    if not rows:
+        return result
+    selected = logits if len(rows) == len(logits) else logits[torch.tensor(rows)]
+    normalizer = selected.logsumexp(-1, keepdim=True)
+    tokens = torch.tensor([chosen[row] for row in rows]).unsqueeze(1)
+    picked = (selected.gather(1, tokens) - normalizer).clamp_(min=LOGPROB_FLOOR).squeeze(1).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in rows]
+    if any(params[row].top_logprobs for row in rows):
+        values, ids = torch.topk(selected, min(MAX_TOP_LOGPROBS, selected.shape[-1]))
+        values = (values - normalizer).clamp_(min=LOGPROB_FLOOR)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    for index, row in enumerate(rows):
+        top = tuple(tops[index][: params[row].top_logprobs])
+        result[row] = TokenLogprobs(chosen[row], picked[index], top)  # type: ignore[arg-type]
+    return result
 
 
 def _candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +142,9 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return int(token_ids[choice])
 
 
-def constrain(logits: torch.Tensor, grammars: list[GrammarMatcher | None], failed: list[object]) -> None:
+def constrain(
+    logits: torch.Tensor, grammars: list[GrammarMatcher | None], failed: list[int | Exception | None]
+) -> None:
     """In place: mask each grammar row of logits [B, vocab] to the tokens its
     grammar allows next. A row whose mask cannot be computed gets the
     exception in failed[row] and is left alone."""
@@ -88,11 +172,14 @@ def select_tokens(
     generators: list[torch.Generator],
     seen_tokens: list[torch.Tensor | None],
     grammars: list[GrammarMatcher | None] | None = None,
+    outputs: list[list[int]] | None = None,
 ) -> list[int | Exception]:
-    """logits: float32 [B, vocab] (modified in place). seen_tokens[i] holds the
+    """logits: float32 [B, vocab] (processed in place, see the module doc:
+    token_logprobs reads them afterwards). seen_tokens[i] holds the
     distinct token ids of request i's prompt + output when it uses a
     repetition penalty, else None. grammars[i] is request i's grammar state
-    (None: unconstrained); the selected token is fed to it.
+    (None: unconstrained); the selected token is fed to it. outputs[i]:
+    request i's generated token ids (for presence/frequency penalties).
 
     Rows are independent: a row whose selection raises gets the exception in
     its place, and every other row is computed exactly as without it (its
@@ -104,6 +191,9 @@ def select_tokens(
                 apply_repetition_penalty(logits[row], seen, p.repetition_penalty)
             except Exception as exc:  # noqa: BLE001 - reported per row
                 chosen[row] = exc
+    if outputs is not None:
+        apply_penalties(logits, params, outputs)
+    apply_logit_bias(logits, params)
     if grammars is not None:
         constrain(logits, grammars, chosen)
     if all(p.greedy for p in params) and not any(chosen):

@@ -25,6 +25,12 @@ Its `cached` counts them only once that step succeeded: a failed step
 leaves it as it was, and the copy is redone. The full blocks of a slot are
 stored as its prompt is computed and when the request ends (its answer
 included, so the next turn of a chat finds prompt and answer).
+
+A request for n > 1 choices is admitted with n slots reserved and its prompt
+is computed once: when it is complete, the request forks (_fork) into n
+sequences, the n - 1 new ones taking the next decoding slots with a copy of
+the prompt's KV and sampling their first token from the same logits row,
+each with its own generator (seed + i).
 """
 
 from __future__ import annotations
@@ -38,13 +44,14 @@ from collections.abc import Callable
 
 import torch
 
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMatcher
 from .loader import LoadedModel
 from .model_runner import ModelRunner, PrefillChunk
 from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
 from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
-from .sampling import make_generator, select_tokens
+from .sampling import make_generator, select_tokens, token_logprobs
 from .slots import SlotTable
 from .speculative import propose_draft
 from .types import (
@@ -56,6 +63,7 @@ from .types import (
     GenerationRequest,
     RequestTiming,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
 
@@ -75,6 +83,8 @@ class _Sequence:
     generator: torch.Generator
     submitted: float  # time.monotonic() stamps, reported in the final event's RequestTiming
     seen: torch.Tensor | None = None  # bool [vocab] of prompt+output ids, for repetition penalty (set on admission)
+    index: int = 0  # the choice (of n) this sequence generates
+    reserved: int = 1  # slots it holds: n until the prompt is done and it forks, then 1
     grammar: GrammarMatcher | None = None  # constrained decoding state
     admitted: float | None = None
     first_token: float | None = None
@@ -105,29 +115,19 @@ class Scheduler:
     def __init__(
         self,
         load: Callable[[], LoadedModel],
+        config: EngineConfig,
         *,
-        max_batch_size: int,
-        max_waiting: int,
-        max_model_len: int,
-        prefill_chunk_size: int,
-        threads: int,
-        interleaved_prefill_tokens: int,
         deliver: Deliver,
-        quantization: str = "none",
-        kv_cache_dtype: str = "auto",
-        prefix_cache_bytes: int = 0,
-        speculative_tokens: int = 0,
-        speculative_max_batch: int = 0,
         observer: EngineObserver | None = None,
     ) -> None:
-        self._max_batch = max_batch_size
-        self._speculative_tokens = speculative_tokens
-        self._speculative_max_batch = speculative_max_batch
-        self._max_waiting = max_waiting
-        self._max_model_len = max_model_len
-        self._chunk = prefill_chunk_size
-        self._interleaved_chunk = interleaved_prefill_tokens
-        self._threads = threads
+        self._max_batch = config.max_batch_size
+        self._speculative_tokens = config.speculative_tokens
+        self._speculative_max_batch = config.speculative_max_batch
+        self._max_waiting = config.max_waiting
+        self._max_model_len = config.max_model_len
+        self._chunk = config.prefill_chunk_size
+        self._interleaved_chunk = config.interleaved_prefill_tokens
+        self._threads = config.threads
         self._deliver = deliver
         self._observer = observer
         self._cond = threading.Condition()
@@ -157,10 +157,10 @@ class Scheduler:
         def build() -> None:
             self.loaded = load()
             self._eos = self.loaded.eos_token_ids
-            self._runner = ModelRunner(self.loaded, max_batch_size, max_model_len, quantization, kv_cache_dtype)
+            self._runner = ModelRunner(self.loaded, config)
             self._slots: SlotTable[_Sequence] = SlotTable(self._runner)
             self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
-            blocks = prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
+            blocks = config.prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
             self._prefix_cache = PrefixCache(self._runner, blocks) if blocks else None
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
@@ -179,11 +179,13 @@ class Scheduler:
             generator=make_generator(sampling.seed),
             submitted=time.monotonic(),
             grammar=request.grammar.matcher() if request.grammar is not None else None,
+            reserved=sampling.n,
         )
         with self._cond:
             if self._stopping:
                 raise EngineStopped("engine is shutting down")
-            if self._active_count + len(self._waiting) >= self._max_batch + self._max_waiting:
+            waiting = sum(s.reserved for s in self._waiting)
+            if self._active_count + waiting + sequence.reserved > self._max_batch + self._max_waiting:
                 raise EngineOverloaded(self._active_count, len(self._waiting))
             self._waiting.append(sequence)
             self._cond.notify()
@@ -259,7 +261,8 @@ class Scheduler:
         if not self._waiting or self._active_count >= self._max_batch:
             return
         now = time.monotonic()
-        while self._waiting and self._active_count < self._max_batch:
+        # FIFO: a request for n choices waits at the head until n slots are free.
+        while self._waiting and self._active_count + self._waiting[0].reserved <= self._max_batch:
             seq = self._waiting.popleft()
             seq.admitted = now
             if seq.request.sampling.repetition_penalty != 1.0:  # a torch op: on this thread (see __init__)
@@ -270,7 +273,7 @@ class Scheduler:
                 seq.block_keys = block_keys(prompt, reusable_blocks(len(prompt), BLOCK_SIZE))
                 seq.reused = self._prefix_cache.match(seq.block_keys)
             self._slots.admit(seq)
-            self._active_count += 1
+            self._active_count += seq.reserved
             self._prompt_tokens_total += seq.prompt_len
 
     def _drop_aborted_and_expired(self, aborts: set[str]) -> None:
@@ -297,15 +300,17 @@ class Scheduler:
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
             if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)
-                self._prefix_cache.copy_into(seq.reused, slot)
+                self._reused_from().copy_into(seq.reused, slot)
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
     def _may_speculate(self, seq: _Sequence) -> bool:
         """Whether a request may take drafts: a request whose token selection
-        depends on more than its logits (a grammar's state, penalties over
-        the tokens so far) selects one token per step."""
-        return seq.grammar is None and seq.request.sampling.repetition_penalty == 1.0
+        depends on more than its logits (a grammar's state, penalties or
+        logit_bias) or that reports logprobs selects one token per step. The
+        choices of a request for n are sequences of their own once forked
+        (each its own slot, KV and generator), so they may."""
+        return seq.grammar is None and not seq.request.sampling.needs_logits_processing
 
     def _plan_drafts(self, decoding: list[_Sequence], chunks: list[PrefillChunk]) -> list[list[int]]:
         """Prompt-lookup drafts for this step, one list per decoding request
@@ -364,7 +369,7 @@ class Scheduler:
             self._observe("decode_step", len(decoding))
         # Requests whose prompt is complete join the decoders: their slots
         # (right after the decoders', in order) already are the next ones.
-        sampled, rows = list(decoding), first_rows
+        sampled, rows = list(decoding), list(first_rows)
         for index, (seq, chunk) in enumerate(zip(prefilling, chunks)):
             if seq.reused:
                 self._reuse_done(seq, chunk.start)
@@ -373,15 +378,22 @@ class Scheduler:
             self._store_blocks(seq, chunk.slot)
             if seq.cached == seq.prompt_len:
                 self._slots.prompt_done()
-                sampled.append(seq)
+                sampled = sampled + [seq]
                 rows.append(row + index)
+        # After every completed prompt joined the decoders: the choices of a
+        # forked one take the slots after theirs, sampling from its logits row.
+        for seq, parent_row in list(zip(sampled, rows)):
+            if seq.reserved > 1:
+                choices = self._fork(seq)
+                sampled = sampled + choices
+                rows += [parent_row] * len(choices)
         runs = {
             seq: (draft, logits[first + 1 : first + 1 + len(draft)])
             for seq, draft, first in zip(decoding, drafts, first_rows)
             if draft
         }
         if sampled:
-            self._sample(sampled, logits[rows] if len(rows) < len(logits) else logits, runs)
+            self._sample(sampled, logits if rows == list(range(len(logits))) else logits[rows], runs)
 
     def _verify_step(
         self, decoding: list[_Sequence], drafts: list[list[int]], chunks: list[PrefillChunk]
@@ -401,11 +413,41 @@ class Scheduler:
             logit_rows.append(end - 1)
         return self._runner.step([], [], verify + chunks, logit_rows=logit_rows)
 
+    def _fork(self, seq: _Sequence) -> list[_Sequence]:
+        """The prompt of a request for n choices is complete: n - 1 more
+        sequences decode from a copy of its KV (see the module doc)."""
+        sampling = seq.request.sampling
+        choices = []
+        for index in range(1, seq.reserved):
+            choice = dataclasses.replace(
+                seq,
+                detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, sampling.stop),
+                generator=make_generator(None if sampling.seed is None else sampling.seed + index),
+                seen=None if seq.seen is None else seq.seen.clone(),
+                grammar=seq.request.grammar.matcher() if seq.request.grammar is not None else None,
+                index=index,
+                reserved=1,
+                output_ids=[],
+                block_keys=list(seq.block_keys),
+                reused=[],
+            )
+            self._slots.fork(choice, self._slots.slot_of(seq))
+            self._kv_used += choice.cached
+            choices.append(choice)
+        seq.reserved = 1
+        return choices
+
+    def _reused_from(self) -> PrefixCache:
+        """The prefix cache, where a sequence's `reused` blocks come from."""
+        if self._prefix_cache is None:
+            raise RuntimeError("reused blocks without a prefix cache")
+        return self._prefix_cache
+
     def _reuse_done(self, seq: _Sequence, reused_tokens: int) -> None:
         """The step that started after a prompt's reused prefix succeeded."""
         seq.cached_prompt_tokens = reused_tokens
         self._prefix_hit_tokens_total += reused_tokens
-        self._prefix_cache.unpin(seq.reused)
+        self._reused_from().unpin(seq.reused)
         seq.reused = []
         self._observe("prefix_reused", reused_tokens)
 
@@ -469,18 +511,21 @@ class Scheduler:
                 [seq.generator for seq in batch],
                 [seq.seen for seq in batch],
                 [seq.grammar for seq in batch],
+                [seq.output_ids for seq in batch],
             )
         except Exception:  # a failure of the batch as a whole: try each row alone
             _LOG.exception("batched token selection failed for a batch of %d", len(batch))
             chosen = [self._select_alone(seq, row) for seq, row in zip(batch, logits)]
-        for seq, token in zip(batch, chosen):
-            token = self._checked(seq, token)
+        params = [seq.request.sampling for seq in batch]
+        logprobs = token_logprobs(logits, params, chosen) if any(p.logprobs for p in params) else [None] * len(batch)
+        for seq, selected, token_logprob in zip(batch, chosen, logprobs):
+            token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
             elif runs and seq in runs:
                 self._accept_run(seq, token, *runs[seq])
             else:
-                self._accept(seq, token)
+                self._accept(seq, token, token_logprob)
 
     def _accept_run(self, seq: _Sequence, token: int, draft: list[int], draft_logits: torch.Tensor) -> None:
         """Accept the token selected after a request's pending token, then,
@@ -528,14 +573,19 @@ class Scheduler:
         """Select one row's token on its own."""
         try:
             (token,) = select_tokens(
-                logits.unsqueeze(0), [seq.request.sampling], [seq.generator], [seq.seen], [seq.grammar]
+                logits.unsqueeze(0),
+                [seq.request.sampling],
+                [seq.generator],
+                [seq.seen],
+                [seq.grammar],
+                [seq.output_ids],
             )
         except Exception as exc:  # noqa: BLE001 - reported by _checked
             return exc
         return token
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        """Record one sampled token: emit its text, finish the request if done."""
+    def _accept(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one sampled token: emit its text (and logprobs), finish the request if done."""
         seq.generated += 1
         self._generated_total += 1
         if seq.first_token is None:
@@ -544,35 +594,57 @@ class Scheduler:
         seq.output_ids.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
-        if token in self._eos:
+        if token in self._eos:  # not part of the answer: its logprobs are not reported (as OpenAI)
             self._release(seq, FinishReason.STOP, text=seq.detokenizer.flush())
             return
         text = seq.detokenizer.add_token(token)
         if seq.detokenizer.stopped:
-            self._release(seq, FinishReason.STOP, text=text)
+            self._release(seq, FinishReason.STOP, text=text, logprobs=logprobs)
         elif seq.generated >= seq.request.sampling.max_tokens or seq.cached + 1 >= self._max_model_len:
-            self._release(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush())
+            self._release(seq, FinishReason.LENGTH, text=text + seq.detokenizer.flush(), logprobs=logprobs)
         else:
-            self._outbox.append((seq.emit, TokenEvent(text=text)))
+            self._outbox.append((seq.emit, TokenEvent(text=text, index=seq.index, logprobs=logprobs)))
 
-    def _release(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+    def _release(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        text: str = "",
+        error: str | None = None,
+        logprobs: TokenLogprobs | None = None,
+    ) -> None:
         """Free the slot of an admitted request and send its final event."""
         self._kv_used -= seq.cached
         if reason is not FinishReason.ERROR and not self._stopping:  # after an error its KV is suspect
             self._store_blocks(seq, self._slots.slot_of(seq))
         if seq.reused:
-            self._prefix_cache.unpin(seq.reused)
+            self._reused_from().unpin(seq.reused)
         self._slots.remove(seq)
         with self._cond:
-            self._active_count -= 1
-        self._finish(seq, reason, text=text, error=error)
+            self._active_count -= seq.reserved
+        self._finish(seq, reason, text=text, error=error, logprobs=logprobs)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        text: str = "",
+        error: str | None = None,
+        logprobs: TokenLogprobs | None = None,
+    ) -> None:
         usage = Usage(
             prompt_tokens=seq.prompt_len, completion_tokens=seq.generated, cached_prompt_tokens=seq.cached_prompt_tokens
         )
         timing = RequestTiming(seq.submitted, seq.admitted, seq.first_token, time.monotonic())
-        event = TokenEvent(text=text, finish_reason=reason, usage=usage, error=error, timing=timing)
+        event = TokenEvent(
+            text=text,
+            finish_reason=reason,
+            usage=usage,
+            error=error,
+            timing=timing,
+            index=seq.index,
+            logprobs=logprobs,
+        )
         self._outbox.append((seq.emit, event))
 
     def _publish(self) -> None:

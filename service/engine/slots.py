@@ -58,6 +58,17 @@ class SlotTable(Generic[S]):
         self.decoding.append(seq)
         return seq
 
+    def fork(self, seq: S, source: int) -> None:
+        """A new decoder whose first seq.cached positions are a copy of slot
+        `source`'s (another choice of the same prompt). It takes the slot
+        after the decoders', so the prefill head (if it holds positions)
+        moves one slot up first."""
+        target = len(self.decoding)
+        if self.prefilling and self.prefilling[0].cached:
+            self._storage.move_slot(target, target + 1, self.prefilling[0].cached)
+        self._storage.move_slot(source, target, seq.cached)
+        self.decoding.append(seq)
+
     def remove(self, seq: S) -> None:
         """Free the slot of a request, keeping the others compact."""
         if seq in self.prefilling:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .grammar import Grammar
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
+    """Values are OpenAI's finish_reason strings, names the proto's
+    FINISH_REASON_* (the transports derive theirs from these). ERROR and
+    SLOW_CONSUMER never reach a client as a finish reason: ChatService
+    turns them into errors."""
+
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens reached or the context window is full
     CANCELLED = "cancelled"  # aborted (client cancel, deadline, shutdown)
@@ -21,7 +27,7 @@ class FinishReason(str, enum.Enum):
     SLOW_CONSUMER = "slow_consumer"
 
 
-class ConstraintKind(str, enum.Enum):
+class ConstraintKind(enum.StrEnum):
     JSON_SCHEMA = "json_schema"  # a JSON Schema as JSON text
     LARK = "lark"  # a Lark grammar (llguidance's dialect; may embed JSON Schemas)
 
@@ -34,9 +40,54 @@ class OutputConstraint:
     source: str
 
 
+# The valid range of every sampling setting, written once: SamplingParams
+# enforces them, the service layer names them in its messages.
+TEMPERATURE_MAX = 2.0  # temperature in [0, TEMPERATURE_MAX]; 0 = greedy
+REPETITION_PENALTY_MAX = 2.0  # repetition_penalty in (0, REPETITION_PENALTY_MAX]
+PENALTY_LIMIT = 2.0  # presence_penalty and frequency_penalty in [-PENALTY_LIMIT, PENALTY_LIMIT] (OpenAI's range)
+LOGIT_BIAS_LIMIT = 100.0  # a logit_bias value in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT] (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # top_logprobs in [0, MAX_TOP_LOGPROBS] (OpenAI's range)
+MAX_N = 8  # choices per request, n in [1, MAX_N] (and at most --max-batch-size: each takes a slot)
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_BYTES = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A logprob of a token the distribution excludes (-inf: masked by a grammar,
+# cut by logit_bias) is reported as this, as OpenAI does: JSON has no -inf.
+LOGPROB_FLOOR = -9999.0
+
+
+class InvalidSamplingParams(ValueError):
+    """A sampling setting is out of its range; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _integer(field: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSamplingParams(field, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidSamplingParams(field, f"must be between {low} and {high}, got {value}")
+
+
+def _number(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSamplingParams(field, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidSamplingParams(field, f"must be a finite number, got {value}")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Fully resolved sampling settings (server defaults already applied)."""
+    """Fully resolved sampling settings (server defaults already applied).
+    Validates its own invariants, so no transport can build an invalid one
+    (InvalidSamplingParams names the field); limits that depend on the
+    server (max_tokens' upper bound, logit_bias ids against the vocabulary,
+    n against the batch size) are the service layer's."""
 
     max_tokens: int
     temperature: float = 0.0  # 0 = greedy
@@ -45,10 +96,82 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Choices generated from one prefill of the prompt; choice i draws from
+    # the seed stream seed + i (mod 2^64).
+    n: int = 1
+    logprobs: bool = False  # report each generated token's logprob
+    top_logprobs: int = 0  # and this many most likely alternatives (needs logprobs)
+    # OpenAI's penalties over the generated tokens: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids distinct
+
+    def __post_init__(self) -> None:
+        _integer("max_tokens", self.max_tokens, 1, INT64_MAX)
+        if not 0.0 <= _number("temperature", self.temperature) <= TEMPERATURE_MAX:
+            raise InvalidSamplingParams(
+                "temperature", f"must be between 0 and {TEMPERATURE_MAX}, got {self.temperature}"
+            )
+        if not 0.0 < _number("top_p", self.top_p) <= 1.0:
+            raise InvalidSamplingParams("top_p", f"must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidSamplingParams("top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        if not 0.0 < _number("repetition_penalty", self.repetition_penalty) <= REPETITION_PENALTY_MAX:
+            raise InvalidSamplingParams(
+                "repetition_penalty", f"must be in (0, {REPETITION_PENALTY_MAX}], got {self.repetition_penalty}"
+            )
+        if self.seed is not None:
+            # As OpenAI: a seed is an int64 (a wider one would wrap onto another seed's text).
+            _integer("seed", self.seed, INT64_MIN, INT64_MAX)
+        if not isinstance(self.stop, tuple):
+            raise InvalidSamplingParams("stop", f"must be a tuple of strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidSamplingParams("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}")
+        for index, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not stop or len(stop.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES:
+                raise InvalidSamplingParams(f"stop[{index}]", f"must be 1..{MAX_STOP_BYTES} bytes")
+        _integer("n", self.n, 1, MAX_N)
+        if not isinstance(self.logprobs, bool):
+            raise InvalidSamplingParams("logprobs", f"must be a boolean, got {self.logprobs!r}")
+        _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidSamplingParams("top_logprobs", "requires logprobs to be true")
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, field)
+            if not -PENALTY_LIMIT <= _number(field, value) <= PENALTY_LIMIT:
+                raise InvalidSamplingParams(field, f"must be between {-PENALTY_LIMIT} and {PENALTY_LIMIT}, got {value}")
+        if not isinstance(self.logit_bias, tuple):
+            raise InvalidSamplingParams("logit_bias", f"must be a tuple of (token id, bias), got {self.logit_bias!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidSamplingParams(
+                "logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}"
+            )
+        for token, bias in self.logit_bias:
+            _integer("logit_bias", token, 0, INT64_MAX)
+            if not -LOGIT_BIAS_LIMIT <= _number("logit_bias", bias) <= LOGIT_BIAS_LIMIT:
+                raise InvalidSamplingParams(
+                    "logit_bias",
+                    f"token {token}: bias must be between {-LOGIT_BIAS_LIMIT} and {LOGIT_BIAS_LIMIT}, got {bias}",
+                )
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise InvalidSamplingParams("logit_bias", "a token id appears twice")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Uses presence or frequency penalties (needs the output's token counts)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Selection depends on more than this step's logits and the seed
+        (penalties over the tokens so far, logit_bias), or the full
+        distribution is reported (logprobs): a decoding shortcut that skips
+        or batches per-token logits work (e.g. speculation) must not apply."""
+        return self.penalized or self.repetition_penalty != 1.0 or bool(self.logit_bias) or self.logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +210,18 @@ class RequestTiming:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """The logprob of one generated token and the most likely alternatives
+    (descending; as many as top_logprobs asked), as (token id, logprob).
+    Logprobs are of the distribution after penalties, logit_bias and the
+    grammar mask, before temperature, top-k and top-p (see sampling.py)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenEvent:
     """One generated token's worth of output (the final event may carry no
     token). `text` may be empty: a token can end inside a multi-byte character,
@@ -98,6 +233,10 @@ class TokenEvent:
     usage: Usage | None = None
     error: str | None = None  # set when finish_reason is ERROR
     timing: RequestTiming | None = None  # set on the final event
+    index: int = 0  # the choice (0..n-1) this event belongs to; each choice has its own final event
+    # The token's logprobs, when the request asked for them and the event
+    # carries a generated token (not on the end-of-sequence token).
+    logprobs: TokenLogprobs | None = None
 
     @property
     def finished(self) -> bool:

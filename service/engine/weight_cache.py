@@ -105,6 +105,7 @@ def main() -> None:
     every replica starts from it. Pass the settings the server will run with."""
     import argparse
 
+    from .config import EngineConfig
     from .loader import load_model
     from .model_runner import ModelRunner
 
@@ -116,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     loaded = load_model(args.model, args.dtype, args.quantization, args.weight_cache_dir)
-    ModelRunner(loaded, num_slots=1, max_model_len=16, quantization=args.quantization)
+    ModelRunner(loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=16, quantization=args.quantization))
 
 
 if __name__ == "__main__":

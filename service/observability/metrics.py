@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,6 +33,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from . import ObservabilityError
+
+if TYPE_CHECKING:
+    from ..engine.types import EngineStats
 
 _LOG = logging.getLogger(__name__)
 
@@ -335,7 +339,7 @@ class ModelMetrics:
     def accepted_draft_tokens(self, count: int) -> None:
         self.speculative_accepted_tokens.inc(count)
 
-    def track_engine(self, stats: Callable[[], object], *, max_running: int, max_waiting: int) -> None:
+    def track_engine(self, stats: Callable[[], EngineStats], *, max_running: int, max_waiting: int) -> None:
         """Load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""
         self._running.set_function(lambda: stats().running)
         self._waiting.set_function(lambda: stats().waiting)

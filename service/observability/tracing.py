@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.util.types import AttributeValue
 
 from . import ObservabilityError
 
@@ -86,7 +87,7 @@ def setup_tracing(*, version: str = "") -> Tracing:
         return disabled()
     from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
     resource = Resource.create()  # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
     defaults = {}
@@ -99,6 +100,7 @@ def setup_tracing(*, version: str = "") -> Tracing:
     resource = resource.merge(Resource(defaults))
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER(_ARG)
     for name in _exporter_names(env):
+        exporter: SpanExporter
         if name == "otlp":
             protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
             if protocol != "grpc":
@@ -136,7 +138,7 @@ def add_timed_span(
     start: float,
     end: float,
     clock: SpanClock,
-    attributes: Mapping[str, object] | None = None,
+    attributes: Mapping[str, AttributeValue] | None = None,
 ) -> None:
     """A finished child span of `parent` over [start, end] (monotonic seconds)."""
     span = tracer.start_span(

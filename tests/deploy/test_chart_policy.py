@@ -36,6 +36,7 @@ CHART_MANAGED_SETTINGS = {
     "tls_cert_file": "TLS is the Ingress's / Gateway's / mesh's job; mount files with extraVolumes + extraEnv",
     "tls_key_file": "as tls_cert_file",
     "tls_client_ca_file": "as tls_cert_file",
+    "port_file": "not for pods: their ports are fixed (it serves tests and scripts that bind port 0)",
 }
 SELECTOR = {"app.kubernetes.io/name": "qwen-grpc", "app.kubernetes.io/instance": RELEASE}
 QWEN_SERVICE = "qwen.QwenService"

@@ -54,9 +54,11 @@ def test_runtime_stage_is_non_root_and_keeps_writes_in_tmp():
 
 
 def test_dockerignore_is_an_allow_list_of_what_the_build_copies():
-    lines = [l for l in (REPO_ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [
+        line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
+    ]
     assert lines[0] == "*"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = set()
     for line in DOCKERFILE.splitlines():
         if line.startswith("COPY ") and "--from" not in line:

@@ -83,7 +83,7 @@ def test_in_cluster_client_streams_mode_against_a_real_server(tiny_model_dir):
         )
     assert result.returncode == 0, result.stderr
     assert "STARTED" in result.stdout
-    (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    (line,) = [out for out in result.stdout.splitlines() if out.startswith("RESULT ")]
     outcomes = [tuple(o) for o in json.loads(line.removeprefix("RESULT "))["outcomes"]]
     assert sum(1 for what, _ in outcomes if what.startswith("stream-")) == 2
     assert any(what.startswith("unary-") for what, _ in outcomes)
@@ -100,7 +100,7 @@ def test_in_cluster_client_spread_mode_names_the_replica(tiny_model_dir):
             cwd=REPO_ROOT,
         )
     assert result.returncode == 0, result.stderr
-    (line,) = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    (line,) = [out for out in result.stdout.splitlines() if out.startswith("RESULT ")]
     replicas = json.loads(line.removeprefix("RESULT "))["replicas"]
     assert replicas == ["pod-a"] * 5
     assert_spread(replicas, {"pod-a"})

@@ -163,9 +163,9 @@ class Fleet:
             try:
                 dns_query_a("127.0.0.1", self.dns_port, SERVICE_NAME, timeout=0.5)
                 break
-            except OSError:
+            except OSError as exc:
                 if self.dnsmasq.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("dnsmasq did not start: " + (self.workdir / "dnsmasq.log").read_text())
+                    raise RuntimeError("dnsmasq did not start: " + (self.workdir / "dnsmasq.log").read_text()) from exc
                 time.sleep(0.1)
 
     def _add_namespace(self, replica: Replica) -> None:

@@ -16,6 +16,7 @@ from grpc import aio
 
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
+from service.cli import Server
 
 POISON_SEED = 666
 

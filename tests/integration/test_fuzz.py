@@ -2,7 +2,8 @@
 with extreme and odd values; every call must end OK, INVALID_ARGUMENT, or
 (only where the rule says so) NOT_FOUND / RESOURCE_EXHAUSTED — never
 INTERNAL, UNKNOWN or a hang — and the server must afterwards answer a normal
-request exactly as before.
+request exactly as before. Requests generated within the documented limits
+must all succeed, so a validation that refuses too much fails too.
 
 Examples per property: QWEN_FUZZ_EXAMPLES (default 120). CI runs are
 derandomized (the same examples every run); set QWEN_FUZZ_RANDOM=1 to explore.
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from service.api.http_server import OVERSIZE_DRAIN_FACTOR
+from service.chat import MAX_STOP_SEQUENCES, ROLES
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_MESSAGES = 64
@@ -152,6 +154,10 @@ model = st.one_of(
 @st.composite
 def chat_requests(draw) -> pb.ChatRequest:
     request = pb.ChatRequest(messages=draw(messages), model=draw(model), stop=draw(stops))
+    request.logprobs = draw(st.booleans())
+    request.logit_bias.update(
+        draw(st.dictionaries(st.integers(-(2**31), 2**31 - 1), float32.filter(lambda v: v is not None), max_size=3))
+    )
     for name, strategy in (
         ("temperature", float32),
         ("top_p", float32),
@@ -159,10 +165,43 @@ def chat_requests(draw) -> pb.ChatRequest:
         ("max_tokens", int32),
         ("top_k", int32),
         ("seed", int64),
+        ("n", int32),
+        ("top_logprobs", int32),
+        ("presence_penalty", float32),
+        ("frequency_penalty", float32),
     ):
         value = draw(strategy)
         if value is not None:
             setattr(request, name, value)
+    return request
+
+
+# Requests within every documented limit: roles from ROLES, a last user turn
+# with text, sampling parameters in their ranges, short enough for the
+# context window (the tiny tokenizer may spend a token per UTF-8 byte).
+valid_text = st.text(max_size=40)  # any Unicode scalar value (protobuf carries no lone surrogates)
+valid_history = st.lists(st.builds(pb.Message, role=st.sampled_from(ROLES), content=valid_text), max_size=2)
+VALID_OPTIONAL_FIELDS = {
+    "temperature": st.floats(0.0, 2.0, width=32),
+    "top_p": st.floats(0.0, 1.0, exclude_min=True, width=32),
+    "repetition_penalty": st.floats(0.0, 2.0, exclude_min=True, width=32),
+    "max_tokens": st.integers(1, MAX_TOKENS_LIMIT),
+    "top_k": st.integers(0, 2**31 - 1),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+}
+
+
+@st.composite
+def valid_chat_requests(draw) -> pb.ChatRequest:
+    last = pb.Message(role="user", content=draw(valid_text.filter(lambda text: text.strip())))
+    request = pb.ChatRequest(
+        messages=[*draw(valid_history), last],
+        model=draw(st.sampled_from(["", *SERVED])),
+        stop=draw(st.lists(st.text(min_size=1, max_size=8), max_size=MAX_STOP_SEQUENCES)),
+    )
+    for name, strategy in VALID_OPTIONAL_FIELDS.items():
+        if draw(st.booleans()):
+            setattr(request, name, draw(strategy))
     return request
 
 
@@ -183,7 +222,7 @@ def _check_final(response: pb.ChatResponse, request: pb.ChatRequest) -> None:
     assert response.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert response.model in SERVED
     limit = request.max_tokens if request.HasField("max_tokens") else 8
-    assert 0 <= response.usage.completion_tokens <= limit
+    assert 0 <= response.usage.completion_tokens <= limit * max(request.n, 1)  # every choice's tokens
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
@@ -212,6 +251,20 @@ def test_chat_stream_never_fails_internally(stub, baseline, request):
     assert responses and all(not r.is_final for r in responses[:-1])
     _check_final(responses[-1], request)
     assert [r.index for r in responses] == list(range(len(responses)))
+
+
+@FUZZ
+@given(request=valid_chat_requests())
+def test_valid_chat_requests_succeed(stub, baseline, request):
+    _check_final(stub.Chat(request, timeout=CALL_TIMEOUT), request)  # any error status fails
+
+
+@FUZZ
+@given(request=valid_chat_requests())
+def test_valid_chat_streams_succeed(stub, baseline, request):
+    responses = list(stub.ChatStream(request, timeout=CALL_TIMEOUT))
+    assert responses and all(not r.is_final for r in responses[:-1])
+    _check_final(responses[-1], request)
 
 
 @FUZZ
@@ -308,6 +361,10 @@ http_fields = st.fixed_dictionaries(
             "n",
             "stream_options",
             "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+            "logit_bias",
             "user",
             "top_k",
             "repetition_penalty",

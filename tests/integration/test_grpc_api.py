@@ -13,7 +13,7 @@ from harness import REPO_ROOT
 
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
-from service.config import LEGACY_MODEL_NAME
+from service.config import LEGACY_MODEL_NAME, Settings
 
 
 def ask(text: str = "What is the capital of France?", **fields) -> pb.ChatRequest:
@@ -70,7 +70,11 @@ def test_stop_sequence_cuts_the_answer(stub):
 def test_list_models_and_count_tokens(stub):
     models = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
     assert [m.id for m in models][1:] == [LEGACY_MODEL_NAME]
-    assert all(m.max_context_tokens == 4096 and m.max_output_tokens == 2048 for m in models)
+    defaults = Settings()
+    assert all(
+        m.max_context_tokens == defaults.max_model_len and m.max_output_tokens == defaults.max_tokens_limit
+        for m in models
+    )
     counted = stub.CountTokens(
         pb.CountTokensRequest(messages=[pb.Message(role="user", content="Hello there")]), timeout=5
     )

@@ -59,6 +59,7 @@ def test_a_taken_grpc_port_exits_2_without_a_traceback(tiny_model_dir):
         code, log = _exit_of(ServerProcess(tiny_model_dir, "--threads", "1", "--grpc-port", str(port)))
     assert code == 2, log
     assert f"cannot bind gRPC to 127.0.0.1:{port}" in log and "Traceback" not in log, log
+    assert "--model" not in log, log  # the port is at fault, not the model
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random"])

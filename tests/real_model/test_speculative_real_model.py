@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.types import GenerationRequest, SamplingParams
@@ -45,17 +46,18 @@ async def test_output_is_unchanged_and_drafts_are_accepted(real_model_dir):
     results = {}
     for tokens in (0, 4):
         # One thread: on a busy shared machine two OpenMP threads wait on each other in every op.
-        engine = Engine(
-            lambda: load_model(str(real_model_dir)),
+        config = EngineConfig.defaults(
             max_batch_size=4,
             max_waiting=4,
             max_model_len=1024,
-            prefill_chunk_size=512,
+            interleaved_prefill_tokens=512,
             threads=1,
             quantization="int8",
+            prefix_cache_bytes=0,
             speculative_tokens=tokens,
             speculative_max_batch=4,
         )
+        engine = Engine(lambda: load_model(str(real_model_dir)), config)
         engine.start()
         try:
             results[tokens] = (await outputs(engine, False), await outputs(engine, True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiny_model import tiny_engine_config
 
 from service.chat import ChatMessage, ChatParams, ChatService, ResponseFormat, ResponseFormatType
 from service.config import LEGACY_MODEL_NAME, Settings
@@ -23,7 +24,7 @@ def schema_format(text: str) -> ResponseFormat:
 def engine(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), dtype="float32")
     # Never started: these tests only validate and tokenize.
-    return Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=256, prefill_chunk_size=64, threads=1)
+    return Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=0, max_model_len=256, prefill_chunk_size=64))
 
 
 def service(engine, **overrides) -> ChatService:
@@ -98,6 +99,16 @@ def test_the_prompt_is_the_chat_template_applied(engine):
         (ChatParams(messages=USER, response_format=schema_format('{"type": "foo"}')), "response_format"),
         (ChatParams(messages=USER, response_format=schema_format('{"$ref": "#/$defs/missing"}')), "response_format"),
         (ChatParams(messages=USER, response_format=schema_format(" " * 70_000 + "{}")), "response_format"),
+        (ChatParams(messages=USER, n=0), "n"),
+        (ChatParams(messages=USER, n=9), "n"),
+        (ChatParams(messages=USER, logprobs=True, top_logprobs=21), "top_logprobs"),
+        (ChatParams(messages=USER, top_logprobs=1), "top_logprobs"),
+        (ChatParams(messages=USER, presence_penalty=2.5), "presence_penalty"),
+        (ChatParams(messages=USER, frequency_penalty=math.nan), "frequency_penalty"),
+        (ChatParams(messages=USER, logit_bias={1: 100.5}), "logit_bias"),
+        (ChatParams(messages=USER, logit_bias={-1: 1.0}), "logit_bias"),
+        (ChatParams(messages=USER, logit_bias={10**6: 1.0}), "logit_bias"),  # beyond the vocabulary
+        (ChatParams(messages=USER, logit_bias=dict.fromkeys(range(301), 1.0)), "logit_bias"),
     ],
 )
 def test_each_bad_field_is_named(engine, params, field):
@@ -105,6 +116,26 @@ def test_each_bad_field_is_named(engine, params, field):
         service(engine).prepare(params)
     assert error.value.field == field
     assert error.value.message.startswith(field + ":")
+
+
+def test_n_is_bounded_by_the_batch_size_and_sampling_extensions_pass_through(engine):
+    with pytest.raises(InvalidArgument) as error:
+        service(engine, max_batch_size=2).prepare(ChatParams(messages=USER, n=3))
+    assert error.value.field == "n" and "batch size 2" in error.value.message
+    params = ChatParams(
+        messages=USER,
+        n=2,
+        logprobs=True,
+        top_logprobs=20,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        logit_bias={engine.vocab_size - 1: -100.0, 0: 100.0},
+    )
+    sampling = service(engine, max_batch_size=2).prepare(params).request.sampling
+    assert (sampling.n, sampling.logprobs, sampling.top_logprobs) == (2, True, 20)
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (-2.0, 2.0)
+    assert sampling.logit_bias == ((0, 100.0), (engine.vocab_size - 1, -100.0))
+    assert sampling.needs_logits_processing
 
 
 def test_count_tokens_matches_the_prompt(engine):

@@ -7,6 +7,7 @@ from service.config import LEGACY_MODEL_NAME, Settings, build_parser, load_setti
 
 
 def test_defaults_match_the_documented_ports():
+    """The documented numbers themselves (README, chart, Dockerfile), not read from Settings."""
     settings = Settings()
     assert settings.grpc_port == 50051
     assert settings.reflection is True
@@ -41,18 +42,31 @@ def test_boolean_flags(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, reason",
     [
-        ["--grpc-port", "70000"],
-        ["--max-tokens-default", "5000", "--max-tokens-limit", "100"],
-        ["--max-tokens-limit", "9000", "--max-model-len", "4096"],
-        ["--quantization", "int3"],
-        ["--temperature-default", "-1"],
+        (["--grpc-port", "70000"], "grpc_port"),
+        (["--max-tokens-default", "5000", "--max-tokens-limit", "100"], "max_tokens_default must not exceed"),
+        (["--max-tokens-limit", "9000", "--max-model-len", "4096"], "max_tokens_limit must be below max_model_len"),
+        (["--temperature-default", "-1"], "temperature_default"),
     ],
 )
-def test_invalid_settings_are_rejected(argv):
-    with pytest.raises((ValidationError, SystemExit)):
+def test_invalid_settings_are_rejected_naming_the_setting(argv, reason):
+    with pytest.raises(ValidationError, match=reason):
         load_settings(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quantization", "int3"], "argument --quantization: invalid choice: 'int3'"),
+        (["--grpc-prot", "7000"], "unrecognized arguments: --grpc-prot 7000"),
+    ],
+)
+def test_bad_flags_exit_2_saying_why(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_readme_configuration_table_is_current():

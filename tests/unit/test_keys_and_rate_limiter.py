@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.api.interceptors import peer_host
-from service.auth import ApiKeyAuth, fingerprint, read_keys_file
+from service.auth import ApiKeyAuth, bearer_token, fingerprint, read_keys_file
 from service.config import ConfigError, Settings, load_settings
 from service.errors import RateLimited, Unauthenticated
-from service.ratelimit import RateLimiter
+from service.ratelimit import RateLimiter, grpc_peer_key, http_peer_key
 
 ENV_KEY = "env-key-0123456789abcdef"
 FILE_KEY = "file-key-fedcba9876543210"
@@ -102,5 +101,27 @@ def test_token_bucket_memory_is_bounded():
         ("unix:/tmp/sock", "unix:/tmp/sock"),
     ],
 )
-def test_peer_host_drops_the_port(peer, host):
-    assert peer_host(peer) == host
+def test_grpc_peer_key_drops_the_port(peer, host):
+    assert grpc_peer_key(peer) == host
+
+
+@pytest.mark.parametrize(
+    "address, peer", [("127.0.0.1", "ipv4:127.0.0.1:5000"), ("2001:db8::7", "ipv6:[2001:db8::7]:443")]
+)
+def test_an_http_client_has_the_bucket_of_the_same_grpc_client(address, peer):
+    assert http_peer_key(address) == grpc_peer_key(peer)
+
+
+@pytest.mark.parametrize(
+    "authorization, token",
+    [
+        ("Bearer k1", "k1"),
+        ("bearer  k1 ", "k1"),
+        ("Basic k1", None),
+        ("Bearer", None),
+        ("Bearer   ", None),
+        (None, None),
+    ],
+)
+def test_bearer_token(authorization, token):
+    assert bearer_token(authorization) == token

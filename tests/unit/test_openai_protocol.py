@@ -53,8 +53,8 @@ def test_mapping_to_chat_params():
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 3}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 1.5}, "n"),
+        ({"logprobs": "yes"}, "logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
@@ -69,13 +69,31 @@ def test_mapping_to_chat_params():
         ),
         ({"response_format": {"type": "json_object", "json_schema": {"name": "f"}}}, "response_format.json_schema"),
         ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
-        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
+        ({"logit_bias": {"a1": 2.0}}, "logit_bias"),
+        ({"logit_bias": {"-1": 2.0}}, "logit_bias"),
+        ({"logit_bias": {"1": "2"}}, "logit_bias"),
     ],
 )
 def test_unsupported_features_are_refused_by_name(fields, param):
     with pytest.raises(InvalidArgument) as exc_info:
         parse(**fields)
     assert exc_info.value.field == param
+
+
+def test_sampling_extensions_map_to_chat_params():
+    params = parse(
+        n=3,
+        logprobs=True,
+        top_logprobs=5,
+        presence_penalty=0.5,
+        frequency_penalty=-1,
+        logit_bias={"17": 100, "4": -2.5},
+    )
+    assert (params.n, params.logprobs, params.top_logprobs) == (3, True, 5)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.logit_bias == {17: 100.0, 4: -2.5}
+    unset = parse(n=None, logprobs=None, top_logprobs=None, logit_bias=None)
+    assert (unset.n, unset.logprobs, unset.top_logprobs, unset.logit_bias) == (None, False, None, None)
 
 
 def test_response_format_and_nulls_map_as_openai_sends_them():

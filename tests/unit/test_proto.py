@@ -118,3 +118,62 @@ def test_legacy_field_numbers_and_types_are_frozen():
     out = {f.name: (f.number, f.type) for f in pb.ChatResponse.DESCRIPTOR.fields}
     assert out["id"] == (1, F.TYPE_STRING) and out["content"] == (2, F.TYPE_STRING)
     assert out["is_final"] == (3, F.TYPE_BOOL) and out["index"] == (4, F.TYPE_INT32)
+
+
+def test_sampling_fields_have_their_numbers_and_old_peers_skip_them(tmp_path):
+    """n, logprobs, penalties and logit_bias (issue 13) are new numbers: an
+    old server reads the legacy fields of such a request unchanged, an old
+    client those of a response with logprobs and choices."""
+    F = descriptor_pb2.FieldDescriptorProto
+    fields = {f.name: (f.number, f.type) for f in pb.ChatRequest.DESCRIPTOR.fields}
+    assert fields["n"] == (11, F.TYPE_INT32)
+    assert fields["logprobs"] == (12, F.TYPE_BOOL)
+    assert fields["top_logprobs"] == (13, F.TYPE_INT32)
+    assert fields["presence_penalty"] == (14, F.TYPE_FLOAT)
+    assert fields["frequency_penalty"] == (15, F.TYPE_FLOAT)
+    assert fields["logit_bias"] == (16, F.TYPE_MESSAGE)  # a map is a repeated entry message
+    out = {f.name: (f.number, f.type) for f in pb.ChatResponse.DESCRIPTOR.fields}
+    assert out["logprobs"] == (8, F.TYPE_MESSAGE)
+    assert out["choice_index"] == (10, F.TYPE_INT32)
+    assert out["choices"] == (11, F.TYPE_MESSAGE)
+
+    OldRequest, OldResponse, _ = _legacy_messages(tmp_path)
+    request = pb.ChatRequest(
+        messages=[pb.Message(role="user", content="héllo")],
+        max_tokens=64,
+        n=3,
+        logprobs=True,
+        top_logprobs=5,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={17: 100.0},
+    )
+    seen_by_old_server = OldRequest.FromString(request.SerializeToString())
+    assert seen_by_old_server.max_tokens == 64 and seen_by_old_server.messages[0].content == "héllo"
+
+    from service.api.grpc_server import chat_params
+
+    params = chat_params(request)
+    assert (params.n, params.logprobs, params.top_logprobs) == (3, True, 5)
+    assert (params.presence_penalty, params.frequency_penalty, params.logit_bias) == (0.5, -0.5, {17: 100.0})
+    legacy = chat_params(pb.ChatRequest.FromString(OldRequest(max_tokens=4).SerializeToString()))
+    assert (legacy.n, legacy.logprobs, legacy.top_logprobs, legacy.logit_bias) == (None, False, None, None)
+    assert (legacy.presence_penalty, legacy.frequency_penalty) == (None, None)
+
+    entry = pb.TokenLogprob(token="Paris", logprob=-0.1, token_bytes=b"Paris", token_id=7)
+    response = pb.ChatResponse(
+        id="chat-1",
+        content="Paris",
+        is_final=True,
+        index=0,
+        logprobs=[entry],
+        choice_index=1,
+        choices=[pb.Choice(index=0, content="Paris", logprobs=[entry]), pb.Choice(index=1, content="Rome")],
+    )
+    seen_by_old = OldResponse.FromString(response.SerializeToString())
+    assert (seen_by_old.id, seen_by_old.content, seen_by_old.is_final, seen_by_old.index) == (
+        "chat-1",
+        "Paris",
+        True,
+        0,
+    )

@@ -48,6 +48,7 @@ __all__ = [
     "AsyncQwenClient",
     "ChatResult",
     "ChatStream",
+    "Choice",
     "QwenClient",
     "build_request",
     "replica_of",
@@ -91,13 +92,30 @@ def build_request(
     stop: Sequence[str] = (),
     json_schema: Mapping[str, Any] | str | type | None = None,
     json_mode: bool = False,
+    n: int | None = None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> pb.ChatRequest:
     """Only the parameters you pass are sent; the rest take server defaults.
 
     Structured output: `json_schema=` (a JSON Schema as a dict or JSON text,
     or a pydantic model class) makes the server constrain the answer to JSON
-    valid against it; `json_mode=True` to any JSON object."""
-    request = pb.ChatRequest(messages=_messages(messages), model=model, stop=list(stop))
+    valid against it; `json_mode=True` to any JSON object.
+
+    `n=` choices from one prefill of the prompt (choice i samples with
+    seed + i); `logprobs=True` (and `top_logprobs=` 0..20 alternatives) for
+    each token's logprob; `presence_penalty=` / `frequency_penalty=` in
+    [-2, 2] as OpenAI's; `logit_bias=` {token id: bias in [-100, 100]}."""
+    request = pb.ChatRequest(
+        messages=_messages(messages),
+        model=model,
+        stop=list(stop),
+        logprobs=logprobs,
+        logit_bias=dict(logit_bias or {}),
+    )
     if json_schema is not None:
         if hasattr(json_schema, "model_json_schema"):  # a pydantic model, without importing pydantic
             json_schema = json_schema.model_json_schema()
@@ -112,17 +130,32 @@ def build_request(
         ("top_k", top_k),
         ("repetition_penalty", repetition_penalty),
         ("seed", seed),
+        ("n", n),
+        ("top_logprobs", top_logprobs),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
     ):
         if value is not None:
             setattr(request, name, value)
     return request
 
 
-def finish_reason_name(response: pb.ChatResponse) -> str:
+def finish_reason_name(response: pb.ChatResponse | pb.Choice) -> str:
     """ "stop" | "length" | "cancelled" ("" on non-final messages)."""
     if not response.finish_reason:
         return ""
     return pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of the n answers of a chat() call."""
+
+    index: int
+    content: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    # With logprobs=True: pb.TokenLogprob per generated token (token, logprob, token_bytes, token_id, top_logprobs).
+    logprobs: tuple[pb.TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +171,17 @@ class ChatResult:
     replica: str = ""
     # Prompt tokens the replica took from its prefix cache (0 from servers without one).
     cached_prompt_tokens: int = 0
+    # With logprobs=True: one pb.TokenLogprob per generated token (of choice 0).
+    logprobs: tuple[pb.TokenLogprob, ...] = ()
+    # Every choice, choice 0 (the fields above) first; one unless n > 1 was asked.
+    # completion_tokens counts the tokens of all of them.
+    choices: tuple[Choice, ...] = ()
 
     @classmethod
     def from_response(cls, response: pb.ChatResponse, replica: str = "") -> ChatResult:
+        choices = tuple(
+            Choice(c.index, c.content, finish_reason_name(c), tuple(c.logprobs)) for c in response.choices
+        ) or (Choice(0, response.content, finish_reason_name(response), tuple(response.logprobs)),)
         return cls(
             id=response.id,
             content=response.content,
@@ -150,12 +191,16 @@ class ChatResult:
             model=response.model,
             replica=replica,
             cached_prompt_tokens=response.usage.cached_prompt_tokens,
+            logprobs=tuple(response.logprobs),
+            choices=choices,
         )
 
 
 class ChatStream:
     """The messages of one ChatStream call, as an iterator. The last message
-    has is_final, finish_reason and usage. cancel() (or leaving a `with`
+    has is_final, finish_reason and usage. With n > 1 each message says its
+    choice (`choice_index`) and each choice's last one has finish_reason;
+    with logprobs each carries its tokens' `logprobs`. cancel() (or leaving a `with`
     block, or close()) cancels the generation on the server; a caller that
     stops iterating early should do one of these."""
 

@@ -161,7 +161,8 @@ def call_metadata(api_key: str | None) -> Callable[[], list[tuple[str, str]]]:
     return metadata
 
 
-def _with_metadata(details: Any, extra: list[tuple[str, str]], factory: type) -> Any:
+def _with_metadata(details: Any, extra: list[tuple[str, str]], factory: Any) -> Any:
+    """`details` rebuilt as `factory`, a namedtuple class of grpc's call details, with `extra` metadata."""
     if not extra:
         return details
     fields = {name: getattr(details, name, None) for name in factory._fields}

@@ -14,7 +14,7 @@ try:
 
     _PROPAGATOR: TraceContextTextMapPropagator | None = TraceContextTextMapPropagator()
 except ImportError:  # OpenTelemetry not installed: nothing to propagate
-    _otel_trace = None
+    _otel_trace = None  # type: ignore[assignment]  # only read when _PROPAGATOR is set
     _PROPAGATOR = None
 
 

@@ -19,13 +19,16 @@ def request(engine: Engine, text: str, sampling: SamplingParams) -> GenerationRe
 
 
 async def _stream(engine: Engine, req: GenerationRequest, started: asyncio.Event | None = None) -> str:
-    """The request's whole text; `started` is set at its first event."""
-    parts = []
+    """The request's whole text, then its logprobs if it asked for them;
+    `started` is set at its first event."""
+    parts, logprobs = [], []
     async for event in engine.generate(req):
         parts.append(event.text)
+        if event.logprobs is not None:
+            logprobs.append(event.logprobs)
         if started is not None:
             started.set()
-    return "".join(parts)
+    return "".join(parts) + (f"\nlogprobs: {logprobs!r}" if logprobs else "")
 
 
 async def arrangements(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from batch_invariance import arrangements, assert_all_equal
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
@@ -25,7 +26,7 @@ OTHERS = [
 # (quantization, dtype) pairs that are batch-invariant; float32 without
 # quantization is not (MKL's float32 matrix product sums a row differently
 # for one row than for several), which is why it is not offered as a default.
-INVARIANT = [("int8", "bfloat16"), ("int8-weight-only", "bfloat16"), ("none", "bfloat16")]
+INVARIANT = [("int8", "bfloat16"), ("int8-weight-only", "bfloat16"), ("int4", "bfloat16"), ("none", "bfloat16")]
 
 
 def make_engine(model_dir, quantization: str, dtype: str, **overrides) -> Engine:
@@ -39,7 +40,7 @@ def make_engine(model_dir, quantization: str, dtype: str, **overrides) -> Engine
         quantization=quantization,
     )
     options.update(overrides)
-    engine = Engine(load_model(str(model_dir), dtype=dtype), **options)
+    engine = Engine(load_model(str(model_dir), dtype=dtype), EngineConfig.defaults(prefix_cache_bytes=0, **options))
     engine.start()
     return engine
 
@@ -77,7 +78,7 @@ def test_decoded_tokens_equal_prefilled_ones(tiny_model_dir, quantization, dtype
     """The keys, values and logits of a token computed in a decode step are
     bitwise those of the same token prefilled (what a prefix cache reuses)."""
     loaded = load_model(str(tiny_model_dir), dtype=dtype)
-    runner = ModelRunner(loaded, num_slots=2, max_model_len=1024, quantization=quantization)
+    runner = ModelRunner(loaded, EngineConfig.defaults(max_batch_size=2, max_model_len=1024, quantization=quantization))
     prompt = list(loaded.tokenizer.encode("The quick brown fox " * 30))
     tokens, decoded_logits = [int(runner.prefill(0, prompt, 0).argmax())], []
     for position in range(len(prompt), len(prompt) + 12):

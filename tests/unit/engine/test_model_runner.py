@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
 
@@ -28,7 +29,9 @@ def test_batched_chunked_decoding_matches_transformers_generate(tiny_model_dir, 
         ].tolist()
         for ids in prompts
     ]
-    runner = ModelRunner(loaded, num_slots=4, max_model_len=256)  # repacks the model's weights
+    runner = ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=4, max_model_len=256, quantization="none")
+    )  # repacks the model's weights
     outputs, positions = [], []
     for slot, ids in enumerate(prompts):
         # Uneven chunks, including a chunk of one token.
@@ -50,8 +53,14 @@ def test_a_mixed_step_equals_separate_passes(tiny_model_dir):
     """Decode rows and several prompt chunks (one cut short) in one forward
     pass give the logits each would get in a pass of its own."""
     a, b, c = (_prompt_ids(load_model(str(tiny_model_dir)), p) for p in PROMPTS)
-    mixed = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=3, max_model_len=128)
-    alone = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=3, max_model_len=128)
+    mixed = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=3, max_model_len=128, quantization="none"),
+    )
+    alone = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=3, max_model_len=128, quantization="none"),
+    )
     token = int(mixed.prefill(0, a, 0).argmax())
     alone.prefill(0, a, 0)
     got = mixed.step([token], [len(a)], [PrefillChunk(1, b, 0), PrefillChunk(2, c[:4], 0)])
@@ -69,7 +78,7 @@ def test_a_mixed_step_equals_separate_passes(tiny_model_dir):
 
 def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), dtype="float32")
-    runner = ModelRunner(loaded, num_slots=3, max_model_len=128)
+    runner = ModelRunner(loaded, EngineConfig.defaults(max_batch_size=3, max_model_len=128, quantization="none"))
     ids = _prompt_ids(loaded, PROMPTS[0])
     first = runner.prefill(2, ids, 0)
     runner.move_slot(2, 0, len(ids))
@@ -80,14 +89,27 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     assert torch.allclose(moved[0], reference[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only"])
-def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
-    """Dynamic int8 perturbs the logits a little: they stay strongly correlated
+@pytest.mark.parametrize(
+    ("quantization", "mean_similarity", "min_similarity", "min_agreement"),
+    # 4 bits of random Gaussian weights lose far more than a trained model's (whose
+    # perplexity the real-model quality guard bounds), hence int4's looser bounds here.
+    [("int8", 0.98, 0.8, 0.6), ("int8-weight-only", 0.98, 0.8, 0.6), ("int4", 0.85, 0.45, 0.3)],
+)
+def test_int8_runner_tracks_the_float_model(
+    tiny_model_dir, quantization, mean_similarity, min_similarity, min_agreement
+):
+    """Quantization perturbs the logits a little: they stay strongly correlated
     with float32 ones. (The random tiny model has near-tied top tokens, so
     top-1 agreement is a weak signal here; the real-model quality check is in
     tests/real_model.)"""
-    reference = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=1, max_model_len=128)
-    quantized = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), 1, 128, quantization=quantization)
+    reference = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=1, max_model_len=128, quantization="none"),
+    )
+    quantized = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=1, max_model_len=128, quantization=quantization),
+    )
     loaded = load_model(str(tiny_model_dir))
     agree = total = 0
     similarities = []
@@ -100,13 +122,19 @@ def test_int8_runner_tracks_the_float_model(tiny_model_dir, quantization):
             similarities.append(float(torch.nn.functional.cosine_similarity(want, got, dim=0)))
             agree += int(want.argmax() == got.argmax())
             total += 1
-    assert sum(similarities) / len(similarities) > 0.98 and min(similarities) > 0.8, similarities
-    assert agree / total >= 0.6, f"int8 top-1 agreement {agree}/{total}"
+    assert sum(similarities) / len(similarities) > mean_similarity and min(similarities) > min_similarity, similarities
+    assert agree / total >= min_agreement, f"{quantization} top-1 agreement {agree}/{total}"
 
 
 def test_a_bfloat16_kv_cache_tracks_the_float32_one(tiny_model_dir):
-    reference = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=2, max_model_len=128)
-    halved = ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), 2, 128, kv_cache_dtype="bfloat16")
+    reference = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=2, max_model_len=128, quantization="none"),
+    )
+    halved = ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=2, max_model_len=128, kv_cache_dtype="bfloat16", quantization="none"),
+    )
     assert halved.kv_bytes_per_token * 2 == reference.kv_bytes_per_token
     ids = _prompt_ids(load_model(str(tiny_model_dir)), PROMPTS[0])
     for runner in (reference, halved):
@@ -120,9 +148,15 @@ def test_a_bfloat16_kv_cache_tracks_the_float32_one(tiny_model_dir):
 
 def test_unknown_kv_cache_dtype_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="KV cache dtype"):
-        ModelRunner(load_model(str(tiny_model_dir)), 1, 64, kv_cache_dtype="int4")
+        ModelRunner(
+            load_model(str(tiny_model_dir)),
+            EngineConfig.defaults(max_batch_size=1, max_model_len=64, kv_cache_dtype="int4", quantization="none"),
+        )
 
 
 def test_unknown_quantization_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="quantization"):
-        ModelRunner(load_model(str(tiny_model_dir)), 1, 64, quantization="int3")
+        ModelRunner(
+            load_model(str(tiny_model_dir)),
+            EngineConfig.defaults(max_batch_size=1, max_model_len=64, quantization="int3"),
+        )

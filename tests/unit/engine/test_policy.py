@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner
 from service.engine.policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
@@ -42,7 +43,10 @@ class Request:
 
 @pytest.fixture
 def runner(tiny_model_dir) -> ModelRunner:
-    return ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=4, max_model_len=32)
+    return ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=4, max_model_len=32, quantization="none"),
+    )
 
 
 def fill(runner: ModelRunner, slot: int, length: int, value: float) -> None:

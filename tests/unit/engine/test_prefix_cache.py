@@ -9,7 +9,9 @@ import threading
 
 import pytest
 import torch
+from tiny_model import tiny_engine_config
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner
@@ -26,10 +28,8 @@ CACHE_BYTES = 64 << 20
 
 
 def tiny_engine(tiny_model_dir, prefix_cache_bytes: int, **overrides) -> Engine:
-    options = dict(max_batch_size=4, max_waiting=8, max_model_len=512, prefill_chunk_size=16, threads=1)
-    options.update(overrides)
-    loaded = load_model(str(tiny_model_dir), dtype=options.pop("dtype", "float32"))
-    engine = Engine(loaded, prefix_cache_bytes=prefix_cache_bytes, **options)
+    loaded = load_model(str(tiny_model_dir), dtype=overrides.pop("dtype", "float32"))
+    engine = Engine(loaded, tiny_engine_config(prefix_cache_bytes=prefix_cache_bytes, **overrides))
     engine.start()
     return engine
 
@@ -58,7 +58,10 @@ async def conversation(engine: Engine, turns: int, question: str, tag: str):
 # ----- the block store on its own ---------------------------------------------
 @pytest.fixture
 def runner(tiny_model_dir) -> ModelRunner:
-    return ModelRunner(load_model(str(tiny_model_dir), dtype="float32"), num_slots=3, max_model_len=128)
+    return ModelRunner(
+        load_model(str(tiny_model_dir), dtype="float32"),
+        EngineConfig.defaults(max_batch_size=3, max_model_len=128, quantization="none"),
+    )
 
 
 def prompt_ids(length: int, seed: int = 0) -> list[int]:
@@ -72,7 +75,8 @@ def test_copied_in_kv_equals_the_recomputed_kv_and_gives_the_same_logits(tiny_mo
     bit for bit (float32 without quantization is not: MKL sums one row
     differently from several)."""
     runner = ModelRunner(
-        load_model(str(tiny_model_dir), dtype="bfloat16"), 3, 128, quantization="int8", kv_cache_dtype=kv_cache_dtype
+        load_model(str(tiny_model_dir), dtype="bfloat16"),
+        EngineConfig.defaults(max_batch_size=3, max_model_len=128, quantization="int8", kv_cache_dtype=kv_cache_dtype),
     )
     tokens = prompt_ids(3 * BLOCK_SIZE + 5)
     cache = PrefixCache(runner, capacity_blocks=8)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from tiny_model import tiny_engine_config
 
 from service.engine import scheduler as scheduler_module
 from service.engine import speculative
@@ -110,19 +111,14 @@ def oracle(monkeypatch):
 
 
 def make_engine(tiny_model_dir, speculative_tokens: int, **overrides) -> Engine:
-    options = dict(
-        max_batch_size=4,
-        max_waiting=8,
-        max_model_len=512,
+    options: dict = dict(
         prefill_chunk_size=64,
         interleaved_prefill_tokens=16,
-        threads=1,
         quantization="int8",  # batch- and chunk-invariant: a verified draft's logits are a decode step's
         speculative_tokens=speculative_tokens,
         speculative_max_batch=4,
     )
-    options.update(overrides)
-    engine = Engine(load_model(str(tiny_model_dir), dtype="float32"), **options)
+    engine = Engine(load_model(str(tiny_model_dir), dtype="float32"), tiny_engine_config(**(options | overrides)))
     engine.start()
     return engine
 
@@ -308,19 +304,59 @@ async def test_prefix_cache_holds_no_rejected_drafts(tiny_model_dir, oracle):
     assert final.usage.completion_tokens == expected_final.usage.completion_tokens
 
 
-async def test_no_drafts_above_the_batch_limit_or_for_penalties(tiny_model_dir, oracle):
+# Selection depends on more than the step's logits, or every token's distribution is reported.
+NO_DRAFTS = [
+    SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.1),
+    SamplingParams(max_tokens=40, temperature=0.0, frequency_penalty=0.5),
+    SamplingParams(max_tokens=40, temperature=0.0, presence_penalty=0.5),
+    SamplingParams(max_tokens=40, temperature=0.0, logit_bias=((5, 1.0),)),
+    SamplingParams(max_tokens=40, temperature=0.0, logprobs=True),
+]
+
+
+async def test_no_drafts_above_the_batch_limit_or_with_logits_processing(tiny_model_dir, oracle):
     cases = [(PROMPTS[2], GREEDY)]
-    penalised = SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.1)
-    await compare(tiny_model_dir, cases + [(PROMPTS[0], penalised)], False)  # futures to draft from
+    await compare(tiny_model_dir, cases + [(PROMPTS[0], sampling) for sampling in NO_DRAFTS], False)  # futures
     engine = make_engine(tiny_model_dir, 4, speculative_max_batch=1)
     try:
-        await outputs(engine, [(PROMPTS[0], penalised)], False)
-        assert engine.stats().draft_tokens_total == 0
+        for sampling in NO_DRAFTS:
+            await outputs(engine, [(PROMPTS[0], sampling)], False)
+            assert engine.stats().draft_tokens_total == 0, sampling
         # Two streams of the same length decode together from start to end.
         await outputs(engine, [(PROMPTS[2], GREEDY), (PROMPTS[2], GREEDY)], True)
         assert engine.stats().draft_tokens_total == 0
     finally:
         await engine.shutdown()
+
+
+async def test_n_choices_speculate_each_and_match_without(tiny_model_dir, oracle):
+    """The forked choices of a request for n draft on their own (their own
+    slot and generator): each choice's text is the one without speculation."""
+
+    async def choices(engine: Engine, sampling: SamplingParams) -> dict[int, tuple]:
+        events = [event async for event in engine.generate(request(engine, PROMPTS[0], sampling))]
+        return {
+            index: (
+                "".join(e.text for e in events if e.index == index),
+                *[(e.finish_reason, e.usage.completion_tokens) for e in events if e.index == index and e.usage][0],
+            )
+            for index in range(sampling.n)
+        }
+
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, n=2)
+    sampled = SamplingParams(max_tokens=40, temperature=0.05, top_p=0.95, top_k=40, seed=7, n=3)
+    results = []
+    for tokens in (0, 4):
+        engine = make_engine(tiny_model_dir, tokens)
+        try:
+            results.append((await choices(engine, greedy), await choices(engine, sampled)))
+            stats = engine.stats()
+        finally:
+            await engine.shutdown()
+    assert results[1] == results[0]
+    assert results[0][0][0] == results[0][0][1]  # greedy choices agree
+    assert stats.accepted_draft_tokens_total > 0
+    assert stats.running == 0 and stats.kv_cache_used_tokens == 0
 
 
 async def test_drafts_share_the_step_budget_with_prompt_chunks(tiny_model_dir, oracle, monkeypatch):

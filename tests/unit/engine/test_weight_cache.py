@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner
 
@@ -20,7 +21,9 @@ def runner(model_dir, cache_dir, quantization: str = "int8") -> tuple[ModelRunne
     """A runner and whether its weights came from the cache."""
     loaded = load_model(str(model_dir), "bfloat16", quantization, str(cache_dir))
     from_cache = loaded.packed is not None
-    return ModelRunner(loaded, num_slots=1, max_model_len=128, quantization=quantization), from_cache
+    return ModelRunner(
+        loaded, EngineConfig.defaults(max_batch_size=1, max_model_len=128, quantization=quantization)
+    ), from_cache
 
 
 @pytest.fixture
@@ -33,7 +36,7 @@ def model_dir(tiny_model_dir, tmp_path) -> pathlib.Path:
     copy.chmod(0o755)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only", "none"])
+@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only", "int4", "none"])
 def test_cached_weights_give_bit_identical_logits(model_dir, tmp_path, quantization):
     files_before = sorted(model_dir.iterdir())
     fresh, from_cache = runner(model_dir, tmp_path / "cache", quantization)

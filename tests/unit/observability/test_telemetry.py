@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from tiny_model import tiny_engine_config
 
 from service.chat import ChatMessage, ChatParams, ChatService
 from service.config import Settings
@@ -78,9 +79,7 @@ async def run(chat: ChatService, text: str, timeout: float | None = None, **para
 
 async def test_a_completed_request_records_every_phase(loaded):
     rec = Recorder()
-    engine = Engine(
-        loaded, max_batch_size=2, max_waiting=2, max_model_len=512, prefill_chunk_size=16, threads=1, observer=rec.model
-    )
+    engine = Engine(loaded, tiny_engine_config(max_batch_size=2, max_waiting=2), observer=rec.model)
     engine.start()
     try:
         chat = ChatService(engine, settings(), rec.telemetry)
@@ -127,7 +126,7 @@ async def test_a_completed_request_records_every_phase(loaded):
 
 async def test_the_queue_time_is_the_wait_for_a_slot(loaded):
     rec = Recorder()
-    engine = Engine(loaded, max_batch_size=1, max_waiting=1, max_model_len=512, prefill_chunk_size=16, threads=1)
+    engine = Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=1))
     engine.start()
     try:
         chat = ChatService(engine, settings(), rec.telemetry)
@@ -147,7 +146,7 @@ async def test_the_queue_time_is_the_wait_for_a_slot(loaded):
 
 async def test_validation_errors_are_counted_and_traced(loaded):
     rec = Recorder()
-    engine = Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=512, prefill_chunk_size=16, threads=1)
+    engine = Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=0))
     chat = ChatService(engine, settings(), rec.telemetry)  # never started: nothing reaches it
     with pytest.raises(InvalidArgument):
         chat.prepare(ChatParams(messages=(ChatMessage("user", " "),)))
@@ -165,7 +164,7 @@ async def test_validation_errors_are_counted_and_traced(loaded):
 
 async def test_a_client_that_leaves_early_counts_as_cancelled(loaded):
     rec = Recorder()
-    engine = Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=512, prefill_chunk_size=16, threads=1)
+    engine = Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=0))
     engine.start()
     try:
         chat = ChatService(engine, settings(), rec.telemetry)
@@ -185,7 +184,7 @@ async def test_a_client_that_leaves_early_counts_as_cancelled(loaded):
 
 async def test_an_expired_deadline_counts_as_deadline(loaded):
     rec = Recorder()
-    engine = Engine(loaded, max_batch_size=1, max_waiting=0, max_model_len=512, prefill_chunk_size=16, threads=1)
+    engine = Engine(loaded, tiny_engine_config(max_batch_size=1, max_waiting=0))
     engine.start()
     try:
         chat = ChatService(engine, settings(), rec.telemetry)

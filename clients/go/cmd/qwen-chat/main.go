@@ -20,6 +20,7 @@ import (
 	"io/ioutil"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -64,24 +65,49 @@ func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 type options struct {
-	target, model, system            string
-	temperature, topP                float64
-	maxTokens, topK                  int
-	seed                             int64
-	stop                             stringList
-	timeout, keepalive               time.Duration
-	usage                            bool
-	apiKey                           string
-	useTLS                           bool
-	rootCerts, clientCert, clientKey string
-	tlsServerName                    string
-	jsonSchema                       string
-	jsonMode                         bool
-	set                              map[string]bool // flags given on the command line
+	target, model, system             string
+	temperature, topP                 float64
+	maxTokens, topK                   int
+	seed                              int64
+	stop                              stringList
+	timeout, keepalive                time.Duration
+	usage                             bool
+	apiKey                            string
+	useTLS                            bool
+	rootCerts, clientCert, clientKey  string
+	tlsServerName                     string
+	jsonSchema                        string
+	jsonMode                          bool
+	n, topLogprobs                    int
+	logprobs                          bool
+	presencePenalty, frequencyPenalty float64
+	logitBias                         map[int32]float32
+	set                               map[string]bool // flags given on the command line
+}
+
+// biasFlag parses repeatable -logit-bias TOKEN_ID=BIAS.
+type biasFlag map[int32]float32
+
+func (b biasFlag) String() string { return fmt.Sprint(map[int32]float32(b)) }
+func (b biasFlag) Set(v string) error {
+	parts := strings.SplitN(v, "=", 2)
+	if len(parts) != 2 {
+		return fmt.Errorf("want TOKEN_ID=BIAS, got %q", v)
+	}
+	id, err := strconv.ParseInt(parts[0], 10, 32)
+	if err != nil {
+		return fmt.Errorf("token id %q: %v", parts[0], err)
+	}
+	bias, err := strconv.ParseFloat(parts[1], 32)
+	if err != nil {
+		return fmt.Errorf("bias %q: %v", parts[1], err)
+	}
+	b[int32(id)] = float32(bias)
+	return nil
 }
 
 func parseFlags(args []string) (*options, []string, error) {
-	o := &options{}
+	o := &options{logitBias: map[int32]float32{}}
 	fs := flag.NewFlagSet("qwen-chat", flag.ContinueOnError)
 	fs.StringVar(&o.target, "target", "localhost:50051", "host:port or dns://[DNS-SERVER]/name:port")
 	fs.StringVar(&o.model, "model", "", "served model name (default: the server's default)")
@@ -96,6 +122,12 @@ func parseFlags(args []string) (*options, []string, error) {
 	fs.DurationVar(&o.keepalive, "keepalive", 30*time.Second, "keepalive ping interval (the server accepts >= 10s by default)")
 	fs.StringVar(&o.jsonSchema, "json-schema", "", "answer as JSON valid against the JSON Schema in this file")
 	fs.BoolVar(&o.jsonMode, "json", false, "answer as a JSON object")
+	fs.IntVar(&o.n, "n", 1, "answers from one prefill (choice i samples with seed+i); choices after the first print after it")
+	fs.BoolVar(&o.logprobs, "logprobs", false, "print each token's logprob to stderr (after the answer)")
+	fs.IntVar(&o.topLogprobs, "top-logprobs", 0, "with -logprobs: also the 0..20 most likely alternatives")
+	fs.Float64Var(&o.presencePenalty, "presence-penalty", 0, "OpenAI's presence penalty in [-2, 2] (default: 0)")
+	fs.Float64Var(&o.frequencyPenalty, "frequency-penalty", 0, "OpenAI's frequency penalty in [-2, 2] (default: 0)")
+	fs.Var(biasFlag(o.logitBias), "logit-bias", "TOKEN_ID=BIAS added to that token's logit, BIAS in [-100, 100] (repeatable)")
 	fs.BoolVar(&o.usage, "usage", false, "print finish reason, token usage and replica to stderr")
 	fs.StringVar(&o.apiKey, "api-key", os.Getenv("QWEN_API_KEY"), "sent as 'authorization: Bearer KEY' (default: $QWEN_API_KEY)")
 	fs.BoolVar(&o.useTLS, "tls", false, "use TLS (implied by the certificate flags)")
@@ -183,6 +215,26 @@ func buildRequest(o *options, prompt string) *qwenpb.ChatRequest {
 		v := o.seed
 		request.Seed = &v
 	}
+	if o.set["n"] {
+		v := int32(o.n)
+		request.N = &v
+	}
+	request.Logprobs = o.logprobs
+	if o.set["top-logprobs"] {
+		v := int32(o.topLogprobs)
+		request.TopLogprobs = &v
+	}
+	if o.set["presence-penalty"] {
+		v := float32(o.presencePenalty)
+		request.PresencePenalty = &v
+	}
+	if o.set["frequency-penalty"] {
+		v := float32(o.frequencyPenalty)
+		request.FrequencyPenalty = &v
+	}
+	if len(o.logitBias) > 0 {
+		request.LogitBias = o.logitBias
+	}
 	// The server constrains decoding to the format (ChatRequest.response_format).
 	if o.jsonSchema != "" {
 		request.ResponseFormat = &qwenpb.ResponseFormat{Type: qwenpb.ResponseFormat_TYPE_JSON_SCHEMA, JsonSchema: o.jsonSchema}
@@ -195,23 +247,31 @@ func buildRequest(o *options, prompt string) *qwenpb.ChatRequest {
 // streamChat writes the answer to out. A stream refused with UNAVAILABLE
 // before its first message did no work, so it is retried (round_robin sends
 // the next attempt to another replica).
-func streamChat(ctx context.Context, client qwenpb.QwenServiceClient, request *qwenpb.ChatRequest, out io.Writer) (*qwenpb.ChatResponse, string, error) {
+func streamChat(ctx context.Context, client qwenpb.QwenServiceClient, request *qwenpb.ChatRequest, out io.Writer) (*qwenpb.ChatResponse, string, *transcript, error) {
 	backoff := 100 * time.Millisecond
 	for attempt := 1; ; attempt++ {
-		final, replica, received, err := streamOnce(ctx, client, request, out)
+		t := &transcript{others: map[int32]*strings.Builder{}, logprobs: map[int32][]*qwenpb.TokenLogprob{}}
+		final, replica, received, err := streamOnce(ctx, client, request, out, t)
 		if err == nil || received || status.Code(err) != codes.Unavailable || attempt == maxAttempts {
-			return final, replica, err
+			return final, replica, t, err
 		}
 		select {
 		case <-ctx.Done():
-			return nil, "", err
+			return nil, "", nil, err
 		case <-time.After(backoff):
 		}
 		backoff *= 2
 	}
 }
 
-func streamOnce(ctx context.Context, client qwenpb.QwenServiceClient, request *qwenpb.ChatRequest, out io.Writer) (*qwenpb.ChatResponse, string, bool, error) {
+// transcript keeps what is not written as it streams: the text of choices
+// after the first (-n), and every token's logprobs (-logprobs).
+type transcript struct {
+	others   map[int32]*strings.Builder
+	logprobs map[int32][]*qwenpb.TokenLogprob
+}
+
+func streamOnce(ctx context.Context, client qwenpb.QwenServiceClient, request *qwenpb.ChatRequest, out io.Writer, t *transcript) (*qwenpb.ChatResponse, string, bool, error) {
 	var header metadata.MD
 	stream, err := client.ChatStream(ctx, request)
 	if err != nil {
@@ -231,11 +291,31 @@ func streamOnce(ctx context.Context, client qwenpb.QwenServiceClient, request *q
 			// The server sends its headers with the first message.
 			header, _ = stream.Header()
 		}
-		if _, err := io.WriteString(out, response.GetContent()); err != nil {
+		choice := response.GetChoiceIndex()
+		t.logprobs[choice] = append(t.logprobs[choice], response.GetLogprobs()...)
+		if choice != 0 {
+			if t.others[choice] == nil {
+				t.others[choice] = &strings.Builder{}
+			}
+			t.others[choice].WriteString(response.GetContent())
+		} else if _, err := io.WriteString(out, response.GetContent()); err != nil {
 			return nil, replicaOf(header), received, err
 		}
 		if response.GetIsFinal() {
 			return response, replicaOf(header), received, nil
+		}
+	}
+}
+
+// printLogprobs writes one line per token: choice, token, logprob, then the alternatives.
+func printLogprobs(w io.Writer, logprobs map[int32][]*qwenpb.TokenLogprob) {
+	for choice := int32(0); choice < int32(len(logprobs)); choice++ {
+		for _, entry := range logprobs[choice] {
+			fmt.Fprintf(w, "%d\t%q\t%.4f", choice, entry.GetToken(), entry.GetLogprob())
+			for _, top := range entry.GetTopLogprobs() {
+				fmt.Fprintf(w, "\t%q=%.4f", top.GetToken(), top.GetLogprob())
+			}
+			fmt.Fprintln(w)
 		}
 	}
 }
@@ -290,7 +370,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+o.apiKey)
 	}
 
-	final, replica, err := streamChat(ctx, qwenpb.NewQwenServiceClient(conn), buildRequest(o, prompt), stdout)
+	final, replica, t, err := streamChat(ctx, qwenpb.NewQwenServiceClient(conn), buildRequest(o, prompt), stdout)
 	if err != nil {
 		fmt.Fprintf(stderr, "\nerror: %s: %s\n", status.Code(err), status.Convert(err).Message())
 		if status.Code(err) == codes.Canceled {
@@ -299,6 +379,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintln(stdout)
+	for choice := int32(1); choice < int32(len(t.others))+1; choice++ {
+		fmt.Fprintf(stdout, "--- choice %d ---\n%s\n", choice, t.others[choice].String())
+	}
+	printLogprobs(stderr, t.logprobs)
 	if o.usage {
 		u := final.GetUsage()
 		reason := strings.ToLower(strings.TrimPrefix(final.GetFinishReason().String(), "FINISH_REASON_"))

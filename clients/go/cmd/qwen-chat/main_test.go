@@ -84,3 +84,28 @@ func TestJSONFlagsSetTheResponseFormat(t *testing.T) {
 		t.Error("a missing schema file was accepted")
 	}
 }
+
+func TestSamplingFlagsAreSent(t *testing.T) {
+	o, _, err := parseFlags([]string{"-n", "3", "-logprobs", "-top-logprobs", "2", "-frequency-penalty", "0.5",
+		"-logit-bias", "17=100", "-logit-bias", "4=-2.5", "hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	request := buildRequest(o, "hi")
+	if request.GetN() != 3 || !request.GetLogprobs() || request.GetTopLogprobs() != 2 {
+		t.Errorf("n=%d logprobs=%v top_logprobs=%d, want 3 true 2", request.GetN(), request.GetLogprobs(), request.GetTopLogprobs())
+	}
+	if request.FrequencyPenalty == nil || *request.FrequencyPenalty != 0.5 || request.PresencePenalty != nil {
+		t.Errorf("penalties: frequency=%v presence=%v", request.FrequencyPenalty, request.PresencePenalty)
+	}
+	if len(request.GetLogitBias()) != 2 || request.GetLogitBias()[17] != 100 || request.GetLogitBias()[4] != -2.5 {
+		t.Errorf("logit_bias = %v", request.GetLogitBias())
+	}
+	o, _, _ = parseFlags([]string{"hi"})
+	if plain := buildRequest(o, "hi"); plain.N != nil || plain.Logprobs || plain.LogitBias != nil {
+		t.Errorf("flags not given were sent: %v", plain)
+	}
+	if _, _, err := parseFlags([]string{"-logit-bias", "x=1", "hi"}); err == nil {
+		t.Error("a malformed -logit-bias was accepted")
+	}
+}

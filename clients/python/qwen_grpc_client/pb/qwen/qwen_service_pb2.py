@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwen/qwen_service.proto\x12\x04qwen\"\xdc\x02\n\x0b\x43hatRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12-\n\x0fresponse_format\x18\n \x01(\x0b\x32\x14.qwen.ResponseFormatB\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xa7\x01\n\x0eResponseFormat\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.qwen.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\"\xa2\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\x05\x12)\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x12.qwen.FinishReason\x12\x1a\n\x05usage\x18\x06 \x01(\x0b\x32\x0b.qwen.Usage\x12\r\n\x05model\x18\x07 \x01(\t\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x13\n\x11ListModelsRequest\"N\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.qwen.ModelInfo\"D\n\x12\x43ountTokensRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x18\n\x10remaining_tokens\x18\x03 \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf8\x01\n\x0bQwenService\x12-\n\x04\x43hat\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse\x12\x35\n\nChatStream\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse0\x01\x12?\n\nListModels\x12\x17.qwen.ListModelsRequest\x1a\x18.qwen.ListModelsResponse\x12\x42\n\x0b\x43ountTokens\x12\x18.qwen.CountTokensRequest\x1a\x19.qwen.CountTokensResponseB2Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qwen/qwen_service.proto\x12\x04qwen\"\x82\x05\n\x0b\x43hatRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12-\n\x0fresponse_format\x18\n \x01(\x0b\x32\x14.qwen.ResponseFormat\x12\x0e\n\x01n\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x34\n\nlogit_bias\x18\x10 \x03(\x0b\x32 .qwen.ChatRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_nB\x0f\n\r_top_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xa7\x01\n\x0eResponseFormat\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.qwen.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\"S\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x10\n\x08token_id\x18\x04 \x01(\x05\"}\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12&\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x10.qwen.TopLogprob\x12\x10\n\x08token_id\x18\x05 \x01(\x05\"y\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x12.qwen.FinishReason\x12$\n\x08logprobs\x18\x04 \x03(\x0b\x32\x12.qwen.TokenLogprob\"\xfd\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\x05\x12)\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x12.qwen.FinishReason\x12\x1a\n\x05usage\x18\x06 \x01(\x0b\x32\x0b.qwen.Usage\x12\r\n\x05model\x18\x07 \x01(\t\x12$\n\x08logprobs\x18\x08 \x03(\x0b\x32\x12.qwen.TokenLogprob\x12\x14\n\x0c\x63hoice_index\x18\n \x01(\x05\x12\x1d\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x0c.qwen.Choice\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"\x13\n\x11ListModelsRequest\"N\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\x05\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.qwen.ModelInfo\"D\n\x12\x43ountTokensRequest\x12\x1f\n\x08messages\x18\x01 \x03(\x0b\x32\r.qwen.Message\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x18\n\x10remaining_tokens\x18\x03 \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf8\x01\n\x0bQwenService\x12-\n\x04\x43hat\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse\x12\x35\n\nChatStream\x12\x11.qwen.ChatRequest\x1a\x12.qwen.ChatResponse0\x01\x12?\n\nListModels\x12\x17.qwen.ListModelsRequest\x1a\x18.qwen.ListModelsResponse\x12\x42\n\x0b\x43ountTokens\x12\x18.qwen.CountTokensRequest\x1a\x19.qwen.CountTokensResponseB2Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,30 +32,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qwen.qwen_service_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z0github.com/qwen-grpc/qwen-grpc/clients/go/qwenpb'
-  _globals['_FINISHREASON']._serialized_start=1198
-  _globals['_FINISHREASON']._serialized_end=1322
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1918
+  _globals['_FINISHREASON']._serialized_end=2042
   _globals['_CHATREQUEST']._serialized_start=34
-  _globals['_CHATREQUEST']._serialized_end=382
-  _globals['_RESPONSEFORMAT']._serialized_start=385
-  _globals['_RESPONSEFORMAT']._serialized_end=552
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=465
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=552
-  _globals['_CHATRESPONSE']._serialized_start=555
-  _globals['_CHATRESPONSE']._serialized_end=717
-  _globals['_MESSAGE']._serialized_start=719
-  _globals['_MESSAGE']._serialized_end=759
-  _globals['_USAGE']._serialized_start=761
-  _globals['_USAGE']._serialized_end=870
-  _globals['_LISTMODELSREQUEST']._serialized_start=872
-  _globals['_LISTMODELSREQUEST']._serialized_end=891
-  _globals['_MODELINFO']._serialized_start=893
-  _globals['_MODELINFO']._serialized_end=971
-  _globals['_LISTMODELSRESPONSE']._serialized_start=973
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1026
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1028
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1096
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1098
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1196
-  _globals['_QWENSERVICE']._serialized_start=1325
-  _globals['_QWENSERVICE']._serialized_end=1573
+  _globals['_CHATREQUEST']._serialized_end=676
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_start=479
+  _globals['_CHATREQUEST_LOGITBIASENTRY']._serialized_end=527
+  _globals['_RESPONSEFORMAT']._serialized_start=679
+  _globals['_RESPONSEFORMAT']._serialized_end=846
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=759
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=846
+  _globals['_TOPLOGPROB']._serialized_start=848
+  _globals['_TOPLOGPROB']._serialized_end=931
+  _globals['_TOKENLOGPROB']._serialized_start=933
+  _globals['_TOKENLOGPROB']._serialized_end=1058
+  _globals['_CHOICE']._serialized_start=1060
+  _globals['_CHOICE']._serialized_end=1181
+  _globals['_CHATRESPONSE']._serialized_start=1184
+  _globals['_CHATRESPONSE']._serialized_end=1437
+  _globals['_MESSAGE']._serialized_start=1439
+  _globals['_MESSAGE']._serialized_end=1479
+  _globals['_USAGE']._serialized_start=1481
+  _globals['_USAGE']._serialized_end=1590
+  _globals['_LISTMODELSREQUEST']._serialized_start=1592
+  _globals['_LISTMODELSREQUEST']._serialized_end=1611
+  _globals['_MODELINFO']._serialized_start=1613
+  _globals['_MODELINFO']._serialized_end=1691
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1693
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1746
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1748
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1816
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1818
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1916
+  _globals['_QWENSERVICE']._serialized_start=2045
+  _globals['_QWENSERVICE']._serialized_end=2293
 # @@protoc_insertion_point(module_scope)

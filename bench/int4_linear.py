@@ -1,0 +1,121 @@
+"""int8 (the engine's RowwiseInt8Linear) vs 4-bit weights (torch's CPU int4 kernel) per Linear shape.
+
+For each of Qwen2.5-0.5B's Linear shapes (fused qkv, o, fused gate_up, down, output layer) and
+M = 1, 4, 16 rows: the median time of one product, the methods alternated within every round
+(a busy machine hits them alike), over --rounds rounds; the table gives the median of the
+per-round medians, the spread (min-max of the rounds) and the ratio to int8. Then batch
+invariance, bitwise: a row's output computed alone (M=1) and inside M = 2..16 with other rows.
+Weights are random (N(0, 0.02)); speed does not depend on their values.
+
+    python bench/int4_linear.py [--rounds 5] [--threads 2] [--methods int8,int4-g32,int4-g128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from service.engine.model_runner import Int4Linear, Int8WeightOnlyLinear, RowwiseInt8Linear  # noqa: E402
+
+SHAPES = {"qkv": (896, 1152, True), "o": (896, 896, False), "gate_up": (896, 9728, False), "down": (4864, 896, False)}
+HEAD = {"lm_head": (896, 151936, False)}
+MS = (1, 4, 16)
+METHODS: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    "int8": RowwiseInt8Linear,
+    "int8-weight-only": Int8WeightOnlyLinear,
+    "int4-g32": lambda lin: Int4Linear(lin, 32),
+    "int4-g128": lambda lin: Int4Linear(lin, 128),
+}
+
+
+def _median_s(run: Callable[[], object], seconds: float) -> float:
+    run()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _invariant(module: nn.Module, k: int) -> bool:
+    """Every row of a 16-row input, computed alone and inside M = 2, 3, 4, 7, 16: bitwise equal."""
+    x = torch.randn(16, k)  # float32, as the engine's int8 and int4 runners call them
+    alone = torch.cat([module(x[i : i + 1]) for i in range(16)])
+    together = [module(torch.cat([x[: m - 1], x[i : i + 1]]))[-1] for m in (2, 3, 4, 7, 16) for i in range(16)]
+    return all(torch.equal(row, alone[i % 16]) for row, i in zip(together, list(range(16)) * 5, strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.3, help="timing per method, shape, M and round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--shapes", default=",".join([*SHAPES, *HEAD]))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    shapes = {name: {**SHAPES, **HEAD}[name] for name in args.shapes.split(",")}
+    torch.manual_seed(0)
+    modules: dict[tuple[str, str], nn.Module] = {}
+    for shape, (k, n, bias) in shapes.items():
+        linear = nn.Linear(k, n, bias=bias)
+        nn.init.normal_(linear.weight, std=0.02)
+        for method in methods:
+            modules[shape, method] = METHODS[method](linear)
+    times: dict[tuple[str, str, int], list[float]] = {key + (m,): [] for key in modules for m in MS}
+    loads = []
+    with torch.inference_mode():
+        inputs = {(shape, m): torch.randn(m, k) for shape, (k, _, _) in shapes.items() for m in MS}
+        for round_ in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            order = methods if round_ % 2 == 0 else methods[::-1]
+            for shape in shapes:
+                for m in MS:
+                    for method in order:
+                        module, x = modules[shape, method], inputs[shape, m]
+                        times[shape, method, m].append(_median_s(functools.partial(module, x), args.seconds))
+        invariant = {key: _invariant(module, shapes[key[0]][0]) for key, module in modules.items()}
+    print(f"threads {args.threads}, {args.rounds} rounds, load average (1 min) {min(loads):.1f}-{max(loads):.1f}")
+    print(
+        "| shape | method | "
+        + " | ".join(f"M={m} µs (spread)" for m in MS)
+        + " | "
+        + " | ".join(f"M={m} vs int8" for m in MS)
+        + " | batch-invariant |"
+    )
+    print("|---" * (3 + 2 * len(MS)) + "|")
+    for shape in shapes:
+        for method in methods:
+            cells, ratios = [], []
+            for m in MS:
+                samples = times[shape, method, m]
+                base = statistics.median(times[shape, methods[0], m])
+                cells.append(
+                    f"{statistics.median(samples) * 1e6:.0f} ({min(samples) * 1e6:.0f}-{max(samples) * 1e6:.0f})"
+                )
+                ratios.append(f"{statistics.median(samples) / base:.2f}")
+            print(
+                f"| {shape} | {method} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(ratios)
+                + f" | {invariant[shape, method]} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -126,6 +126,20 @@ class Settings(BaseSettings):
         "tokens); least recently used blocks are evicted beyond it. The default keeps a replica with 16 full "
         "slots within the chart's 4 GiB limit (idle ~1.1 GiB + slots up to 1.6 GiB + this).",
     )
+    speculative_tokens: int = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description="Speculative decoding: most draft tokens per request and forward pass, proposed by prompt "
+        "lookup (what followed an earlier occurrence of the text's last few tokens) and kept where the model "
+        "agrees; output is unchanged, greedy or sampled. 0 turns it off.",
+    )
+    speculative_max_batch: int = Field(
+        default=4,
+        ge=0,
+        description="Speculate only in passes with at most this many decoding requests: larger batches are "
+        "compute-bound, and their rejected drafts cost more than the accepted ones save.",
+    )
     # --- request defaults and limits --------------------------------------
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request leaves it unset.")
     max_tokens_limit: int = Field(default=2048, ge=1, description="Largest max_tokens a request may ask for.")

@@ -27,7 +27,8 @@ _CORPUS = [
 
 def tiny_engine_config(**overrides: Any) -> EngineConfig:
     """An engine for the tiny model: four slots, 16-token prompt chunks (also
-    while streams decode), one thread, no quantization, no prefix cache;
+    while streams decode), one thread, no quantization, no prefix cache, no
+    speculation;
     `overrides` replace any of these or of the server's defaults."""
     from service.engine.config import EngineConfig
 
@@ -39,6 +40,7 @@ def tiny_engine_config(**overrides: Any) -> EngineConfig:
         threads=1,
         quantization="none",
         prefix_cache_bytes=0,
+        speculative_tokens=0,
     )
     options.update(overrides)
     options.setdefault("interleaved_prefill_tokens", options["prefill_chunk_size"])

@@ -337,6 +337,27 @@ def build() -> dict:
         )
         .with_panel(
             series(
+                "Speculative decoding",
+                "Share of prompt-lookup draft tokens accepted, and share of generated tokens that came from "
+                "accepted drafts (tokens without a forward pass of their own), per replica.",
+                "percentunit",
+                [
+                    query(
+                        f"sum by (pod) (rate(qwen_speculative_accepted_tokens_total{{{QWEN}}}[{RATE}]))"
+                        f" / sum by (pod) (rate(qwen_speculative_draft_tokens_total{{{QWEN}}}[{RATE}]))",
+                        "{{pod}} acceptance",
+                    ),
+                    query(
+                        f"sum by (pod) (rate(qwen_speculative_accepted_tokens_total{{{QWEN}}}[{RATE}]))"
+                        f" / sum by (pod) (rate(qwen_generation_tokens_total{{{QWEN}}}[{RATE}]))",
+                        "{{pod}} of generated",
+                        "B",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            series(
                 "Prompt and output length p95",
                 "Tokens per request.",
                 "short",

@@ -34,6 +34,8 @@ class EngineConfig:
     kv_cache_dtype: str
     max_buffered_tokens: int
     prefix_cache_bytes: int
+    speculative_tokens: int
+    speculative_max_batch: int
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -54,6 +56,8 @@ class EngineConfig:
             kv_cache_dtype=settings.kv_cache_dtype,
             max_buffered_tokens=settings.max_buffered_tokens,
             prefix_cache_bytes=settings.prefix_cache_mb << 20 if settings.prefix_caching else 0,
+            speculative_tokens=settings.speculative_tokens,
+            speculative_max_batch=settings.speculative_max_batch,
         )
 
     @classmethod

@@ -10,6 +10,10 @@ every prompt token in the pass delays their next token). A burst of short
 prompts is prefilled together in one pass, a long prompt is spread over
 several passes, and the running streams advance in every pass.
 
+With speculation on (speculative.py), a decoding request may also carry a
+draft of a few tokens through the pass and keep those the model agrees with:
+several tokens per pass for the price of one weight read.
+
 The policy (what runs in the next pass) is in policy.py, the slot table
 (which request's KV is in which slot) in slots.py; this module applies them
 on the compute thread.
@@ -49,6 +53,7 @@ from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
 from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from .sampling import make_generator, select_tokens, token_logprobs
 from .slots import SlotTable
+from .speculative import propose_draft
 from .types import (
     EngineObserver,
     EngineOverloaded,
@@ -116,6 +121,8 @@ class Scheduler:
         observer: EngineObserver | None = None,
     ) -> None:
         self._max_batch = config.max_batch_size
+        self._speculative_tokens = config.speculative_tokens
+        self._speculative_max_batch = config.speculative_max_batch
         self._max_waiting = config.max_waiting
         self._max_model_len = config.max_model_len
         self._chunk = config.prefill_chunk_size
@@ -135,6 +142,8 @@ class Scheduler:
         self._kv_used = 0
         self._prompt_tokens_total = 0  # of admitted prompts
         self._prefix_hit_tokens_total = 0
+        self._draft_tokens_total = 0
+        self._accepted_draft_tokens_total = 0
         self._last_progress = time.monotonic()  # see EngineStats.last_progress
         # All parallel torch work happens on the compute thread, loading and
         # repacking included. libgomp keeps a worker pool per thread that
@@ -201,6 +210,8 @@ class Scheduler:
             prefix_cache_blocks_used=cache.blocks_used if cache else 0,
             prefix_cache_blocks_capacity=cache.capacity_blocks if cache else 0,
             prefix_cache_evictions_total=cache.evictions if cache else 0,
+            draft_tokens_total=self._draft_tokens_total,
+            accepted_draft_tokens_total=self._accepted_draft_tokens_total,
             last_progress=self._last_progress,
         )
 
@@ -293,27 +304,72 @@ class Scheduler:
             chunks.append(PrefillChunk(slot, seq.request.prompt_token_ids[seq.start : seq.start + length], seq.start))
         return chunks
 
+    def _may_speculate(self, seq: _Sequence) -> bool:
+        """Whether a request may take drafts: a request whose token selection
+        depends on more than its logits (a grammar's state, penalties or
+        logit_bias) or that reports logprobs selects one token per step. The
+        choices of a request for n are sequences of their own once forked
+        (each its own slot, KV and generator), so they may."""
+        return seq.grammar is None and not seq.request.sampling.needs_logits_processing
+
+    def _plan_drafts(self, decoding: list[_Sequence], chunks: list[PrefillChunk]) -> list[list[int]]:
+        """Prompt-lookup drafts for this step, one list per decoding request
+        (speculative.py). Draft tokens share the step's token budget with the
+        prompt chunks, which go first; none past max_tokens or the context
+        window; none when the batch is large (the step is then compute-bound,
+        and rejected drafts cost more than accepted ones save)."""
+        drafts: list[list[int]] = [[] for _ in decoding]
+        if not self._speculative_tokens or len(decoding) > self._speculative_max_batch:
+            return drafts
+        budget = self._interleaved_chunk - sum(len(chunk.token_ids) for chunk in chunks)
+        for draft, seq in zip(drafts, decoding):
+            if budget <= 0:
+                break
+            if self._may_speculate(seq):
+                limit = min(
+                    self._speculative_tokens,
+                    budget,
+                    seq.request.sampling.max_tokens - seq.generated - 1,
+                    self._max_model_len - 1 - seq.cached,
+                )
+                draft.extend(propose_draft(seq.token_ids(), limit))
+                budget -= len(draft)
+        return drafts
+
     def _step(self) -> None:
-        """One forward pass for every decoding request and this step's prompt chunks."""
+        """One forward pass for every decoding request (with its draft, if any)
+        and this step's prompt chunks."""
         decoding = list(self._decoding)
         chunks = self._plan_chunks()
         if not decoding and not chunks:
             return
+        drafts = self._plan_drafts(decoding, chunks)
         prefilling = list(self._prefilling)[: len(chunks)]
         try:
-            logits = self._runner.step([seq.next_token for seq in decoding], [seq.cached for seq in decoding], chunks)
+            if any(drafts):
+                logits = self._verify_step(decoding, drafts, chunks)
+            else:
+                logits = self._runner.step(
+                    [seq.next_token for seq in decoding], [seq.cached for seq in decoding], chunks
+                )
         except Exception:  # one bad request must not take the engine, or the others, down
             _LOG.exception("engine step failed (%d decoding, %d prompt chunks)", len(decoding), len(chunks))
             self._isolate_failure(decoding, chunks, prefilling)
             return
-        for seq in decoding:
-            seq.cached += 1
-        self._kv_used += len(decoding)
+        # Logits rows: each decoding request's pending token and draft, then one per prompt chunk.
+        first_rows, row = [], 0
+        for seq, draft in zip(decoding, drafts):
+            first_rows.append(row)
+            row += 1 + len(draft)
+            # Every written position, drafts included, until the draft is
+            # checked: a slot that moves meanwhile (another request ending)
+            # takes them along.
+            self._set_cached(seq, seq.cached + 1 + len(draft))
         if decoding:
             self._observe("decode_step", len(decoding))
         # Requests whose prompt is complete join the decoders: their slots
         # (right after the decoders', in order) already are the next ones.
-        sampled, rows = decoding, list(range(len(decoding)))
+        sampled, rows = list(decoding), list(first_rows)
         for index, (seq, chunk) in enumerate(zip(prefilling, chunks)):
             if seq.reused:
                 self._reuse_done(seq, chunk.start)
@@ -323,16 +379,39 @@ class Scheduler:
             if seq.cached == seq.prompt_len:
                 self._slots.prompt_done()
                 sampled = sampled + [seq]
-                rows.append(len(decoding) + index)
+                rows.append(row + index)
         # After every completed prompt joined the decoders: the choices of a
         # forked one take the slots after theirs, sampling from its logits row.
-        for seq, row in list(zip(sampled, rows)):
+        for seq, parent_row in list(zip(sampled, rows)):
             if seq.reserved > 1:
                 choices = self._fork(seq)
                 sampled = sampled + choices
-                rows += [row] * len(choices)
+                rows += [parent_row] * len(choices)
+        runs = {
+            seq: (draft, logits[first + 1 : first + 1 + len(draft)])
+            for seq, draft, first in zip(decoding, drafts, first_rows)
+            if draft
+        }
         if sampled:
-            self._sample(sampled, logits if rows == list(range(len(logits))) else logits[rows])
+            self._sample(sampled, logits if rows == list(range(len(logits))) else logits[rows], runs)
+
+    def _verify_step(
+        self, decoding: list[_Sequence], drafts: list[list[int]], chunks: list[PrefillChunk]
+    ) -> torch.Tensor:
+        """The forward pass of a step with drafts: each decoding request's
+        pending token and draft go in as a chunk at its current position (its
+        logits bitwise those of as many decode steps); logits of every such
+        row, then of each prompt chunk's last token."""
+        verify = [
+            PrefillChunk(slot, (seq.next_token, *draft), seq.cached)
+            for slot, (seq, draft) in enumerate(zip(decoding, drafts))
+        ]
+        verified = sum(len(chunk.token_ids) for chunk in verify)
+        logit_rows, end = list(range(verified)), verified
+        for chunk in chunks:
+            end += len(chunk.token_ids)
+            logit_rows.append(end - 1)
+        return self._runner.step([], [], verify + chunks, logit_rows=logit_rows)
 
     def _fork(self, seq: _Sequence) -> list[_Sequence]:
         """The prompt of a request for n choices is complete: n - 1 more
@@ -416,7 +495,14 @@ class Scheduler:
         for seq, error in failed:
             self._release(seq, FinishReason.ERROR, error=error)
 
-    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
+    def _sample(
+        self,
+        batch: list[_Sequence],
+        logits: torch.Tensor,
+        runs: dict[_Sequence, tuple[list[int], torch.Tensor]] | None = None,
+    ) -> None:
+        """Select and accept one token per request from logits [B, vocab]; a
+        request in `runs` then continues through its draft (_accept_run)."""
         # A row that fails comes back as its exception; only its request fails.
         try:
             chosen = select_tokens(
@@ -436,8 +522,44 @@ class Scheduler:
             token = self._checked(seq, selected)
             if token is None:
                 self._release(seq, FinishReason.ERROR, error="internal error while sampling")
+            elif runs and seq in runs:
+                self._accept_run(seq, token, *runs[seq])
             else:
                 self._accept(seq, token, token_logprob)
+
+    def _accept_run(self, seq: _Sequence, token: int, draft: list[int], draft_logits: torch.Tensor) -> None:
+        """Accept the token selected after a request's pending token, then,
+        while each selected token equals the draft's next one (so the KV of
+        the pass holds it), the token selected from that draft position's
+        logits (speculative.py: why this is exact). The request's KV ends
+        after the last accepted draft token; the rest of the pass's positions
+        are overwritten by later steps and never reach the prefix cache."""
+        written = seq.cached
+        base = written - len(draft)  # positions valid with the pending token alone
+        accepted = 0
+        while True:
+            self._set_cached(seq, base + accepted)
+            self._accept(seq, token)
+            if not self._slots.holds(seq) or accepted == len(draft) or token != draft[accepted]:
+                break
+            selected = self._checked(seq, self._select_alone(seq, draft_logits[accepted]))
+            if selected is None:
+                self._release(seq, FinishReason.ERROR, error="internal error while sampling")
+                break
+            token = selected
+            accepted += 1
+        self._speculated(len(draft), accepted)
+
+    def _set_cached(self, seq: _Sequence, positions: int) -> None:
+        """Set a decoding request's count of valid KV positions."""
+        self._kv_used += positions - seq.cached
+        seq.cached = positions
+
+    def _speculated(self, drafted: int, accepted: int) -> None:
+        self._draft_tokens_total += drafted
+        self._accepted_draft_tokens_total += accepted
+        self._observe("draft_tokens", drafted)
+        self._observe("accepted_draft_tokens", accepted)
 
     @staticmethod
     def _checked(seq: _Sequence, token: int | Exception) -> int | None:

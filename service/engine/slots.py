@@ -43,6 +43,9 @@ class SlotTable(Generic[S]):
     def admit(self, seq: S) -> None:
         self.prefilling.append(seq)
 
+    def holds(self, seq: S) -> bool:
+        return seq in self.decoding or seq in self.prefilling
+
     def slot_of(self, seq: S) -> int:
         if seq in self.prefilling:
             return len(self.decoding) + self.prefilling.index(seq)

@@ -268,6 +268,8 @@ class EngineStats:
     prefix_cache_blocks_used: int = 0
     prefix_cache_blocks_capacity: int = 0
     prefix_cache_evictions_total: int = 0
+    draft_tokens_total: int = 0  # speculative draft tokens verified
+    accepted_draft_tokens_total: int = 0  # of those, kept (each one a token gained without its own pass)
     # time.monotonic() when the compute thread last woke up for work or
     # finished a step: the liveness check's sign of progress.
     last_progress: float = 0.0
@@ -292,3 +294,9 @@ class EngineObserver(Protocol):
 
     def prefix_blocks_evicted(self, count: int) -> None:
         """The prefix cache evicted `count` blocks to store new ones."""
+
+    def draft_tokens(self, count: int) -> None:
+        """A request's pass verified `count` speculative draft tokens."""
+
+    def accepted_draft_tokens(self, count: int) -> None:
+        """`count` of a request's draft tokens were accepted."""

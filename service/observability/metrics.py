@@ -250,6 +250,19 @@ class Metrics:
             m,
             registry=r,
         )
+        self.speculative_draft_tokens = Counter(
+            "qwen_speculative_draft_tokens",
+            "Prompt-lookup draft tokens verified by speculative decoding (--speculative-tokens).",
+            m,
+            registry=r,
+        )
+        self.speculative_accepted_tokens = Counter(
+            "qwen_speculative_accepted_tokens",
+            "Of the draft tokens, those accepted (each a token generated without a pass of its own; divide by "
+            "qwen_speculative_draft_tokens_total for the acceptance rate).",
+            m,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             "qwen_decode_batch_size",
             "Requests decoded together, one sample per engine decode step.",
@@ -298,6 +311,8 @@ class ModelMetrics:
         self.decode_batch_size = metrics.decode_batch_size.labels(model)
         self.prefix_cache_hit_tokens = metrics.prefix_cache_hit_tokens.labels(model)
         self.prefix_cache_evictions = metrics.prefix_cache_evictions.labels(model)
+        self.speculative_draft_tokens = metrics.speculative_draft_tokens.labels(model)
+        self.speculative_accepted_tokens = metrics.speculative_accepted_tokens.labels(model)
         self._prefix_cache_blocks_used = metrics.prefix_cache_blocks_used.labels(model)
         self._prefix_cache_blocks_limit = metrics.prefix_cache_blocks_limit.labels(model)
         self._running = metrics.requests_running.labels(model)
@@ -317,6 +332,12 @@ class ModelMetrics:
 
     def prefix_blocks_evicted(self, count: int) -> None:
         self.prefix_cache_evictions.inc(count)
+
+    def draft_tokens(self, count: int) -> None:
+        self.speculative_draft_tokens.inc(count)
+
+    def accepted_draft_tokens(self, count: int) -> None:
+        self.speculative_accepted_tokens.inc(count)
 
     def track_engine(self, stats: Callable[[], EngineStats], *, max_running: int, max_waiting: int) -> None:
         """Load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""

@@ -117,7 +117,9 @@ class ChatParams:
     # Tool calling (see tool_calls.py); tool_choice None = auto with tools, none without.
     tools: Sequence[Tool] = ()
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
+    # A forced answer (tool_choice required) holds several calls only when asked:
+    # a small model otherwise tends to repeat its call until max_tokens.
+    parallel_tool_calls: bool | None = None
     # Legacy completions: a raw prompt instead of messages (no chat template),
     # with `suffix` for fill-in-the-middle.
     prompt: str | None = None
@@ -352,7 +354,7 @@ class ChatService:
         if choice.mode is ToolChoiceMode.AUTO:
             return None
         tags = self._engine.token_ids((OPEN_TAG, CLOSE_TAG))
-        source = forced_call_grammar(params.tools, choice, params.parallel_tool_calls, tags)
+        source = forced_call_grammar(params.tools, choice, params.parallel_tool_calls is True, tags)
         try:
             return self._engine.compile_grammar(OutputConstraint(ConstraintKind.LARK, source))
         except InvalidGrammar as exc:

@@ -139,7 +139,7 @@ def chat_params(request: pb.ChatRequest) -> ChatParams:
         logit_bias=dict(request.logit_bias) or None,
         tools=[Tool(t.name, t.description, t.parameters) for t in request.tools],
         tool_choice=_tool_choice(request),
-        parallel_tool_calls=present("parallel_tool_calls") is not False,
+        parallel_tool_calls=present("parallel_tool_calls"),
     )
 
 

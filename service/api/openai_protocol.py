@@ -293,7 +293,7 @@ def to_chat_params(request: ChatCompletionRequest) -> ChatParams:
         logit_bias=_logit_bias(request.logit_bias),
         tools=tools,
         tool_choice=tool_choice,
-        parallel_tool_calls=request.parallel_tool_calls is not False,
+        parallel_tool_calls=request.parallel_tool_calls,
     )
 
 

@@ -196,7 +196,7 @@ def test_tool_fields_have_their_numbers_and_old_peers_skip_them(tmp_path):
     # An old client's request asks for no tools.
     old = pb.ChatRequest.FromString(OldRequest(max_tokens=8).SerializeToString())
     params = chat_params(old)
-    assert params.tools == [] and params.tool_choice is None and params.parallel_tool_calls
+    assert params.tools == [] and params.tool_choice is None and params.parallel_tool_calls is None
     # A new client's tools and tool messages are skipped by an old server, which reads the rest as before.
     call = pb.ToolCall(id="call_1", name="f", arguments="{}")
     new = pb.ChatRequest(

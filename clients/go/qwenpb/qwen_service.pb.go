@@ -255,7 +255,8 @@ type ChatRequest struct {
 	// without.
 	ToolChoice *ToolChoice `protobuf:"bytes,18,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
 	// Whether a forced answer (ToolChoice REQUIRED) may hold several calls
-	// (at most 4). Unset: true.
+	// (at most 4). Unset: one call (a small model given the choice tends to
+	// repeat its call until max_tokens).
 	ParallelToolCalls *bool `protobuf:"varint,19,opt,name=parallel_tool_calls,json=parallelToolCalls,proto3,oneof" json:"parallel_tool_calls,omitempty"`
 }
 

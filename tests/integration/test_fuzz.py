@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
 from service.api.http_server import OVERSIZE_DRAIN_FACTOR
-from service.chat import MAX_STOP_SEQUENCES, ROLES
+from service.chat import ROLES
+from service.engine.types import MAX_STOP_SEQUENCES
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_MESSAGES = 64

@@ -177,11 +177,20 @@ def chat_requests(draw) -> pb.ChatRequest:
     return request
 
 
-# Requests within every documented limit: roles from ROLES, a last user turn
+# Requests within every documented limit: roles from ROLES (a tool result
+# also names its call), a last user turn
 # with text, sampling parameters in their ranges, short enough for the
 # context window (the tiny tokenizer may spend a token per UTF-8 byte).
 valid_text = st.text(max_size=40)  # any Unicode scalar value (protobuf carries no lone surrogates)
-valid_history = st.lists(st.builds(pb.Message, role=st.sampled_from(ROLES), content=valid_text), max_size=2)
+valid_message = st.sampled_from(ROLES).flatmap(
+    lambda role: st.builds(
+        pb.Message,
+        role=st.just(role),
+        content=valid_text,
+        tool_call_id=st.just("call_1" if role == "tool" else ""),
+    )
+)
+valid_history = st.lists(valid_message, max_size=2)
 VALID_OPTIONAL_FIELDS = {
     "temperature": st.floats(0.0, 2.0, width=32),
     "top_p": st.floats(0.0, 1.0, exclude_min=True, width=32),

@@ -157,11 +157,11 @@ async def test_slow_tokenization_does_not_stall_running_streams(inprocess_server
     real_encode = engine.encode_chat
     threads: list[str] = []
 
-    def encode_chat(messages):
+    def encode_chat(messages, *args, **kwargs):
         threads.append(threading.current_thread().name)
         if messages[-1]["content"] == "slow to tokenize":
             time.sleep(1.5)
-        return real_encode(messages)
+        return real_encode(messages, *args, **kwargs)
 
     monkeypatch.setattr(engine, "encode_chat", encode_chat)
     async with aio.insecure_channel(f"127.0.0.1:{inprocess_server.grpc_port}") as channel:
@@ -178,6 +178,9 @@ async def test_slow_tokenization_does_not_stall_running_streams(inprocess_server
 
         streaming = asyncio.create_task(stream())
         while len(arrivals) < 3:
+            if streaming.done():  # its error (or a too-short answer), not a wait until the test's timeout
+                streaming.result()
+                raise AssertionError(f"the stream ended after {len(arrivals)} messages")
             await asyncio.sleep(0.005)
         started = time.monotonic()
         await stub.CountTokens(pb.CountTokensRequest(messages=slow.messages), timeout=60)

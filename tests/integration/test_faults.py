@@ -96,8 +96,12 @@ async def test_prefill_fault_fails_only_its_request(inprocess_server, monkeypatc
     real_step = runner.step
 
     def step(decode_tokens, decode_positions, chunks, logit_rows=None):
-        # The poisoned prompt fails whatever else shares its forward pass.
-        if any(chunk.start == 0 and list(chunk.token_ids) == poisoned_ids for chunk in chunks):
+        # The poisoned prompt fails whatever else shares its forward pass. Its
+        # chunk may start past 0: the prefix cache holds the chat template's
+        # system prompt from earlier tests, so match the chunk that ends it.
+        if any(
+            chunk.end == len(poisoned_ids) and list(chunk.token_ids) == poisoned_ids[chunk.start :] for chunk in chunks
+        ):
             raise RuntimeError("injected prefill fault")
         return real_step(decode_tokens, decode_positions, chunks, logit_rows)
 

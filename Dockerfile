@@ -61,6 +61,7 @@ RUN mkdir -p /models \
  && chmod -R a+rX,go-w /models
 
 # --- packed: the runner's int8 weights, packed once at build time ------------
+# For both kernels that the default `--quantization auto` may pick on the node.
 # A replica then reads them (service/engine/weight_cache.py) instead of
 # quantizing at every start: scale-out is that much faster. The cache key holds
 # the model files' sizes and mtimes; this stage and the runtime copy /models
@@ -70,8 +71,10 @@ COPY --from=project /project-root/opt/venv /opt/venv
 COPY --from=model /models /models
 RUN mkdir -p /packed \
  && if [ -d /models/Qwen2.5-Coder-0.5B-Instruct ]; then \
-      HF_HUB_OFFLINE=1 /opt/venv/bin/python -m service.engine.weight_cache \
-        --model /models/Qwen2.5-Coder-0.5B-Instruct --dtype bfloat16 --quantization int8 --weight-cache-dir /packed; \
+      for kernel in int8 int8-weight-only; do \
+        HF_HUB_OFFLINE=1 /opt/venv/bin/python -m service.engine.weight_cache \
+          --model /models/Qwen2.5-Coder-0.5B-Instruct --dtype bfloat16 --quantization $kernel --weight-cache-dir /packed; \
+      done; \
     fi \
  && chmod -R a+rX,go-w /packed
 
@@ -102,7 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
     PIP_CACHE_DIR=/tmp/.cache/pip \
     QWEN_CACHE_DIR=/tmp/.cache/qwen-grpc \
-    # The packed weights baked in above (defaults: bfloat16, int8). With a model
+    # The packed weights baked in above (bfloat16; int8 and int8-weight-only). With a model
     # mounted over /models, point this at a writable volume to keep them.
     QWEN_WEIGHT_CACHE_DIR=/models/packed \
     QWEN_MODEL=/models/Qwen2.5-Coder-0.5B-Instruct \

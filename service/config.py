@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         description="Compute dtype for weights that are not quantized.",
     )
     quantization: Quantization = Field(
-        default="int8",
+        default="auto",
         description="Weight quantization of every Linear incl. the output layer, and of the embedding table: "
         "auto (int8 or int8-weight-only, whichever kernel a start-up probe finds faster on this CPU: int8 where it "
         "has int8 dot-product instructions, int8-weight-only elsewhere, e.g. AVX2-only x86); int8 (int8 weights per output channel, int8 activations with one scale per token, so a request's output "

@@ -28,7 +28,6 @@ async def conversation(model_dir, prefix_cache_bytes: int, **options):
             prefill_chunk_size=512,
             interleaved_prefill_tokens=128,
             threads=2,
-            quantization="int8",
             prefix_cache_bytes=prefix_cache_bytes,
             **options,
         ),

@@ -1,4 +1,4 @@
-"""Speculative decoding with the real weights and the default int8: greedy
+"""Speculative decoding with the real weights and the default quantization: greedy
 and seeded output is exactly the output without it, alone and batched, and
 prompt-lookup drafts are accepted on a code-editing prompt."""
 
@@ -52,7 +52,6 @@ async def test_output_is_unchanged_and_drafts_are_accepted(real_model_dir):
             max_model_len=1024,
             interleaved_prefill_tokens=512,
             threads=1,
-            quantization="int8",
             prefix_cache_bytes=0,
             speculative_tokens=tokens,
             speculative_max_batch=4,

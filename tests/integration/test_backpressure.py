@@ -69,9 +69,10 @@ def test_a_grpc_client_that_does_not_read_loses_its_slot(server):
         # before the short calls start (else one of them could take it first).
         stream.initial_metadata()
         stub = pb_grpc.QwenServiceStub(other)
-        waited = _admitted_within(stub, 20)
-        # 8000 tokens would hold the slot far longer; the buffer bound ends it.
-        assert waited is not None and waited < 10, waited
+        # The slot comes free: not by finishing 8000 tokens (the stream, read
+        # below, ends short of that and not final) but by the buffer bound.
+        # No tighter time bound: this machine may be busy with other work.
+        assert _admitted_within(stub, 60) is not None
         # The client, reading at last, gets what was buffered, then the reason.
         received = []
         with pytest.raises(grpc.RpcError) as ended:
@@ -102,8 +103,8 @@ def test_an_http_client_that_does_not_read_is_disconnected_and_loses_its_slot(se
     )
     try:
         with grpc.insecure_channel(server.target) as channel:
-            waited = _admitted_within(pb_grpc.QwenServiceStub(channel), 20)
-        assert waited is not None and waited < 10, waited
+            # Freed by the bound, not by the end of 8000 tokens: no [DONE] below.
+            assert _admitted_within(pb_grpc.QwenServiceStub(channel), 60) is not None
         # Reading now: what was sent, then the end of the connection (closed by the write timeout).
         sock.settimeout(10)
         started, received = time.monotonic(), b""

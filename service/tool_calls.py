@@ -7,7 +7,10 @@ into the system prompt; the model answers with one or more
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-blocks (several = parallel calls), possibly after some text. This module
+blocks (several = parallel calls), possibly after some text. Small models
+often drop the tags and answer a call as a bare JSON object, sometimes in a
+```json fence: an answer that is nothing but such calls counts as calls too
+(llama.cpp's Qwen/Hermes parser accepts the same). This module
 holds the request types, the Lark grammar that forces such calls (tool_choice
 required or a named function: the arguments always match the tool's
 parameters schema), and the incremental parser that splits generated text
@@ -182,6 +185,10 @@ def _parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
         value = json.loads(body)
     except ValueError:
         return None
+    return _call_of(value, names)
+
+
+def _call_of(value: Any, names: frozenset[str]) -> tuple[str, str] | None:
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
     arguments = value.get("arguments", {})
@@ -195,21 +202,73 @@ def _parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
     return value["name"], json.dumps(arguments, ensure_ascii=False)
 
 
+# What a tagless call starts with, whitespace removed, after an optional fence.
+_BARE_CALL_START = '{"name":'
+_FENCE, _FENCE_LANGUAGE = "```", "json"
+
+
+def _bare_call_start(text: str) -> bool | None:
+    """Whether an answer that begins with `text` may be tagless calls: True
+    (it starts like one), False (it cannot be), None (too short to tell)."""
+    compact = "".join(text.split())
+    if _FENCE.startswith(compact):
+        return None
+    if compact.startswith(_FENCE):
+        compact = compact[len(_FENCE) :]
+        if _FENCE_LANGUAGE.startswith(compact):
+            return None
+        compact = compact.removeprefix(_FENCE_LANGUAGE)
+    if _BARE_CALL_START.startswith(compact):
+        return None
+    return compact.startswith(_BARE_CALL_START)
+
+
+def _bare_calls(text: str, names: frozenset[str]) -> list[tuple[str, str]]:
+    """The calls of an answer that is only tagless calls (JSON objects, one
+    after another, optionally in one fence); [] if it is anything else."""
+    body = text.strip()
+    if body.startswith(_FENCE):
+        body = body[len(_FENCE) :].removeprefix(_FENCE_LANGUAGE).strip().removesuffix(_FENCE).strip()
+    decoder, calls, index = json.JSONDecoder(), [], 0
+    while index < len(body):
+        try:
+            value, index = decoder.raw_decode(body, index)
+        except ValueError:
+            return []
+        call = _call_of(value, names)
+        if call is None:
+            return []
+        calls.append(call)
+        while index < len(body) and body[index].isspace():
+            index += 1
+    return calls
+
+
 class ToolCallParser:
     """Splits generated text, fed piece by piece, into content and complete
     tool calls. Text that may be the start of a <tool_call> tag is held back
     until it is decided; a call is released once its closing tag arrives
     (its arguments in one piece). A block that is not a well-formed call of a
-    known tool stays content, as the model wrote it."""
+    known tool stays content, as the model wrote it. An answer that starts
+    like a tagless call is held back whole and read at its end."""
 
     def __init__(self, tool_names: Sequence[str]) -> None:
         self._names = frozenset(tool_names)
         self._buffer = ""
         self._in_call = False
+        # None until the answer's start tells whether it may be tagless calls.
+        self._bare: bool | None = None
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> list[ContentDelta | CallDelta]:
         self._buffer += text
+        if self._bare is None:
+            self._bare = _bare_call_start(self._buffer)
+        if self._bare is not False:
+            return []
+        return self._split_tagged()
+
+    def _split_tagged(self) -> list[ContentDelta | CallDelta]:
         out: list[ContentDelta | CallDelta] = []
         while True:
             if not self._in_call:
@@ -233,17 +292,29 @@ class ToolCallParser:
             if parsed is None:
                 self._content(out, block)
                 continue
-            call = ToolCall(new_call_id(), *parsed)
-            out.append(CallDelta(len(self.calls), call))
-            self.calls.append(call)
+            self._call(out, parsed)
 
     def flush(self) -> list[ContentDelta | CallDelta]:
         """The end of the answer: whatever is held back is content (an
         unclosed call, cut by max_tokens, is shown as written)."""
-        rest, self._buffer, self._in_call = self._buffer, "", False
         out: list[ContentDelta | CallDelta] = []
+        if self._bare is not False:
+            self._bare = False
+            bare = _bare_calls(self._buffer, self._names)
+            if bare:
+                self._buffer = ""
+                for parsed in bare:
+                    self._call(out, parsed)
+                return out
+            out = self._split_tagged()
+        rest, self._buffer, self._in_call = self._buffer, "", False
         self._content(out, rest)
         return out
+
+    def _call(self, out: list[ContentDelta | CallDelta], parsed: tuple[str, str]) -> None:
+        call = ToolCall(new_call_id(), *parsed)
+        out.append(CallDelta(len(self.calls), call))
+        self.calls.append(call)
 
     def _content(self, out: list[ContentDelta | CallDelta], text: str) -> None:
         # After a call, whitespace alone is the separator between calls, not content.

@@ -54,6 +54,47 @@ def test_malformed_or_unknown_calls_and_lookalikes_stay_content():
     assert parser.calls == [] and "".join(d.text for d in deltas if isinstance(d, ContentDelta)) == text
 
 
+FENCED = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'
+TWO_BARE = '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n{"name": "get_time", "arguments": "{\\"zone\\": \\"CET\\"}"}'
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (FENCED, [("get_weather", {"city": "Paris"})]),
+        (TWO_BARE, [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]),
+    ],
+    ids=["fenced", "two-bare"],
+)
+def test_an_answer_of_tagless_calls_is_calls(step, text, expected):
+    """What Qwen2.5-Coder-0.5B answers to tool_choice auto: the call without its tags."""
+    parser = ToolCallParser(["get_weather", "get_time"])
+    deltas = run(parser, [text[i : i + step] for i in range(0, len(text), step)])
+    assert all(isinstance(d, CallDelta) for d in deltas)
+    assert [(d.call.name, json.loads(d.call.arguments)) for d in deltas] == expected
+
+
+@pytest.mark.parametrize(
+    "text,released_before_the_end",
+    [
+        ('{"answer": 42}', '{"ans'),  # JSON that is not a call: released once it cannot be one
+        ("```python\nprint(1)\n```", "```pyth"),
+        ('Sure: {"name": "get_weather", "arguments": {}}', "Sure: "),  # not the whole answer
+        ('{"name": "get_weather", "arguments": {}} and then some text', ""),
+        ('{"name": "rm", "arguments": {}}', ""),  # an unknown tool
+        ('{"name": "get_weather", "arguments": {"city": "Par', ""),  # cut by max_tokens
+    ],
+)
+def test_other_answers_stay_content_as_written(text, released_before_the_end):
+    parser = ToolCallParser(["get_weather"])
+    early = [d for piece in text for d in parser.feed(piece)]
+    deltas = early + parser.flush()
+    assert parser.calls == [] and "".join(d.text for d in deltas if isinstance(d, ContentDelta)) == text
+    released = "".join(d.text for d in early if isinstance(d, ContentDelta))
+    assert released.startswith(released_before_the_end) and (released_before_the_end or not released)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

@@ -53,7 +53,7 @@ from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
 from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from .sampling import make_generator, select_tokens, token_logprobs
 from .slots import SlotTable
-from .speculative import propose_draft
+from .speculative import PromptLookup
 from .types import (
     EngineObserver,
     EngineOverloaded,
@@ -96,6 +96,7 @@ class _Sequence:
     reused: list[bytes] = dataclasses.field(default_factory=list)  # matched blocks, pinned until copied in
     cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
     stored_blocks: int = 0  # of block_keys, in the prefix cache
+    lookup: PromptLookup | None = None  # draft source over token_ids(), made at the first draft
 
     @property
     def start(self) -> int:
@@ -332,9 +333,21 @@ class Scheduler:
                     seq.request.sampling.max_tokens - seq.generated - 1,
                     self._max_model_len - 1 - seq.cached,
                 )
-                draft.extend(propose_draft(seq.token_ids(), limit))
+                draft.extend(self._lookup(seq).draft(limit))
                 budget -= len(draft)
         return drafts
+
+    @staticmethod
+    def _lookup(seq: _Sequence) -> PromptLookup:
+        """The sequence's PromptLookup, given the tokens it has not seen yet."""
+        if seq.lookup is None:
+            seq.lookup = PromptLookup()
+        seen = len(seq.lookup)
+        if seen < seq.prompt_len:
+            seq.lookup.extend(seq.request.prompt_token_ids[seen:])
+            seen = seq.prompt_len
+        seq.lookup.extend(seq.output_ids[seen - seq.prompt_len :])
+        return seq.lookup
 
     def _step(self) -> None:
         """One forward pass for every decoding request (with its draft, if any)
@@ -428,6 +441,7 @@ class Scheduler:
                 index=index,
                 reserved=1,
                 output_ids=[],
+                lookup=None,
                 block_keys=list(seq.block_keys),
                 reused=[],
             )

@@ -21,9 +21,7 @@ speculation, so a seed gives the same text with or without it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Iterable, Sequence
 
 DRAFT_MAX_NGRAM = 3
 # Measured (bench/speculative.py --acceptance, real model): a single-token
@@ -33,22 +31,49 @@ DRAFT_MAX_NGRAM = 3
 DRAFT_MIN_NGRAM = 2
 
 
-def propose_draft(token_ids: Sequence[int], limit: int) -> list[int]:
-    """Up to `limit` tokens that followed an earlier occurrence of the longest
-    matching suffix (DRAFT_MAX_NGRAM..DRAFT_MIN_NGRAM tokens) of token_ids: the
-    most recent one followed by `limit` tokens, else the earliest (in a run of
-    one repeated token, the most recent is followed by one token only);
-    [] when no suffix occurs earlier."""
-    length = len(token_ids)
-    if limit <= 0 or length < 2:
+class PromptLookup:
+    """The draft source of one request: its tokens so far and where each of
+    their n-grams (DRAFT_MIN_NGRAM..DRAFT_MAX_NGRAM tokens) starts. It grows
+    with the request, so a draft costs a dictionary lookup, not a scan of
+    the whole context at every step (measured on a busy host at 4,000
+    tokens: 6 us per step instead of 1.6 ms; 10 ms once, to index the prompt)."""
+
+    def __init__(self) -> None:
+        self._tokens: list[int] = []
+        # n-gram -> its start positions, ascending; the n-grams that end with
+        # the last token (the suffix a draft looks up) are not in it yet.
+        self._starts: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        for token in tokens:
+            end = len(self._tokens)  # the n-grams ending here stop being the suffix
+            for n in range(DRAFT_MIN_NGRAM, min(DRAFT_MAX_NGRAM, end) + 1):
+                self._starts.setdefault(tuple(self._tokens[end - n : end]), []).append(end - n)
+            self._tokens.append(token)
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed an earlier occurrence of the
+        longest matching suffix (DRAFT_MAX_NGRAM..DRAFT_MIN_NGRAM tokens): the
+        most recent occurrence followed by `limit` tokens, else the earliest
+        (in a run of one repeated token, the most recent is followed by one
+        token only); [] when no suffix occurs earlier."""
+        length = len(self._tokens)
+        if limit <= 0:
+            return []
+        for n in range(min(DRAFT_MAX_NGRAM, length - 1), DRAFT_MIN_NGRAM - 1, -1):
+            starts = self._starts.get(tuple(self._tokens[length - n :]))
+            if starts:
+                # Only the last few starts can lack `limit` tokens after them.
+                start = next((s for s in reversed(starts) if s + n + limit <= length), starts[0])
+                return self._tokens[start + n : start + n + limit]
         return []
-    ids = torch.tensor(token_ids)
-    for n in range(min(DRAFT_MAX_NGRAM, length - 1), DRAFT_MIN_NGRAM - 1, -1):
-        # Windows starting at 0..length-n-1: every n-gram but the suffix itself.
-        windows = ids[: length - 1].unfold(0, n, 1)
-        found = (windows == ids[length - n :]).all(dim=1).nonzero()
-        if len(found):
-            full = found[found + n + limit <= length]
-            follow = int(full[-1] if len(full) else found[0]) + n
-            return ids[follow : follow + limit].tolist()
-    return []
+
+
+def propose_draft(token_ids: Sequence[int], limit: int) -> list[int]:
+    """PromptLookup.draft for a whole sequence at once (tests, benchmarks)."""
+    lookup = PromptLookup()
+    lookup.extend(token_ids)
+    return lookup.draft(limit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.sampling import make_generator, sample_one
 from service.engine.scheduler import Scheduler
-from service.engine.speculative import propose_draft
+from service.engine.speculative import DRAFT_MAX_NGRAM, DRAFT_MIN_NGRAM, PromptLookup, propose_draft
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams
 
 # Repetitive prompts, so that prompt lookup finds matches.
@@ -47,6 +48,31 @@ def test_draft_is_what_followed_the_longest_recent_match():
     assert propose_draft([1, 2, 1, 2], 0) == []
     # A run of one token: the most recent match is followed by one token only, so the earliest is taken.
     assert propose_draft([3, 3, 3, 3, 3], 2) == [3, 3]
+
+
+def _scanned_draft(tokens: list[int], limit: int) -> list[int]:
+    """The rule of propose_draft, by scanning every earlier window."""
+    for n in range(min(DRAFT_MAX_NGRAM, len(tokens) - 1), DRAFT_MIN_NGRAM - 1, -1):
+        found = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[len(tokens) - n :]]
+        if found:
+            full = [i for i in found if i + n + limit <= len(tokens)]
+            follow = (full[-1] if full else found[0]) + n
+            return tokens[follow : follow + limit]
+    return []
+
+
+def test_a_growing_lookup_drafts_what_a_scan_of_the_whole_text_would():
+    """The scheduler extends one PromptLookup per request by the tokens of each step."""
+    rng = random.Random(0)
+    for _ in range(50):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 60))]  # 4 symbols: many repeats
+        lookup, done = PromptLookup(), 0
+        while done < len(tokens):
+            step = rng.randrange(1, 5)  # a prompt, then accepted runs of drafts
+            lookup.extend(tokens[done : done + step])
+            done = min(done + step, len(tokens))
+            for limit in (0, 1, 4):
+                assert lookup.draft(limit) == _scanned_draft(tokens[:done], limit), (tokens[:done], limit)
 
 
 def test_acceptance_rule_keeps_the_distribution():
@@ -101,12 +127,23 @@ class OracleDrafts:
         return []
 
 
+class _OracleLookup(PromptLookup):
+    """A request's PromptLookup that drafts from the oracle instead."""
+
+    def __init__(self, drafts: OracleDrafts) -> None:
+        super().__init__()
+        self._drafts = drafts
+
+    def draft(self, limit: int) -> list[int]:
+        return self._drafts.draft(self._tokens, limit)
+
+
 @pytest.fixture
 def oracle(monkeypatch):
     """Record the runs of engines made from now on, and draft from them."""
     drafts = OracleDrafts()
     drafts.record(monkeypatch)
-    monkeypatch.setattr(scheduler_module, "propose_draft", drafts.draft)
+    monkeypatch.setattr(scheduler_module, "PromptLookup", lambda: _OracleLookup(drafts))
     return drafts
 
 

@@ -25,6 +25,19 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # PYTHONPATH for subprocesses: this tree's server and client packages, ahead
 # of whatever the venv has installed.
 SOURCE_PATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients" / "python")])
+# Server flags for one running request at most and no queue (a second call is
+# refused while the first holds the slot), with room for answers long enough
+# to still be running when a test acts.
+ONE_SLOT_ARGS = (
+    "--max-batch-size",
+    "1",
+    "--max-waiting",
+    "0",
+    "--max-model-len",
+    "32768",
+    "--max-tokens-limit",
+    "30000",
+)
 
 
 def load_script(path: pathlib.Path) -> ModuleType:

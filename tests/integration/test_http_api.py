@@ -14,7 +14,7 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import ServerProcess, free_port, health_status, running_server
+from harness import ONE_SLOT_ARGS, ServerProcess, free_port, health_status, running_server
 
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc
@@ -343,8 +343,7 @@ SLOT_FREED_WITHIN = 10.0
 def one_slot_server(tiny_model_dir):
     """One running request at most and no queue: a second request is refused
     while the first holds the slot."""
-    args = ("--max-batch-size", "1", "--max-waiting", "0", "--max-model-len", "32768", "--max-tokens-limit", "30000")
-    with running_server(tiny_model_dir, *args) as srv:
+    with running_server(tiny_model_dir, *ONE_SLOT_ARGS) as srv:
         yield srv
 
 

@@ -10,15 +10,14 @@ import time
 import openai
 import pytest
 from browser import TEXT_TIMELINE_JS, ask, browser_page
-from harness import running_server
+from harness import ONE_SLOT_ARGS, running_server
 
 MODEL = "Qwen2.5-0.5B-Instruct"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    args = ("--max-batch-size", "1", "--max-waiting", "0", "--max-model-len", "32768", "--max-tokens-limit", "30000")
-    with running_server(tiny_model_dir, *args) as srv:
+    with running_server(tiny_model_dir, *ONE_SLOT_ARGS) as srv:
         yield srv
 
 

@@ -96,7 +96,9 @@ def token_logprobs(
     asked for logprobs: logprob = logit - logsumexp(row), with one logsumexp
     and one topk over those rows (no vocabulary-wide log_softmax written).
     The topk is always MAX_TOP_LOGPROBS wide (then cut per row) so that a
-    row's alternatives, ties included, do not depend on what its neighbours ask."""
+    row's alternatives, ties included, do not depend on what its neighbours
+    ask; equal ones are listed by token id, the way argmax breaks ties, so
+    a greedy row's chosen token comes first (topk's own tie order is unspecified)."""
     result: list[TokenLogprobs | None] = [None] * len(params)
     rows = [row for row, p in enumerate(params) if p.logprobs and isinstance(chosen[row], int)]
     if not rows:
@@ -109,7 +111,7 @@ def token_logprobs(
     if any(params[row].top_logprobs for row in rows):
         values, ids = torch.topk(selected, min(MAX_TOP_LOGPROBS, selected.shape[-1]))
         values = (values - normalizer).clamp_(min=LOGPROB_FLOOR)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        tops = [sorted(zip(i, v), key=lambda top: (-top[1], top[0])) for i, v in zip(ids.tolist(), values.tolist())]
     for index, row in enumerate(rows):
         top = tuple(tops[index][: params[row].top_logprobs])
         result[row] = TokenLogprobs(chosen[row], picked[index], top)  # type: ignore[arg-type]

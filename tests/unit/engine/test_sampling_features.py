@@ -9,11 +9,13 @@ import json
 import math
 
 import pytest
+import torch
 from batch_invariance import arrangements, assert_all_equal
 from tiny_model import tiny_engine_config
 
 from service.engine.engine import Engine
 from service.engine.loader import load_model
+from service.engine.sampling import token_logprobs
 from service.engine.types import (
     LOGPROB_FLOOR,
     MAX_LOGIT_BIAS_ENTRIES,
@@ -95,6 +97,19 @@ def test_invalid_settings_are_refused_naming_the_field(field, value):
     with pytest.raises(InvalidSamplingParams) as raised:
         SamplingParams(**{"max_tokens": 4, field: value})
     assert raised.value.field.split("[")[0] == field
+
+
+def test_tied_alternatives_are_listed_by_token_id_so_greedy_comes_first():
+    """bf16 logits tie often; argmax takes the lowest id among equal ones."""
+    logits = torch.full((2, 64), -5.0)
+    logits[:, [40, 7, 33, 12]] = 3.0  # four tokens tie for first place
+    logits[:, 50] = 2.0
+    greedy = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5)
+    chosen = logits.argmax(-1).tolist()
+    for entry in token_logprobs(logits, [greedy, greedy], chosen):
+        assert entry is not None
+        assert [token for token, _ in entry.top] == [7, 12, 33, 40, 50]
+        assert entry.top[0] == (entry.token_id, entry.logprob)
 
 
 def test_top_logprobs_needs_logprobs():

@@ -1,5 +1,5 @@
 """The sampling ranges are written once (service/engine/types.py); the
-proto's comments and the README's API table state the same numbers."""
+proto's comments, the README's API table and the web page's fields state the same numbers."""
 
 from __future__ import annotations
 
@@ -46,3 +46,8 @@ def test_readme_api_table_states_the_ranges():
         f"bias in −{LOGIT_BIAS_LIMIT:g}…{LOGIT_BIAS_LIMIT:g} added to its logit; ≤ {MAX_LOGIT_BIAS_ENTRIES} ids",
     ):
         assert phrase in readme, phrase
+
+
+def test_web_page_temperature_field_allows_the_same_range():
+    page = (REPO / "service" / "api" / "static" / "index.html").read_text()
+    assert f'id="temperature" type="number" min="0" max="{TEMPERATURE_MAX:g}"' in page

@@ -36,6 +36,9 @@ RUN /opt/venv/bin/pip install --no-index --find-links /wheels -r /wheels/require
 # --- project: the qwen-grpc package alone, under /project-root/opt/venv ------
 # Installed with --root so the runtime stage copies it as a small layer of its
 # own: editing service/ rebuilds megabytes, not the 1 GB dependency layer.
+# service/ carries the AVX2 int8 kernel built on the host by `make setup`
+# (service/engine/native/_int8_matmul.so; the image has no compiler). Without
+# it, or on another CPU, int8 uses torch's kernel.
 FROM deps AS project
 # README.md is optional (pyproject names it; the glob keeps COPY valid without it).
 COPY pyproject.toml README.md* /src/

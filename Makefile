@@ -37,7 +37,13 @@ $(VENV)/.installed: $(BIN)/activate requirements.lock pyproject.toml clients/pyt
 	$(BIN)/pip install --quiet --no-deps -e ./clients/python
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv/ with pinned deps and both packages (server, clients/python; editable)
+# The engine's AVX2 int8 kernel (service/engine/native): a second's compile
+# with the system's cc; without one, or off x86-64, int8 uses torch._int_mm.
+NATIVE_KERNEL := service/engine/native/_int8_matmul.so
+$(NATIVE_KERNEL): service/engine/native/int8_matmul.c $(VENV)/.installed
+	$(PY) -m service.engine.native
+
+setup: $(VENV)/.installed $(NATIVE_KERNEL)  ## create .venv/ with pinned deps and both packages (server, clients/python; editable), build the native kernel
 
 model: setup  ## fetch + verify + convert the default model (idempotent, cached in ~/.cache/qwen-grpc)
 	$(BIN)/qwen-fetch-model

@@ -412,6 +412,15 @@ def helm_test_hook() -> tuple[str, dict[str, str]] | None:
     return container["command"][2], {e["name"]: e["value"] for e in container["env"]}
 
 
+NATIVE_KERNEL_CHECK = "import sys; from service.engine import native; sys.exit(0 if native.available() else 1)"
+
+
+def avx2_host() -> bool:
+    if platform.machine() != "x86_64":
+        return False
+    return " avx2" in pathlib.Path("/proc/cpuinfo").read_text()
+
+
 def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -499,6 +508,13 @@ def check_container(docker: IsolatedDocker, model_dir: pathlib.Path) -> None:
         assert uid == str(CONTAINER_UID), f"container runs as uid {uid}"
         write = docker.docker("exec", name, "touch", "/opt/venv/probe", capture=True, check=False)
         assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+
+        # The AVX2 int8 kernel built on the host (make setup) loads in the image
+        # (same CPU here): its library was installed, and it finds torch's libgomp.
+        if avx2_host():
+            native = docker.docker("exec", name, "python", "-c", NATIVE_KERNEL_CHECK, capture=True, check=False)
+            assert native.returncode == 0, f"the native int8 kernel does not load in the image:\n{native.stderr}"
+            say("the native AVX2 int8 kernel loads in the image")
 
         # The image's HEALTHCHECK (grpcurl inside the image) agrees.
         def health() -> bool:

@@ -2,25 +2,29 @@
 
 Both int8 paths hold the same int8 weights (one scale per output channel)
 and both are batch-invariant; they differ in the product. `int8` quantizes
-activations per row and multiplies in integers (torch._int_mm): fast where
-the CPU has int8 dot-product instructions (AVX512-VNNI, AMX, ARM's i8mm) and
-~10x slower than the other where it does not (measured on an AVX2-only AMD
-EPYC: bench/int4_linear.py). `int8-weight-only` multiplies bf16 activations by
-the int8 weights (torch._weight_int8pack_mm), and is also the more accurate
-(it quantizes no activations). So `auto` times one decode-sized product of
-the model's widest Linear with each kernel, on the engine's thread count, at
-start-up (tens of milliseconds), and takes the faster. It is the default:
-on an AVX2-only host it is the difference between ~2 and ~20 tokens/s at 16
-streams (README Performance)."""
+activations per row and multiplies in integers: on x86-64 with AVX2 with the
+engine's own kernel (service/engine/native, built by `make setup`), else
+with torch._int_mm, which is fast where the CPU has int8 dot-product
+instructions (AVX512-VNNI, AMX, ARM's i8mm) and 10-30x slower where it does
+not (an AVX2-only AMD EPYC: bench/README.md). `int8-weight-only` multiplies
+bf16 activations by the int8 weights (torch._weight_int8pack_mm), and is the
+more accurate (it quantizes no activations). So `auto` times one
+decode-sized product of the model's widest Linear with each kernel, on the
+engine's thread count, at start-up (milliseconds), and takes the faster. It
+is the default: which one wins depends on the CPU and on whether the native
+kernel is built (README Performance)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from . import native
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,13 +48,18 @@ def probe_int8_kernels() -> dict[str, float]:
     """Median seconds of one probe product with each int8 kernel."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (PROBE_OUT, PROBE_IN), dtype=torch.int8, generator=generator)
-    scale = torch.rand(PROBE_OUT, generator=generator, dtype=torch.float32).to(torch.bfloat16)
+    float_scale = torch.rand(PROBE_OUT, generator=generator, dtype=torch.float32)
+    scale = float_scale.to(torch.bfloat16)
     activations = torch.randn(PROBE_ROWS, PROBE_IN, generator=generator, dtype=torch.float32)
     quantized = torch.randint(-127, 128, (PROBE_ROWS, PROBE_IN), dtype=torch.int8, generator=generator)
     weight_t = weight.t()
     with torch.inference_mode():
+        if native.available():
+            int8_product = functools.partial(native.int8_linear, activations, weight, float_scale, None)
+        else:
+            int8_product = functools.partial(torch._int_mm, quantized, weight_t)
         return {
-            "int8": _median_seconds(lambda: torch._int_mm(quantized, weight_t)),
+            "int8": _median_seconds(int8_product),
             "int8-weight-only": _median_seconds(
                 lambda: torch._weight_int8pack_mm(activations.to(torch.bfloat16), weight, scale)
             ),

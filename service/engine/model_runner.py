@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import EngineConfig
 from .kernels import resolve_quantization
 from .loader import LoadedModel
@@ -104,7 +105,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
 class RowwiseInt8Linear(Int8WeightOnlyLinear):
     """The same int8 weights; activations quantized to int8 with one scale
-    per row (token), products in int8 (torch._int_mm).
+    per row (token), products in int8: on the engine's own AVX2 kernel when it
+    is built and the CPU has AVX2 (service/engine/native), else torch._int_mm.
+    Both give the same bits.
 
     One scale per row makes a row's output depend on that row alone: the
     integer products are exact, and everything else is elementwise. With one
@@ -119,12 +122,20 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
+        if native.available():
+            out = native.int8_linear(flat, self.weight, self.float_scale, self.bias)
+        else:
+            out = self.torch_forward(flat)
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+    def torch_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """The product with torch ops, [M, K] float32 -> [M, N] float32."""
         row_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
         quantized = torch.round(flat / row_scale).to(torch.int8)
         out = torch._int_mm(quantized, self.weight.t()).float() * (row_scale * self.float_scale)
         if self.bias is not None:
             out = out + self.bias
-        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+        return out
 
 
 def _int4_groups(

@@ -98,11 +98,14 @@ def replay(prompt: tuple[int, ...], output: tuple[int, ...], tokens: int) -> dic
     """The passes a request with this greedy output takes at B=1: each
     drafts from prompt + output so far and keeps the matching prefix."""
     done, drafted, accepted, passes = 1, 0, 0, 0  # the first token comes from the prompt's pass
+    lookup = speculative.PromptLookup()  # grown as the request's would be, not rebuilt per pass
+    lookup.extend(prompt + output[:done])
     while done < len(output):
-        draft = speculative.propose_draft(prompt + output[:done], min(tokens, len(output) - done - 1))
+        draft = lookup.draft(min(tokens, len(output) - done - 1))
         kept = 0
         while kept < len(draft) and draft[kept] == output[done + kept]:
             kept += 1
+        lookup.extend(output[done : done + kept + 1])
         drafted, accepted, passes, done = drafted + len(draft), accepted + kept, passes + 1, done + kept + 1
     return {
         "acceptance": round(accepted / drafted, 3) if drafted else None,

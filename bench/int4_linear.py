@@ -1,4 +1,5 @@
-"""int8 (the engine's RowwiseInt8Linear) vs 4-bit weights (torch's CPU int4 kernel) per Linear shape.
+"""int8 (the engine's RowwiseInt8Linear: its AVX2 kernel where built, else torch._int_mm; int8-torch
+forces torch._int_mm) vs int8-weight-only and 4-bit weights (torch's CPU int4 kernel) per Linear shape.
 
 For each of Qwen2.5-0.5B's Linear shapes (fused qkv, o, fused gate_up, down, output layer) and
 M = 1, 4, 16 rows: the median time of one product, the methods alternated within every round
@@ -7,7 +8,7 @@ per-round medians, the spread (min-max of the rounds) and the ratio to int8. The
 invariance, bitwise: a row's output computed alone (M=1) and inside M = 2..16 with other rows.
 Weights are random (N(0, 0.02)); speed does not depend on their values.
 
-    python bench/int4_linear.py [--rounds 5] [--threads 2] [--methods int8,int4-g32,int4-g128]
+    python bench/int4_linear.py [--rounds 5] [--threads 2] [--methods int8,int8-torch,int8-weight-only]
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ from service.engine.model_runner import Int4Linear, Int8WeightOnlyLinear, Rowwis
 SHAPES = {"qkv": (896, 1152, True), "o": (896, 896, False), "gate_up": (896, 9728, False), "down": (4864, 896, False)}
 HEAD = {"lm_head": (896, 151936, False)}
 MS = (1, 4, 16)
+
+
+class TorchInt8Linear(RowwiseInt8Linear):
+    """The same int8 Linear on torch._int_mm, as where the native kernel is not built."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.torch_forward(x.reshape(-1, x.shape[-1]).float())
+
+
 METHODS: dict[str, Callable[[nn.Linear], nn.Module]] = {
     "int8": RowwiseInt8Linear,
+    "int8-torch": TorchInt8Linear,
     "int8-weight-only": Int8WeightOnlyLinear,
     "int4-g32": lambda lin: Int4Linear(lin, 32),
     "int4-g128": lambda lin: Int4Linear(lin, 128),

@@ -53,7 +53,7 @@ from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
 from .prefix_cache import BLOCK_SIZE, PrefixCache, block_keys
 from .sampling import make_generator, select_tokens, token_logprobs
 from .slots import SlotTable
-from .speculative import PromptLookup
+from .speculative import DraftPacing, PromptLookup
 from .types import (
     EngineObserver,
     EngineOverloaded,
@@ -97,6 +97,7 @@ class _Sequence:
     cached_prompt_tokens: int = 0  # prompt positions taken from the prefix cache
     stored_blocks: int = 0  # of block_keys, in the prefix cache
     lookup: PromptLookup | None = None  # draft source over token_ids(), made at the first draft
+    pacing: DraftPacing = dataclasses.field(default_factory=DraftPacing)  # when it drafts
 
     @property
     def start(self) -> int:
@@ -318,7 +319,8 @@ class Scheduler:
         (speculative.py). Draft tokens share the step's token budget with the
         prompt chunks, which go first; none past max_tokens or the context
         window; none when the batch is large (the step is then compute-bound,
-        and rejected drafts cost more than accepted ones save)."""
+        and rejected drafts cost more than accepted ones save); none while a
+        request's drafts are being rejected (DraftPacing)."""
         drafts: list[list[int]] = [[] for _ in decoding]
         if not self._speculative_tokens or len(decoding) > self._speculative_max_batch:
             return drafts
@@ -326,7 +328,7 @@ class Scheduler:
         for draft, seq in zip(drafts, decoding):
             if budget <= 0:
                 break
-            if self._may_speculate(seq):
+            if self._may_speculate(seq) and seq.pacing.may_draft():
                 limit = min(
                     self._speculative_tokens,
                     budget,
@@ -442,6 +444,7 @@ class Scheduler:
                 reserved=1,
                 output_ids=[],
                 lookup=None,
+                pacing=DraftPacing(),
                 block_keys=list(seq.block_keys),
                 reused=[],
             )
@@ -562,6 +565,7 @@ class Scheduler:
                 break
             token = selected
             accepted += 1
+        seq.pacing.drafted(accepted)
         self._speculated(len(draft), accepted)
 
     def _set_cached(self, seq: _Sequence, positions: int) -> None:

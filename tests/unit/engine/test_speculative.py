@@ -20,7 +20,14 @@ from service.engine.engine import Engine
 from service.engine.loader import load_model
 from service.engine.sampling import make_generator, sample_one
 from service.engine.scheduler import Scheduler
-from service.engine.speculative import DRAFT_MAX_NGRAM, DRAFT_MIN_NGRAM, PromptLookup, propose_draft
+from service.engine.speculative import (
+    DRAFT_MAX_NGRAM,
+    DRAFT_MIN_NGRAM,
+    MAX_DRAFT_PAUSE,
+    DraftPacing,
+    PromptLookup,
+    propose_draft,
+)
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams
 
 # Repetitive prompts, so that prompt lookup finds matches.
@@ -73,6 +80,26 @@ def test_a_growing_lookup_drafts_what_a_scan_of_the_whole_text_would():
             done = min(done + step, len(tokens))
             for limit in (0, 1, 4):
                 assert lookup.draft(limit) == _scanned_draft(tokens[:done], limit), (tokens[:done], limit)
+
+
+def test_rejected_drafts_pause_drafting_longer_each_time_and_an_accepted_one_ends_it():
+    pacing = DraftPacing()
+
+    def drafting_steps(steps: int) -> list[bool]:
+        return [pacing.may_draft() for _ in range(steps)]
+
+    assert drafting_steps(3) == [True] * 3  # nothing rejected yet
+    pauses = []
+    for _ in range(7):  # a draft rejected at every chance
+        pacing.drafted(0)
+        steps = drafting_steps(MAX_DRAFT_PAUSE + 1)
+        pauses.append(steps.index(True))
+        assert all(steps[pauses[-1] :])
+    assert pauses == [1, 2, 4, 8, 16, 16, 16]
+    pacing.drafted(3)  # a draft at the step after the pause is accepted: no pause
+    assert drafting_steps(3) == [True] * 3
+    pacing.drafted(0)  # and the next rejection pauses 1 step again
+    assert drafting_steps(2) == [False, True]
 
 
 def test_acceptance_rule_keeps_the_distribution():
@@ -425,3 +452,25 @@ async def test_drafts_share_the_step_budget_with_prompt_chunks(tiny_model_dir, o
     assert all(prompt + draft <= 6 for prompt, draft in steps)
     assert any(prompt and draft for prompt, draft in steps)  # both in one pass
     assert any(draft == 4 for _, draft in steps)
+
+
+class _WrongLookup(_OracleLookup):
+    """Drafts the true continuation with every token wrong: each is rejected."""
+
+    def draft(self, limit: int) -> list[int]:
+        return [token + 1 for token in self._drafts.draft(self._tokens, limit)]
+
+
+async def test_rejected_drafts_pause_drafting_and_leave_the_output_alone(tiny_model_dir, oracle, monkeypatch):
+    cases = [(PROMPTS[2], SamplingParams(max_tokens=40, temperature=0.0))]
+    expected, _, _ = await compare(tiny_model_dir, cases, False)  # records the futures
+    monkeypatch.setattr(scheduler_module, "PromptLookup", lambda: _WrongLookup(oracle))
+    engine = make_engine(tiny_model_dir, 4)
+    try:
+        assert await outputs(engine, cases, False) == expected
+        stats = engine.stats()
+    finally:
+        await engine.shutdown()
+    assert stats.accepted_draft_tokens_total == 0
+    # 39 steps could draft; paced, drafts go at steps 1, 3, 6, 11, 20 and 37.
+    assert 0 < stats.draft_tokens_total <= 6 * 4

@@ -10,9 +10,10 @@ not (an AVX2-only AMD EPYC: bench/README.md). `int8-weight-only` multiplies
 bf16 activations by the int8 weights (torch._weight_int8pack_mm), and is the
 more accurate (it quantizes no activations). So `auto` times one
 decode-sized product of the model's widest Linear with each kernel, on the
-engine's thread count, at start-up (milliseconds), and takes int8-weight-only only when it is clearly
-faster. It is the default: which one wins depends on the CPU and on whether
-the native kernel is built (README Performance)."""
+engine's thread count, at start-up (milliseconds), and takes
+int8-weight-only only when it is clearly faster. It is the default: which
+one wins depends on the CPU and on whether the native kernel is built
+(README Performance)."""
 
 from __future__ import annotations
 

@@ -98,17 +98,22 @@ async def test_liveness_fails_while_the_engine_thread_is_wedged(inprocess_server
         health = health_pb2_grpc.HealthStub(channel)
         await asyncio.sleep(1.0)  # idle for longer than the limit: idle is not stalled
         assert await _liveness(health) == SERVING
-        # Busy and moving (steps of milliseconds) for longer than the limit: alive.
+        # Busy and moving (steps of 20 ms, so the stream outlasts the limit) for longer than the limit: alive.
+        def moving_step(*args, **kwargs):
+            time.sleep(0.02)
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "step", moving_step)
         busy = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=200, temperature=0)
         stream = pb_grpc.QwenServiceStub(channel).ChatStream(busy, timeout=60)
         started = time.monotonic()
         async for message in stream:
-            if time.monotonic() - started > 1.0 and not message.is_final:
+            if time.monotonic() - started > 1.5 * grpc_server.LIVENESS_STALL_SECONDS and not message.is_final:
                 assert await _liveness(health) == SERVING
                 stream.cancel()
                 break
         else:
-            pytest.skip("the 200-token stream ended within 1 s: no busy period to probe")
+            pytest.fail("the stream ended before the liveness limit had passed twice: no busy period to probe")
         monkeypatch.setattr(runner, "step", step)
         request = pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=4, temperature=0)
         chat = asyncio.ensure_future(pb_grpc.QwenServiceStub(channel).Chat(request, timeout=60))

@@ -98,6 +98,7 @@ async def test_liveness_fails_while_the_engine_thread_is_wedged(inprocess_server
         health = health_pb2_grpc.HealthStub(channel)
         await asyncio.sleep(1.0)  # idle for longer than the limit: idle is not stalled
         assert await _liveness(health) == SERVING
+
         # Busy and moving (steps of 20 ms, so the stream outlasts the limit) for longer than the limit: alive.
         def moving_step(*args, **kwargs):
             time.sleep(0.02)

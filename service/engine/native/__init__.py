@@ -50,8 +50,12 @@ def source_sha256(source: pathlib.Path = SOURCE) -> str:
     return hashlib.sha256(source.read_bytes()).hexdigest()
 
 
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86_64():
         return False
     try:
         flags = pathlib.Path("/proc/cpuinfo").read_text()
@@ -132,13 +136,12 @@ def main() -> None:
     """python -m service.engine.native: build the kernel. Without a C compiler
     or off x86-64 there is nothing to build, which is not an error: int8 then
     uses torch._int_mm."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86_64():
         print(f"native int8 kernel: x86-64 only; nothing to build on {platform.machine()}")
-        return
-    if shutil.which("cc") is None:
-        print("native int8 kernel: no C compiler (cc); int8 will use torch._int_mm")
         return
     try:
         print(f"built {build()}")
+    except RuntimeError as error:  # no compiler
+        print(f"native int8 kernel: {error}; int8 will use torch._int_mm")
     except subprocess.CalledProcessError as error:
         sys.exit(f"native int8 kernel did not compile: {error}")

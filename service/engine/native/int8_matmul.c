@@ -5,7 +5,7 @@
  * the two scales), bit for bit, in one call instead of a dozen tensor ops.
  *
  * Where the CPU has no int8 dot-product instructions (AVX512-VNNI, AMX),
- * torch._int_mm is 10-30x slower than this (bench/int8_matmul.py). Both
+ * torch._int_mm is 10-30x slower than this (bench/README.md). Both
  * operands are widened to int16 and multiplied with vpmaddwd, which is exact
  * for |values| <= 127 (a pair of products fits int32 with room to spare), so
  * the sums are the same integers as torch._int_mm's, in any order. Each

@@ -363,16 +363,19 @@ class QwenHealthServicer(health_pb2_grpc.HealthServicer):
         word is NOT_SERVING (even for a service unknown here) and the stream
         ends OK. Statuses that change faster than the client reads are
         coalesced, as the protocol allows."""
-        sent = None
+        sent: health_pb2.HealthCheckResponse.ServingStatus | None = None
 
         def current() -> health_pb2.HealthCheckResponse.ServingStatus:
             if self._draining:
                 return health_pb2.HealthCheckResponse.NOT_SERVING
             return self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
+        def news() -> bool:
+            return self._draining or current() != sent  # noqa: B023 (awaited within the iteration)
+
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda last=sent: self._draining or current() != last)
+                await self._changed.wait_for(news)
                 status, draining = current(), self._draining
             if status != sent:  # written outside the lock: a slow reader holds up nobody
                 await context.write(health_pb2.HealthCheckResponse(status=status))

@@ -155,7 +155,7 @@ async def main() -> None:
         speculative_tokens=args.speculative_tokens,
         speculative_max_batch=max(batches),
     )
-    engine = Engine(lambda: load_model(default_model_path()), config)
+    engine = Engine(lambda _quantization: load_model(default_model_path()), config)
     engine.start()
     scheduler = engine._scheduler  # switched between runs: one model in memory for both arms
     prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}

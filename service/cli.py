@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -177,8 +175,7 @@ class Server:
         from .chat import ChatService, served_model_names
         from .engine.config import EngineConfig
         from .engine.engine import Engine
-        from .engine.kernels import resolve_quantization
-        from .engine.loader import load_model, model_name
+        from .engine.loader import LoadedModel, load_model, model_name
         from .observability.metrics import MetricsServer
         from .observability.telemetry import Telemetry
 
@@ -203,11 +200,11 @@ class Server:
         # The model's name is known before it loads: one bounded `model` label, the default served name.
         model_metrics = self.metrics.for_model(served_model_names(s, model_name(s.model))[0])
 
+        def load(quantization: str) -> LoadedModel:  # on the engine's compute thread
+            return load_model(s.model, s.dtype, quantization, s.weight_cache_dir)
+
         def build_engine() -> Engine:
-            quantization = resolve_quantization(s.quantization, s.threads)  # `auto`: a kernel probe
-            config = dataclasses.replace(EngineConfig.from_settings(s), quantization=quantization)
-            load = functools.partial(load_model, s.model, s.dtype, quantization, s.weight_cache_dir)
-            return Engine(load, config, observer=model_metrics)
+            return Engine(load, EngineConfig.from_settings(s), observer=model_metrics)
 
         engine = self.engine = await asyncio.to_thread(build_engine)
         _release_freed_memory()

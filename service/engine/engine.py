@@ -51,20 +51,21 @@ def _max_token_bytes(tokenizer) -> int:
 class Engine:
     def __init__(
         self,
-        model: LoadedModel | Callable[[], LoadedModel],
+        model: LoadedModel | Callable[[str], LoadedModel],
         config: EngineConfig,
         *,
         observer: EngineObserver | None = None,
     ) -> None:
         """`model`: a loaded model (the engine takes ownership: the runner
-        repacks its weights in place), or a function that loads one, which
-        then runs on the engine's compute thread (the fast way: see Scheduler).
+        repacks its weights in place), or a function that loads one for the
+        resolved quantization (`auto` is probed first), which then runs on
+        the engine's compute thread (the fast way: see Scheduler).
         `config.max_buffered_tokens`: see generate()."""
         self.config = config
         self.max_model_len = config.max_model_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler = Scheduler(
-            model if callable(model) else lambda: model,
+            model if callable(model) else lambda _quantization: model,
             config,
             deliver=self._deliver,
             observer=observer,

@@ -82,14 +82,16 @@ def probe_int8_kernels() -> dict[str, float]:
 
 
 def resolve_quantization(
-    quantization: str, threads: int, probe: Callable[[], dict[str, float]] = probe_int8_kernels
+    quantization: str, threads: int, probe: Callable[[], dict[str, float]] | None = None
 ) -> str:
     """`quantization` itself, or for `auto` int8, unless int8-weight-only is
-    clearly faster here on `threads` threads (the engine's; it sets the same count)."""
+    clearly faster here on `threads` threads (the engine's; it sets the same
+    count). `probe` defaults to probe_int8_kernels. Call it on the thread
+    that will run the model (see Scheduler)."""
     if quantization != AUTO:
         return quantization
     torch.set_num_threads(threads)
-    seconds = probe()
+    seconds = (probe or probe_int8_kernels)()
     chosen = "int8-weight-only" if seconds["int8"] > WEIGHT_ONLY_MARGIN * seconds["int8-weight-only"] else "int8"
     _LOG.info(
         "--quantization auto: %s (probe: %s)",

@@ -47,6 +47,7 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMatcher
+from .kernels import resolve_quantization
 from .loader import LoadedModel
 from .model_runner import ModelRunner, PrefillChunk
 from .policy import prompt_chunk_lengths, reusable_blocks, storable_blocks
@@ -116,7 +117,7 @@ class _Sequence:
 class Scheduler:
     def __init__(
         self,
-        load: Callable[[], LoadedModel],
+        load: Callable[[str], LoadedModel],
         config: EngineConfig,
         *,
         deliver: Deliver,
@@ -147,19 +148,22 @@ class Scheduler:
         self._draft_tokens_total = 0
         self._accepted_draft_tokens_total = 0
         self._last_progress = time.monotonic()  # see EngineStats.last_progress
-        # All parallel torch work happens on the compute thread, loading and
-        # repacking included. libgomp keeps a worker pool per thread that
-        # enters a parallel region; with more pool threads than cores it
-        # stops spinning between regions and every region pays a futex
-        # wake-up. Loading on another thread made each decode step 20 %
-        # slower on 2 cores (14.3 -> 17.0 ms).
+        # All parallel torch work happens on the compute thread: the
+        # `--quantization auto` probe, loading and repacking included. libgomp
+        # keeps a worker pool per thread that enters a parallel region; with
+        # more pool threads than cores it stops spinning between regions and
+        # every region pays a futex wake-up. Loading on another thread made
+        # each decode step 20 % slower on 2 cores (14.3 -> 17.0 ms); the probe
+        # on a start-up executor thread, 40 % (44-50 vs 60-68 ms per token
+        # over gRPC, real model, AVX2 host).
         built = threading.Event()
         failure: list[BaseException] = []
 
         def build() -> None:
-            self.loaded = load()
+            quantization = resolve_quantization(config.quantization, config.threads)
+            self.loaded = load(quantization)
             self._eos = self.loaded.eos_token_ids
-            self._runner = ModelRunner(self.loaded, config)
+            self._runner = ModelRunner(self.loaded, dataclasses.replace(config, quantization=quantization))
             self._slots: SlotTable[_Sequence] = SlotTable(self._runner)
             self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
             blocks = config.prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)

@@ -167,3 +167,35 @@ def test_a_missing_model_fails_fast_with_a_clear_error(tmp_path, model):
         assert "cannot start" in server.log and "no-such-model" in server.log
     finally:
         server.close()
+
+
+async def test_the_quantization_probe_and_the_load_run_on_the_engine_thread(tiny_model_dir, monkeypatch):
+    """libgomp keeps a worker pool per thread that runs a parallel region, and
+    with more pool threads than cores every region pays a futex wake-up: the
+    `auto` probe on a start-up executor thread left a second pool behind and
+    made every decode step of the real model ~40 % slower."""
+    from service.cli import Server
+    from service.config import Settings
+    from service.engine import kernels, loader
+
+    ran_on: dict[str, set[str]] = {"probe": set(), "load": set()}
+
+    def on_thread(name: str, function):
+        def recorded(*args, **kwargs):
+            ran_on[name].add(threading.current_thread().name)
+            return function(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(kernels, "probe_int8_kernels", on_thread("probe", kernels.probe_int8_kernels))
+    monkeypatch.setattr(loader, "load_model", on_thread("load", loader.load_model))
+    settings = Settings(
+        model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, http=False, quantization="auto", threads=2
+    )
+    server = Server(settings)
+    await server.start()
+    try:
+        assert server.engine is not None and server.engine.loaded is not None
+    finally:
+        await server.drain_and_stop()
+    assert ran_on == {"probe": {"qwen-engine"}, "load": {"qwen-engine"}}

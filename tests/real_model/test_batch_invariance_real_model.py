@@ -39,7 +39,7 @@ async def engine(real_model_dir):
     # One thread: on a busy shared machine two OpenMP threads wait on each
     # other in every op, and this test then takes many minutes.
     engine = Engine(
-        lambda: load_model(str(real_model_dir)),
+        lambda _quantization: load_model(str(real_model_dir)),
         EngineConfig.defaults(
             max_batch_size=8,
             max_waiting=8,

@@ -44,7 +44,7 @@ THREADS = 2
 async def _transcript(model_dir: pathlib.Path) -> dict:
     settings = Settings(model=str(model_dir), threads=THREADS, quantization="int8")
     engine = Engine(
-        lambda: load_model(settings.model, settings.dtype, settings.quantization, settings.weight_cache_dir),
+        lambda quantization: load_model(settings.model, settings.dtype, quantization, settings.weight_cache_dir),
         EngineConfig.from_settings(settings),
     )
     engine.start()

@@ -56,7 +56,7 @@ async def test_output_is_unchanged_and_drafts_are_accepted(real_model_dir):
             speculative_tokens=tokens,
             speculative_max_batch=4,
         )
-        engine = Engine(lambda: load_model(str(real_model_dir)), config)
+        engine = Engine(lambda _quantization: load_model(str(real_model_dir)), config)
         engine.start()
         try:
             results[tokens] = (await outputs(engine, False), await outputs(engine, True))

@@ -81,9 +81,7 @@ def probe_int8_kernels() -> dict[str, float]:
         )
 
 
-def resolve_quantization(
-    quantization: str, threads: int, probe: Callable[[], dict[str, float]] | None = None
-) -> str:
+def resolve_quantization(quantization: str, threads: int, probe: Callable[[], dict[str, float]] | None = None) -> str:
     """`quantization` itself, or for `auto` int8, unless int8-weight-only is
     clearly faster here on `threads` threads (the engine's; it sets the same
     count). `probe` defaults to probe_int8_kernels. Call it on the thread

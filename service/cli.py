@@ -203,10 +203,10 @@ class Server:
         def load(quantization: str) -> LoadedModel:  # on the engine's compute thread
             return load_model(s.model, s.dtype, quantization, s.weight_cache_dir)
 
-        def build_engine() -> Engine:
-            return Engine(load, EngineConfig.from_settings(s), observer=model_metrics)
-
-        engine = self.engine = await asyncio.to_thread(build_engine)
+        # The constructor waits for the compute thread to probe, load and repack.
+        engine = self.engine = await asyncio.to_thread(
+            Engine, load, EngineConfig.from_settings(s), observer=model_metrics
+        )
         _release_freed_memory()
         model_metrics.track_engine(engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         engine.start()

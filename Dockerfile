@@ -36,9 +36,9 @@ RUN /opt/venv/bin/pip install --no-index --find-links /wheels -r /wheels/require
 # --- project: the qwen-grpc package alone, under /project-root/opt/venv ------
 # Installed with --root so the runtime stage copies it as a small layer of its
 # own: editing service/ rebuilds megabytes, not the 1 GB dependency layer.
-# service/ carries the AVX2 int8 kernel built on the host by `make setup`
+# service/ carries the AVX2 int5/int8 kernels built on the host by `make setup`
 # (service/engine/native/_int8_matmul.so; the image has no compiler). Without
-# it, or on another CPU, int8 uses torch's kernel.
+# them, or on another CPU, `auto` takes int8 on torch's kernel.
 FROM deps AS project
 # README.md is optional (pyproject names it; the glob keeps COPY valid without it).
 COPY pyproject.toml README.md* /src/
@@ -63,8 +63,8 @@ RUN mkdir -p /models \
  # save_pretrained writes the weights 0600: make them readable by the runtime user.
  && chmod -R a+rX,go-w /models
 
-# --- packed: the runner's int8 weights, packed once at build time ------------
-# For both kernels that the default `--quantization auto` may pick on the node.
+# --- packed: the runner's quantized weights, packed once at build time -------
+# For each kernel that the default `--quantization auto` may pick on the node.
 # A replica then reads them (service/engine/weight_cache.py) instead of
 # quantizing at every start: scale-out is that much faster. The cache key holds
 # the model files' sizes and mtimes; this stage and the runtime copy /models
@@ -74,7 +74,7 @@ COPY --from=project /project-root/opt/venv /opt/venv
 COPY --from=model /models /models
 RUN mkdir -p /packed \
  && if [ -d /models/Qwen2.5-Coder-0.5B-Instruct ]; then \
-      for kernel in int8 int8-weight-only; do \
+      for kernel in int5 int8 int8-weight-only; do \
         HF_HUB_OFFLINE=1 /opt/venv/bin/python -m service.engine.weight_cache \
           --model /models/Qwen2.5-Coder-0.5B-Instruct --dtype bfloat16 --quantization $kernel --weight-cache-dir /packed; \
       done; \
@@ -108,7 +108,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
     PIP_CACHE_DIR=/tmp/.cache/pip \
     QWEN_CACHE_DIR=/tmp/.cache/qwen-grpc \
-    # The packed weights baked in above (bfloat16; int8 and int8-weight-only). With a model
+    # The packed weights baked in above (bfloat16; int5, int8, int8-weight-only). With a model
     # mounted over /models, point this at a writable volume to keep them.
     QWEN_WEIGHT_CACHE_DIR=/models/packed \
     QWEN_MODEL=/models/Qwen2.5-Coder-0.5B-Instruct \

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     from ..config import Settings
 
-Quantization = Literal["auto", "int8", "int8-weight-only", "int4", "none"]
+Quantization = Literal["auto", "int8", "int5", "int8-weight-only", "int4", "none"]
 KvCacheDtype = Literal["auto", "float32", "bfloat16"]
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 KV_CACHE_DTYPES: tuple[str, ...] = get_args(KvCacheDtype)

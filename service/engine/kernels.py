@@ -1,19 +1,19 @@
-"""Which int8 kernel is fast on this CPU: `--quantization auto`.
+"""Which kernel is fast on this CPU: `--quantization auto`.
 
-Both int8 paths hold the same int8 weights (one scale per output channel)
-and both are batch-invariant; they differ in the product. `int8` quantizes
-activations per row and multiplies in integers: on x86-64 with AVX2 with the
-engine's own kernel (service/engine/native, built by `make setup`), else
-with torch._int_mm, which is fast where the CPU has int8 dot-product
-instructions (AVX512-VNNI, AMX, ARM's i8mm) and 10-30x slower where it does
-not (an AVX2-only AMD EPYC: bench/README.md). `int8-weight-only` multiplies
-bf16 activations by the int8 weights (torch._weight_int8pack_mm), and is the
-more accurate (it quantizes no activations). So `auto` times one
-decode-sized product of the model's widest Linear with each kernel, on the
-engine's thread count, at start-up (milliseconds), and takes
-int8-weight-only only when it is clearly faster. It is the default: which
-one wins depends on the CPU and on whether the native kernel is built
-(README Performance)."""
+Where the engine's own AVX2 kernels are built (service/engine/native, `make
+setup`; x86-64), `auto` prefers int5: 5-bit weights, a scale per 32 inputs,
+int8 activations per row. It reads 5.5 bits a weight against int8's 8, and
+its products run on vpmaddubsw, 32 products an instruction: faster than int8
+at every batch size measured here (README Performance), within the 3 %
+perplexity guard. Elsewhere it prefers int8: torch._int_mm, fast where the
+CPU has int8 dot-product instructions (AVX512-VNNI, AMX, ARM's i8mm) and
+10-30x slower where it does not (an AVX2-only AMD EPYC: bench/README.md).
+`int8-weight-only` multiplies bf16 activations by int8 weights
+(torch._weight_int8pack_mm): on CPUs with bf16 matrix units it can be the
+fastest. So `auto` times one decode-sized product of the model's widest
+Linear with the preferred kernel and with int8-weight-only, on the engine's
+thread count, at start-up (milliseconds), and takes int8-weight-only only
+when it is clearly faster."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ PROBE_ROWS, PROBE_IN, PROBE_OUT = 4, 896, 9728
 PROBE_REPEATS = 15
 # int8-weight-only is taken only when it is clearly faster. Two replicas
 # starting together on 2 cores timed the kernels at 6.30 and 6.32 ms (alone:
-# 0.8 and 1.6): such a probe decides nothing, and int8 is then the better
-# guess (exact integer products, the golden transcript's kernel). Where
+# 0.8 and 1.6): such a probe decides nothing, and the preferred kernel is
+# then the better guess (exact integer products in blocks or rows). Where
 # torch's int8 is the slow one (no native kernel, no int8 instructions) it
 # is 10-30x slower, which no contention hides.
 WEIGHT_ONLY_MARGIN = 1.25
@@ -59,8 +59,10 @@ def _fastest_seconds(runs: dict[str, Callable[[], object]], repeats: int = PROBE
     return fastest
 
 
-def probe_int8_kernels() -> dict[str, float]:
-    """Seconds of one probe product with each int8 kernel (the fastest of PROBE_REPEATS)."""
+def probe_kernels() -> dict[str, float]:
+    """Seconds of one probe product with the preferred kernel ("int5" where
+    the native kernels run, else "int8") and with "int8-weight-only" (the
+    fastest of PROBE_REPEATS each)."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (PROBE_OUT, PROBE_IN), dtype=torch.int8, generator=generator)
     float_scale = torch.rand(PROBE_OUT, generator=generator, dtype=torch.float32)
@@ -69,28 +71,33 @@ def probe_int8_kernels() -> dict[str, float]:
     quantized = torch.randint(-127, 128, (PROBE_ROWS, PROBE_IN), dtype=torch.int8, generator=generator)
     weight_t = weight.t()
     with torch.inference_mode():
+        preferred: tuple[str, Callable[[], object]]
         if native.available():
-            int8_product = functools.partial(native.int8_linear, activations, weight, float_scale, None)
+            nibbles, fifth, scales = native.int5_pack(torch.randn(PROBE_OUT, PROBE_IN, generator=generator))
+            preferred = ("int5", functools.partial(native.int5_linear, activations, nibbles, fifth, scales, None))
         else:
-            int8_product = functools.partial(torch._int_mm, quantized, weight_t)
+            preferred = ("int8", functools.partial(torch._int_mm, quantized, weight_t))
         return _fastest_seconds(
             {
-                "int8": int8_product,
+                preferred[0]: preferred[1],
                 "int8-weight-only": lambda: torch._weight_int8pack_mm(activations.to(torch.bfloat16), weight, scale),
             }
         )
 
 
 def resolve_quantization(quantization: str, threads: int, probe: Callable[[], dict[str, float]] | None = None) -> str:
-    """`quantization` itself, or for `auto` int8, unless int8-weight-only is
-    clearly faster here on `threads` threads (the engine's; it sets the same
-    count). `probe` defaults to probe_int8_kernels. Call it on the thread
-    that will run the model (see Scheduler)."""
+    """`quantization` itself, or for `auto` the probe's preferred kernel (int5
+    or int8), unless int8-weight-only is clearly faster here on `threads`
+    threads (the engine's; it sets the same count). `probe` defaults to
+    probe_kernels. Call it on the thread that will run the model (see
+    Scheduler)."""
     if quantization != AUTO:
         return quantization
     torch.set_num_threads(threads)
-    seconds = (probe or probe_int8_kernels)()
-    chosen = "int8-weight-only" if seconds["int8"] > WEIGHT_ONLY_MARGIN * seconds["int8-weight-only"] else "int8"
+    seconds = (probe or probe_kernels)()
+    preferred = next(name for name in seconds if name != "int8-weight-only")
+    weight_only_faster = seconds[preferred] > WEIGHT_ONLY_MARGIN * seconds["int8-weight-only"]
+    chosen = "int8-weight-only" if weight_only_faster else preferred
     _LOG.info(
         "--quantization auto: %s (probe: %s)",
         chosen,

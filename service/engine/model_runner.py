@@ -138,6 +138,33 @@ class RowwiseInt8Linear(Int8WeightOnlyLinear):
         return out
 
 
+class Int5Linear(nn.Module):
+    """5-bit weights, a float16 scale per block of 32 inputs (GGUF's Q5_0
+    rounding), activations quantized to int8 per row as for int8; on the
+    engine's AVX2 kernel (service/engine/native), which int5 needs. 5.5 bits a
+    weight against int8's 8: decode at small batch is bound by reading the
+    weights. Each block's integer sum is exact and the scaled sums are added
+    in a fixed order: a row's output depends on that row alone."""
+
+    nibbles: torch.Tensor
+    fifth: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        nibbles, fifth, scales = native.int5_pack(linear.weight.data)
+        self.register_buffer("nibbles", nibbles)
+        self.register_buffer("fifth", fifth)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        out = native.int5_linear(flat, self.nibbles, self.fifth, self.scales, self.bias)
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
 def _int4_groups(
     weight: torch.Tensor, group_size: int, dtype: torch.dtype, rows_per_block: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,12 +317,17 @@ class ModelRunner:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._intermediate = config.intermediate_size
-        # int8 computes in float32 (its activations are quantized per call), int4 too (its Linears take
-        # bf16 and return float32, so norms and attention keep float32); everything else in the loaded dtype.
-        self.dtype = torch.float32 if quantization in ("int8", "int4") else loaded.dtype
+        # int8 and int5 compute in float32 (their activations are quantized per call), int4 too (its Linears
+        # take bf16 and return float32, so norms and attention keep float32); the others in the loaded dtype.
+        self.dtype = torch.float32 if quantization in ("int8", "int5", "int4") else loaded.dtype
+        if quantization == "int5" and not native.available():
+            raise ValueError(
+                "--quantization int5 needs the engine's AVX2 kernel (x86-64 with AVX2, built by `make setup`)"
+            )
         pack = {
             "none": _owned,
             "int8": RowwiseInt8Linear,
+            "int5": Int5Linear,
             "int8-weight-only": Int8WeightOnlyLinear,
             "int4": Int4Linear,
         }[quantization]

@@ -187,7 +187,7 @@ async def test_the_quantization_probe_and_the_load_run_on_the_engine_thread(tiny
 
         return recorded
 
-    monkeypatch.setattr(kernels, "probe_int8_kernels", on_thread("probe", kernels.probe_int8_kernels))
+    monkeypatch.setattr(kernels, "probe_kernels", on_thread("probe", kernels.probe_kernels))
     monkeypatch.setattr(loader, "load_model", on_thread("load", loader.load_model))
     settings = Settings(
         model=str(tiny_model_dir), host="127.0.0.1", grpc_port=0, http=False, quantization="auto", threads=2

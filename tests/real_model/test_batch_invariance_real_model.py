@@ -62,7 +62,7 @@ async def test_output_is_the_same_alone_beside_others_and_as_copies(engine, samp
     scenarios.assert_all_equal(await scenarios.arrangements(engine, target, OTHERS, copies=4))
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only"])
+@pytest.mark.parametrize("quantization", ["int8", "int5", "int8-weight-only"])
 def test_decoded_logits_equal_prefilled_ones(real_model_dir, quantization):
     loaded = load_model(str(real_model_dir))
     runner = ModelRunner(loaded, EngineConfig.defaults(max_batch_size=2, max_model_len=1024, quantization=quantization))

@@ -23,7 +23,9 @@ MAX_TOKENS = 512
 # kernel differences between CPUs. int4 (4-bit groups of 32) measured 14.05 / 14.47 against bf16's
 # 13.27 / 13.31 (+5.9 % / +8.7 %): outside the 3 % asked of a default, so it is an option, bounded here
 # so that it does not get worse.
-MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int8-weight-only": 1.02, "int4": 1.10}
+# int5 (5-bit blocks of 32, the `auto` default where the AVX2 kernels run) measured 13.64 / 13.36 against
+# 13.26 / 13.25 (+2.8 % / +0.8 %): within the 3 % asked of a default.
+MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int5": 1.03, "int8-weight-only": 1.02, "int4": 1.10}
 
 
 def perplexities(model_dir: pathlib.Path, quantization: str) -> dict[str, float]:

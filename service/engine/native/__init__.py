@@ -1,4 +1,4 @@
-"""The engine's own CPU kernel: the int8 Linear on AVX2 (int8_matmul.c).
+"""The engine's own CPU kernels: the int8 and int5 Linears on AVX2 (int8_matmul.c).
 
 `int8_matmul.c` is compiled once into `_int8_matmul.so` next to it by
 `python -m service.engine.native` (`make setup` does it; the Docker image
@@ -21,13 +21,14 @@ import sys
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 _LOG = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("int8_matmul.c")
 LIBRARY = pathlib.Path(__file__).with_name("_int8_matmul.so")
 # -ffp-contract=off: no fused multiply-add, so the scaling rounds as torch's does.
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 
 
 def build(source: pathlib.Path = SOURCE, library: pathlib.Path = LIBRARY, compiler: str = "cc") -> pathlib.Path:
@@ -61,7 +62,7 @@ def cpu_has_avx2() -> bool:
         flags = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
@@ -84,6 +85,9 @@ def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
     function = lib.qwen_int8_linear
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer, ctypes.c_int]
+    function.restype = ctypes.c_int
+    function = lib.qwen_int5_linear
+    function.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, ctypes.c_int]
     function.restype = ctypes.c_int
     return lib
 
@@ -129,6 +133,109 @@ def int8_linear(
     )
     if status != 0:
         raise MemoryError("the native int8 kernel could not allocate its buffers")
+    return out
+
+
+INT5_BLOCK = 32
+
+
+def int5_superblocks(blocks: int) -> list[int]:
+    """The blocks of each superblock of a row of `blocks` blocks: 8s, then one
+    each of 4, 2 and 1 as needed (int8_matmul.c: superblock_size)."""
+    return [8] * (blocks // 8) + [size for size in (4, 2, 1) if blocks % 8 & size]
+
+
+def int5_order(depth: int) -> torch.Tensor:
+    """The input index at each position of the int5 kernel's order (int8_matmul.c:
+    lane l of vector v of a superblock of g blocks holds inputs
+    4 * (v * 8 / g + l / g) + 0..3 of its block l % g)."""
+    order = []
+    first = 0
+    for size in int5_superblocks(depth // INT5_BLOCK):
+        vector, lane, byte = torch.meshgrid(torch.arange(size), torch.arange(8), torch.arange(4), indexing="ij")
+        order.append(first + 32 * (lane % size) + 4 * (vector * (8 // size) + lane // size) + byte)
+        first += 32 * size
+    return torch.cat([part.reshape(-1) for part in order])
+
+
+def int5_pack(weight: torch.Tensor, rows_per_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] weights (K a multiple of 32) -> the int5 kernel's (nibbles, fifth,
+    scales), laid out as int8_matmul.c describes. Rounded as GGUF's Q5_0 is: a
+    block's scale is its value of largest magnitude / -16 (as float16), its
+    codes round(w / scale) + 16, clamped to 0..31. A block of rows at a time,
+    so packing needs little more memory than its result."""
+    rows, depth = weight.shape
+    if depth % INT5_BLOCK:
+        raise ValueError(f"int5 needs a multiple of {INT5_BLOCK} inputs, got {depth}")
+    blocks = depth // INT5_BLOCK
+    order = int5_order(depth)
+    # Lane l of a superblock of g blocks starting at block b takes block b + l % g's scale.
+    lane_blocks, first = [], 0
+    for size in int5_superblocks(blocks):
+        lane_blocks.append(first + torch.arange(8) % size)
+        first += size
+    scale_index = torch.cat(lane_blocks)
+    # On the meta device (a skeleton whose packed weights come from the weight cache) only the shapes matter.
+    nibbles = torch.empty(rows, -(-blocks // 2) * 32, dtype=torch.uint8, device=weight.device)
+    fifth = torch.empty(rows, -(-blocks // 8) * 32, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(rows, len(scale_index), dtype=torch.float16, device=weight.device)
+    if weight.is_meta:
+        return nibbles, fifth, scales
+    bit_weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 8, 1)
+    for start in range(0, rows, rows_per_block):
+        block = weight[start : start + rows_per_block].float().view(-1, blocks, INT5_BLOCK)
+        count = len(block)
+        peak = block.gather(2, block.abs().argmax(dim=2, keepdim=True))
+        scale = (peak / -16).to(torch.float16)
+        inverse = torch.where(scale != 0, 1 / scale.float(), torch.zeros((), dtype=torch.float32))
+        codes = (torch.round(block * inverse) + 16).clamp(0, 31).to(torch.int32).view(count, depth)[:, order]
+        vectors = codes.view(count, blocks, INT5_BLOCK)
+        pairs = F.pad(vectors, (0, 0, 0, -blocks % 2)).view(count, -1, 2, INT5_BLOCK)
+        nibbles[start : start + count] = ((pairs[:, :, 0] & 15) | ((pairs[:, :, 1] & 15) << 4)).view(count, -1)
+        octets = F.pad(vectors >> 4, (0, 0, 0, -blocks % 8)).view(count, -1, 8, INT5_BLOCK)
+        fifth[start : start + count] = (octets * bit_weights).sum(dim=2).view(count, -1)
+        scales[start : start + count] = scale.view(count, blocks)[:, scale_index]
+    return nibbles, fifth, scales
+
+
+def int5_linear(
+    x: torch.Tensor, nibbles: torch.Tensor, fifth: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] float32 -> [M, N] float32: x quantized to int8 with one scale
+    per row (as for int8_linear), times the int5 weights from int5_pack, plus
+    bias [N] (float32) if given. Only when available()."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available")
+    rows, depth = x.shape
+    outputs = scales.shape[0]
+    blocks = depth // INT5_BLOCK
+    if (
+        depth % INT5_BLOCK
+        or scales.shape != (outputs, 8 * len(int5_superblocks(blocks)))
+        or nibbles.shape != (outputs, -(-blocks // 2) * 32)
+        or fifth.shape != (outputs, -(-blocks // 8) * 32)
+        or (bias is not None and bias.shape != (outputs,))
+    ):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, scales {tuple(scales.shape)}")
+    if x.dtype != torch.float32 or nibbles.dtype != torch.uint8 or scales.dtype != torch.float16:
+        raise TypeError(f"float32 x, uint8 codes and float16 scales expected, got {x.dtype}, {scales.dtype}")
+    x = x.contiguous()
+    out = torch.empty(rows, outputs, dtype=torch.float32)
+    status = lib.qwen_int5_linear(
+        x.data_ptr(),
+        rows,
+        depth,
+        nibbles.data_ptr(),
+        fifth.data_ptr(),
+        scales.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        outputs,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the native int5 kernel could not allocate its buffers")
     return out
 
 

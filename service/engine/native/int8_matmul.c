@@ -96,11 +96,21 @@ const char *qwen_source_sha256(void) { return SOURCE_SHA256; }
 
 /* torch: scale = x.abs().amax(dim=1).clamp(min=1e-8) / 127; torch.round(x / scale)
  * (round half to even: rintf in the default rounding mode). */
-static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *scale) {
+static float row_quantization_scale(const float *x, int64_t k) {
     float amax = 0.0f;
     for (int64_t t = 0; t < k; ++t) amax = fmaxf(amax, fabsf(x[t]));
-    const float row_scale = fmaxf(amax, 1e-8f) / 127.0f;
+    return fmaxf(amax, 1e-8f) / 127.0f;
+}
+
+static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *scale) {
+    const float row_scale = row_quantization_scale(x, k);
     for (int64_t t = 0; t < k; ++t) quantized[t] = (int16_t)rintf(x[t] / row_scale);
+    *scale = row_scale;
+}
+
+static void quantize_row_int8(const float *x, int64_t k, int8_t *quantized, float *scale) {
+    const float row_scale = row_quantization_scale(x, k);
+    for (int64_t t = 0; t < k; ++t) quantized[t] = (int8_t)rintf(x[t] / row_scale);
     *scale = row_scale;
 }
 
@@ -136,6 +146,236 @@ int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
         }
     }
     free(quantized);
+    free(row_scale);
+    return 0;
+}
+
+/* ---- 5-bit weights: the int5 Linear ----
+ *
+ * Weights in blocks of 32 inputs, each block a float16 scale d and 32 codes
+ * c in 0..31 standing for (c - 16) * d: GGUF's Q5_0, in a layout of our own
+ * that makes the product cheap. 5.5 bits a weight against int8's 8: decode
+ * at small batch is bound by reading the weights.
+ *
+ * A row's k inputs (a multiple of 32: b = k / 32 blocks) are cut into
+ * superblocks of 8 blocks, the rest into one each of 4, 2 and 1 blocks as
+ * needed. A superblock of g blocks is g vectors of 32 bytes; lane l (bytes
+ * 4l..4l+3) of vector v holds inputs 4 * (v * 8 / g + l / g) + 0..3 of the
+ * superblock's block l % g. So each 32-bit lane of vpmaddubsw/vpmaddwd sums
+ * one block's products, exactly, in integers, for the whole superblock; then
+ * one conversion and one multiply-add by the lanes' scales per superblock.
+ * The activations are quantized to int8 per row (as for int8) and put in the
+ * same order. Per weight row:
+ *   nibbles: 32 bytes per pair of vectors: byte t holds the low four bits of
+ *            code t of the even vector (low nibble) and of the odd one;
+ *   fifth:   32 bytes per 8 vectors: bit j of byte t is the fifth bit of code
+ *            t of vector j;
+ *   scales:  8 float16 per superblock, lane l's block's (for g < 8 repeated).
+ * Codes enter vpmaddubsw unsigned (c, not c - 16): the 16 * sum(a) this adds
+ * to each lane is taken off once per superblock (`offsets`, from the
+ * activations alone). |c| <= 31 and |a| <= 127: a pair of products fits
+ * int16, as vpmaddubsw needs. The order of the float sums is fixed whatever
+ * the number of rows: batch-invariant like the int8 kernel. */
+
+#define INT5_COLS 4
+
+/* Blocks in superblock s of a row of `blocks` blocks (8, then 4, 2, 1). */
+static inline int superblock_size(int64_t blocks, int64_t s) {
+    const int64_t full = blocks / 8;
+    if (s < full) return 8;
+    int rest = (int)(blocks % 8), g = 8;
+    for (int64_t tail = full;; ++tail) {
+        while (!(rest & (g >>= 1)));
+        if (tail == s) return g;
+        rest -= g;
+    }
+}
+
+static inline int64_t superblock_count(int64_t blocks) {
+    return blocks / 8 + __builtin_popcountll((unsigned long long)(blocks % 8));
+}
+
+/* One weight row's dot products with `rows` activation rows over one
+ * superblock of g blocks (g vectors, from vector `first`): per row, 8 int32
+ * lanes, each one block's exact sum. Bits 0..3 of the codes come from the
+ * nibbles, bit 4 from the fifth bits: the 16-bit shifts move bits across
+ * bytes too, but never into bit 4. */
+static inline __attribute__((always_inline)) void int5_superblock(const int8_t *a, int64_t k, int rows,
+                                                                  const uint8_t *nibbles, const uint8_t *fifth,
+                                                                  int64_t first, int g, __m256i *sums) {
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < rows; ++i) sums[i] = _mm256_setzero_si256();
+    const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + (first >> 3) * 32));
+    const int8_t *row = a + first * 32;
+    if (g == 8) {
+        /* A full superblock starts at a multiple of 8 vectors: shifts and parities are constants. */
+        const uint8_t *pair = nibbles + (first >> 1) * 32;
+#define INT5_PAIR(P, SHIFT_EVEN, SHIFT_ODD)                                                                     \
+    do {                                                                                                        \
+        const __m256i both = _mm256_loadu_si256((const __m256i *)(pair + (P) * 32));                            \
+        const __m256i code_even = _mm256_or_si256(_mm256_and_si256(both, low_nibble),                           \
+                                                  _mm256_and_si256(SHIFT_EVEN, fifth_bit));                     \
+        const __m256i code_odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibble),      \
+                                                 _mm256_and_si256(SHIFT_ODD, fifth_bit));                       \
+        for (int i = 0; i < rows; ++i) {                                                                        \
+            const int8_t *r = row + i * k + (P) * 64;                                                           \
+            const __m256i even = _mm256_maddubs_epi16(code_even, _mm256_loadu_si256((const __m256i *)r));       \
+            const __m256i odd = _mm256_maddubs_epi16(code_odd, _mm256_loadu_si256((const __m256i *)(r + 32)));  \
+            sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones));          \
+        }                                                                                                       \
+    } while (0)
+        INT5_PAIR(0, _mm256_slli_epi16(high, 4), _mm256_slli_epi16(high, 3));
+        INT5_PAIR(1, _mm256_slli_epi16(high, 2), _mm256_slli_epi16(high, 1));
+        INT5_PAIR(2, high, _mm256_srli_epi16(high, 1));
+        INT5_PAIR(3, _mm256_srli_epi16(high, 2), _mm256_srli_epi16(high, 3));
+#undef INT5_PAIR
+        return;
+    }
+    for (int u = 0; u < g; ++u) {
+        const int64_t v = first + u;
+        const int bit = (int)(v & 7);
+        __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + (v >> 1) * 32));
+        if (v & 1) low = _mm256_srli_epi16(low, 4);
+        __m256i top = high;
+        if (bit < 4) top = _mm256_slli_epi16(top, 4 - bit);
+        if (bit > 4) top = _mm256_srli_epi16(top, bit - 4);
+        const __m256i code = _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
+        for (int i = 0; i < rows; ++i) {
+            const __m256i activations = _mm256_loadu_si256((const __m256i *)(row + i * k + u * 32));
+            sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_maddubs_epi16(code, activations), ones));
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, const __m256i *offsets,
+                                                            const uint8_t *nibbles, const uint8_t *fifth,
+                                                            const uint16_t *scales, float *out, int64_t k, int64_t n,
+                                                            const float *row_scale, const float *bias, int rows,
+                                                            int cols) {
+    const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
+    const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32, scale_row = superblocks * 8;
+    __m256 acc[2][INT5_COLS];
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) acc[i][j] = _mm256_setzero_ps();
+    /* As in tile(): fetch the next tile's bytes at the pace this one's are read. */
+    const char *next_nibbles = (const char *)nibbles + 4 * cols * nibble_row;
+    const char *next_fifth = (const char *)fifth + 4 * cols * fifth_row;
+    int64_t first = 0;
+    for (int64_t s = 0; s < superblocks; ++s) {
+        const int g = superblock_size(blocks, s);
+        for (int j = 0; j < cols; ++j) {
+            _mm_prefetch(next_nibbles + j * nibble_row + first * 16, _MM_HINT_T0);
+            _mm_prefetch(next_nibbles + j * nibble_row + first * 16 + 64, _MM_HINT_T0);
+            _mm_prefetch(next_fifth + j * fifth_row + first * 4, _MM_HINT_T0);
+            __m256i sums[2];
+            int5_superblock(a, k, rows, nibbles + j * nibble_row, fifth + j * fifth_row, first, g, sums);
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
+            for (int i = 0; i < rows; ++i) {
+                const __m256i exact = _mm256_sub_epi32(sums[i], offsets[i * superblocks + s]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc[i][j]);
+            }
+        }
+        first += g;
+    }
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) {
+            __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+            sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+            float value = _mm_cvtss_f32(sum) * row_scale[i];
+            if (bias) value = value + bias[j];
+            out[i * n + j] = value;
+        }
+}
+
+#define INT5_CASE(ROWS, C) int5_tile(a, offsets, nibbles, fifth, scales, out, k, n, row_scale, bias, ROWS, C)
+
+static void rows_times_int5_tile(const int8_t *a, const __m256i *offsets, int64_t rows, const uint8_t *nibbles,
+                                 const uint8_t *fifth, const uint16_t *scales, int cols, float *out, int64_t k,
+                                 int64_t n, const float *row_scale, const float *bias) {
+    const int64_t superblocks = superblock_count(k / 32);
+    for (int64_t i = 0; i < rows; i += 2, a += 2 * k, offsets += 2 * superblocks, out += 2 * n, row_scale += 2) {
+        const int pair = rows - i >= 2;
+        switch (cols * 2 + pair) {
+            case 9: INT5_CASE(2, 4); break;
+            case 8: INT5_CASE(1, 4); break;
+            case 7: INT5_CASE(2, 3); break;
+            case 6: INT5_CASE(1, 3); break;
+            case 5: INT5_CASE(2, 2); break;
+            case 4: INT5_CASE(1, 2); break;
+            case 3: INT5_CASE(2, 1); break;
+            default: INT5_CASE(1, 1); break;
+        }
+    }
+}
+
+/* One activation row quantized to int8 (as quantize_row) in the superblock
+ * order above, and each superblock's lane offsets 16 * sum(a). */
+static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m256i *offsets, float *scale) {
+    const float row_scale = row_quantization_scale(x, k);
+    const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
+    const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+    int64_t v0 = 0;
+    for (int64_t s = 0; s < superblocks; ++s) {
+        const int g = superblock_size(blocks, s);
+        const float *source = x + v0 * 32;
+        int8_t *target = quantized + v0 * 32;
+        __m256i offset = _mm256_setzero_si256();
+        for (int v = 0; v < g; ++v) {
+            for (int lane = 0; lane < 8; ++lane)
+                for (int r = 0; r < 4; ++r)
+                    target[v * 32 + lane * 4 + r] =
+                        (int8_t)rintf(source[32 * (lane % g) + 4 * (v * (8 / g) + lane / g) + r] / row_scale);
+            const __m256i row = _mm256_loadu_si256((const __m256i *)(target + v * 32));
+            offset = _mm256_add_epi32(offset, _mm256_madd_epi16(_mm256_maddubs_epi16(sixteen, row), ones));
+        }
+        offsets[s] = offset;
+        v0 += g;
+    }
+    *scale = row_scale;
+}
+
+/* x: [m, k] float32 (k a multiple of 32); nibbles, fifth, scales: the int5
+ * weights of n rows as above; bias: [n] or NULL; out: [m, n] float32.
+ * Returns 0, or -1 when out of memory. */
+int qwen_int5_linear(const float *x, int64_t m, int64_t k, const uint8_t *nibbles, const uint8_t *fifth,
+                     const uint16_t *scales, const float *bias, int64_t n, float *out, int threads) {
+    const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
+    const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32;
+    int8_t *quantized = malloc((size_t)(m * k));
+    __m256i *offsets = aligned_alloc(32, (size_t)(m * superblocks) * sizeof(__m256i));
+    float *row_scale = malloc((size_t)m * sizeof(float));
+    if (!quantized || !offsets || !row_scale) {
+        free(quantized);
+        free(offsets);
+        free(row_scale);
+        return -1;
+    }
+    const int64_t tiles = (n + INT5_COLS - 1) / INT5_COLS;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i)
+            quantize_row_int5(x + i * k, k, quantized + i * k, offsets + i * superblocks, row_scale + i);
+#pragma omp for schedule(static)
+        for (int64_t part = 0; part < threads; ++part) {
+            const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
+            for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
+                const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
+                for (int64_t tile_index = first; tile_index < last; ++tile_index) {
+                    const int64_t n0 = tile_index * INT5_COLS;
+                    const int cols = n - n0 < INT5_COLS ? (int)(n - n0) : INT5_COLS;
+                    rows_times_int5_tile(quantized + row0 * k, offsets + row0 * superblocks, rows,
+                                         nibbles + n0 * nibble_row, fifth + n0 * fifth_row,
+                                         scales + n0 * superblocks * 8, cols, out + row0 * n + n0, k, n,
+                                         row_scale + row0, bias ? bias + n0 : NULL);
+                }
+            }
+        }
+    }
+    free(quantized);
+    free(offsets);
     free(row_scale);
     return 0;
 }

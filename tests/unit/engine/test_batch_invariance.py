@@ -26,7 +26,13 @@ OTHERS = [
 # (quantization, dtype) pairs that are batch-invariant; float32 without
 # quantization is not (MKL's float32 matrix product sums a row differently
 # for one row than for several), which is why it is not offered as a default.
-INVARIANT = [("int8", "bfloat16"), ("int8-weight-only", "bfloat16"), ("int4", "bfloat16"), ("none", "bfloat16")]
+INVARIANT = [
+    ("int8", "bfloat16"),
+    ("int5", "bfloat16"),
+    ("int8-weight-only", "bfloat16"),
+    ("int4", "bfloat16"),
+    ("none", "bfloat16"),
+]
 
 
 def make_engine(model_dir, quantization: str, dtype: str, **overrides) -> Engine:

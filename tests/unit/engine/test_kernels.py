@@ -1,11 +1,11 @@
-"""--quantization auto: the faster int8 kernel of a start-up probe."""
+"""--quantization auto: the preferred kernel (int5 or int8) unless a start-up probe finds int8-weight-only clearly faster."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.engine import kernels
-from service.engine.kernels import probe_int8_kernels, resolve_quantization
+from service.engine import kernels, native
+from service.engine.kernels import probe_kernels, resolve_quantization
 
 
 @pytest.mark.parametrize(
@@ -22,7 +22,19 @@ def test_auto_takes_int8_unless_weight_only_is_clearly_faster(timings, chosen):
     assert resolve_quantization("auto", 1, probe=lambda: timings) == chosen
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only", "int4", "none"])
+@pytest.mark.parametrize(
+    "timings,chosen",
+    [
+        ({"int5": 0.0004, "int8-weight-only": 0.0008}, "int5"),
+        ({"int5": 0.0012, "int8-weight-only": 0.0008}, "int8-weight-only"),
+        ({"int5": 0.0009, "int8-weight-only": 0.0008}, "int5"),  # too close to call
+    ],
+)
+def test_auto_takes_int5_where_the_native_kernels_probe_it(timings, chosen):
+    assert resolve_quantization("auto", 1, probe=lambda: timings) == chosen
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int5", "int8-weight-only", "int4", "none"])
 def test_an_explicit_quantization_is_kept_without_probing(quantization):
     def probe() -> dict[str, float]:
         raise AssertionError("probed for an explicit quantization")
@@ -31,8 +43,8 @@ def test_an_explicit_quantization_is_kept_without_probing(quantization):
 
 
 def test_the_real_probe_times_both_kernels():
-    seconds = probe_int8_kernels()
-    assert set(seconds) == {"int8", "int8-weight-only"}
+    seconds = probe_kernels()
+    assert set(seconds) == {"int5" if native.available() else "int8", "int8-weight-only"}
     assert all(0 < value < 5 for value in seconds.values()), seconds
     assert resolve_quantization("auto", 1) in seconds
 

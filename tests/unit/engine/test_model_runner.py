@@ -93,7 +93,12 @@ def test_move_slot_keeps_a_sequence_decodable(tiny_model_dir):
     ("quantization", "mean_similarity", "min_similarity", "min_agreement"),
     # 4 bits of random Gaussian weights lose far more than a trained model's (whose
     # perplexity the real-model quality guard bounds), hence int4's looser bounds here.
-    [("int8", 0.98, 0.8, 0.6), ("int8-weight-only", 0.98, 0.8, 0.6), ("int4", 0.85, 0.45, 0.3)],
+    [
+        ("int8", 0.98, 0.8, 0.6),
+        ("int5", 0.95, 0.7, 0.5),
+        ("int8-weight-only", 0.98, 0.8, 0.6),
+        ("int4", 0.85, 0.45, 0.3),
+    ],
 )
 def test_int8_runner_tracks_the_float_model(
     tiny_model_dir, quantization, mean_similarity, min_similarity, min_agreement

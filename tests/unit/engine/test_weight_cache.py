@@ -36,7 +36,7 @@ def model_dir(tiny_model_dir, tmp_path) -> pathlib.Path:
     copy.chmod(0o755)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8-weight-only", "int4", "none"])
+@pytest.mark.parametrize("quantization", ["int8", "int5", "int8-weight-only", "int4", "none"])
 def test_cached_weights_give_bit_identical_logits(model_dir, tmp_path, quantization):
     files_before = sorted(model_dir.iterdir())
     fresh, from_cache = runner(model_dir, tmp_path / "cache", quantization)

@@ -178,6 +178,8 @@ int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
  * the number of rows: batch-invariant like the int8 kernel. */
 
 #define INT5_COLS 4
+/* Activation rows per tile: a weight vector's codes, once decoded, serve this many rows. */
+#define INT5_ROWS 4
 
 /* Blocks in superblock s of a row of `blocks` blocks (8, then 4, 2, 1). */
 static inline int superblock_size(int64_t blocks, int64_t s) {
@@ -211,25 +213,36 @@ static inline __attribute__((always_inline)) void int5_superblock(const int8_t *
     if (g == 8) {
         /* A full superblock starts at a multiple of 8 vectors: shifts and parities are constants. */
         const uint8_t *pair = nibbles + (first >> 1) * 32;
-#define INT5_PAIR(P, SHIFT_EVEN, SHIFT_ODD)                                                                     \
-    do {                                                                                                        \
-        const __m256i both = _mm256_loadu_si256((const __m256i *)(pair + (P) * 32));                            \
-        const __m256i code_even = _mm256_or_si256(_mm256_and_si256(both, low_nibble),                           \
-                                                  _mm256_and_si256(SHIFT_EVEN, fifth_bit));                     \
-        const __m256i code_odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibble),      \
-                                                 _mm256_and_si256(SHIFT_ODD, fifth_bit));                       \
-        for (int i = 0; i < rows; ++i) {                                                                        \
-            const int8_t *r = row + i * k + (P) * 64;                                                           \
-            const __m256i even = _mm256_maddubs_epi16(code_even, _mm256_loadu_si256((const __m256i *)r));       \
-            const __m256i odd = _mm256_maddubs_epi16(code_odd, _mm256_loadu_si256((const __m256i *)(r + 32)));  \
-            sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones));          \
-        }                                                                                                       \
-    } while (0)
-        INT5_PAIR(0, _mm256_slli_epi16(high, 4), _mm256_slli_epi16(high, 3));
-        INT5_PAIR(1, _mm256_slli_epi16(high, 2), _mm256_slli_epi16(high, 1));
-        INT5_PAIR(2, high, _mm256_srli_epi16(high, 1));
-        INT5_PAIR(3, _mm256_srli_epi16(high, 2), _mm256_srli_epi16(high, 3));
-#undef INT5_PAIR
+/* The codes of vectors 2P (low nibbles) and 2P + 1 (high nibbles). */
+#define INT5_CODES(P, SHIFT_EVEN, SHIFT_ODD)                                                                   \
+    const __m256i both##P = _mm256_loadu_si256((const __m256i *)(pair + (P) * 32));                            \
+    const __m256i even##P =                                                                                    \
+        _mm256_or_si256(_mm256_and_si256(both##P, low_nibble), _mm256_and_si256(SHIFT_EVEN, fifth_bit));       \
+    const __m256i odd##P = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both##P, 4), low_nibble),        \
+                                           _mm256_and_si256(SHIFT_ODD, fifth_bit))
+/* Four vectors' products summed in int16 (4 * 2 * 31 * 127 < 32768), then widened once. */
+#define INT5_QUAD(P, Q)                                                                                        \
+    for (int i = 0; i < rows; ++i) {                                                                           \
+        const __m256i *r = (const __m256i *)(row + i * k + (P) * 64);                                          \
+        const __m256i products = _mm256_add_epi16(                                                             \
+            _mm256_add_epi16(_mm256_maddubs_epi16(even##P, _mm256_loadu_si256(r)),                             \
+                             _mm256_maddubs_epi16(odd##P, _mm256_loadu_si256(r + 1))),                         \
+            _mm256_add_epi16(_mm256_maddubs_epi16(even##Q, _mm256_loadu_si256(r + 2)),                         \
+                             _mm256_maddubs_epi16(odd##Q, _mm256_loadu_si256(r + 3))));                        \
+        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(products, ones));                                \
+    }
+        {
+            INT5_CODES(0, _mm256_slli_epi16(high, 4), _mm256_slli_epi16(high, 3));
+            INT5_CODES(1, _mm256_slli_epi16(high, 2), _mm256_slli_epi16(high, 1));
+            INT5_QUAD(0, 1)
+        }
+        {
+            INT5_CODES(2, high, _mm256_srli_epi16(high, 1));
+            INT5_CODES(3, _mm256_srli_epi16(high, 2), _mm256_srli_epi16(high, 3));
+            INT5_QUAD(2, 3)
+        }
+#undef INT5_CODES
+#undef INT5_QUAD
         return;
     }
     for (int u = 0; u < g; ++u) {
@@ -255,7 +268,7 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
                                                             int cols) {
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
     const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32, scale_row = superblocks * 8;
-    __m256 acc[2][INT5_COLS];
+    __m256 acc[INT5_ROWS][INT5_COLS];
     for (int i = 0; i < rows; ++i)
         for (int j = 0; j < cols; ++j) acc[i][j] = _mm256_setzero_ps();
     /* As in tile(): fetch the next tile's bytes at the pace this one's are read. */
@@ -268,7 +281,7 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
             _mm_prefetch(next_nibbles + j * nibble_row + first * 16, _MM_HINT_T0);
             _mm_prefetch(next_nibbles + j * nibble_row + first * 16 + 64, _MM_HINT_T0);
             _mm_prefetch(next_fifth + j * fifth_row + first * 4, _MM_HINT_T0);
-            __m256i sums[2];
+            __m256i sums[INT5_ROWS];
             int5_superblock(a, k, rows, nibbles + j * nibble_row, fifth + j * fifth_row, first, g, sums);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int i = 0; i < rows; ++i) {
@@ -295,18 +308,24 @@ static void rows_times_int5_tile(const int8_t *a, const __m256i *offsets, int64_
                                  const uint8_t *fifth, const uint16_t *scales, int cols, float *out, int64_t k,
                                  int64_t n, const float *row_scale, const float *bias) {
     const int64_t superblocks = superblock_count(k / 32);
-    for (int64_t i = 0; i < rows; i += 2, a += 2 * k, offsets += 2 * superblocks, out += 2 * n, row_scale += 2) {
-        const int pair = rows - i >= 2;
-        switch (cols * 2 + pair) {
-            case 9: INT5_CASE(2, 4); break;
-            case 8: INT5_CASE(1, 4); break;
-            case 7: INT5_CASE(2, 3); break;
-            case 6: INT5_CASE(1, 3); break;
-            case 5: INT5_CASE(2, 2); break;
-            case 4: INT5_CASE(1, 2); break;
-            case 3: INT5_CASE(2, 1); break;
-            default: INT5_CASE(1, 1); break;
+    for (int64_t i = 0; i < rows; i += INT5_ROWS, a += INT5_ROWS * k, offsets += INT5_ROWS * superblocks,
+                 out += INT5_ROWS * n, row_scale += INT5_ROWS) {
+        const int group = rows - i < INT5_ROWS ? (int)(rows - i) : INT5_ROWS;
+        /* Constant arguments: the compiler unrolls each case's loops. */
+#define INT5_COLS_CASES(ROWS)                   \
+    switch (cols) {                             \
+        case 4: INT5_CASE(ROWS, 4); break;      \
+        case 3: INT5_CASE(ROWS, 3); break;      \
+        case 2: INT5_CASE(ROWS, 2); break;      \
+        default: INT5_CASE(ROWS, 1); break;     \
+    }
+        switch (group) {
+            case 4: INT5_COLS_CASES(4); break;
+            case 3: INT5_COLS_CASES(3); break;
+            case 2: INT5_COLS_CASES(2); break;
+            default: INT5_COLS_CASES(1); break;
         }
+#undef INT5_COLS_CASES
     }
 }
 

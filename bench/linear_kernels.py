@@ -1,14 +1,15 @@
 """int8 (the engine's RowwiseInt8Linear: its AVX2 kernel where built, else torch._int_mm; int8-torch
-forces torch._int_mm) vs int8-weight-only and 4-bit weights (torch's CPU int4 kernel) per Linear shape.
+forces torch._int_mm) vs int5 (the engine's AVX2 5-bit kernel), int8-weight-only and 4-bit weights
+(torch's CPU int4 kernel) per Linear shape.
 
 For each of Qwen2.5-0.5B's Linear shapes (fused qkv, o, fused gate_up, down, output layer) and
-M = 1, 4, 16 rows: the median time of one product, the methods alternated within every round
+M = 1, 4, 16 rows (--rows): the median time of one product, the methods alternated within every round
 (a busy machine hits them alike), over --rounds rounds; the table gives the median of the
 per-round medians, the spread (min-max of the rounds) and the ratio to int8. Then batch
 invariance, bitwise: a row's output computed alone (M=1) and inside M = 2..16 with other rows.
 Weights are random (N(0, 0.02)); speed does not depend on their values.
 
-    python bench/int4_linear.py [--rounds 5] [--threads 2] [--methods int8,int8-torch,int8-weight-only]
+    python bench/linear_kernels.py [--rounds 5] [--threads 2] [--methods int8,int5,int8-weight-only] [--rows 1,16,128]
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from service.engine.model_runner import Int4Linear, Int8WeightOnlyLinear, RowwiseInt8Linear  # noqa: E402
+from service.engine.model_runner import Int4Linear, Int5Linear, Int8WeightOnlyLinear, RowwiseInt8Linear  # noqa: E402
 
 SHAPES = {"qkv": (896, 1152, True), "o": (896, 896, False), "gate_up": (896, 9728, False), "down": (4864, 896, False)}
 HEAD = {"lm_head": (896, 151936, False)}
-MS = (1, 4, 16)
 
 
 class TorchInt8Linear(RowwiseInt8Linear):
@@ -44,6 +44,7 @@ class TorchInt8Linear(RowwiseInt8Linear):
 METHODS: dict[str, Callable[[nn.Linear], nn.Module]] = {
     "int8": RowwiseInt8Linear,
     "int8-torch": TorchInt8Linear,
+    "int5": Int5Linear,
     "int8-weight-only": Int8WeightOnlyLinear,
     "int4-g32": lambda lin: Int4Linear(lin, 32),
     "int4-g128": lambda lin: Int4Linear(lin, 128),
@@ -76,7 +77,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--shapes", default=",".join([*SHAPES, *HEAD]))
+    parser.add_argument("--rows", default="1,4,16", help="activation rows M of the products timed")
     args = parser.parse_args()
+    ms = [int(m) for m in args.rows.split(",")]
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     shapes = {name: {**SHAPES, **HEAD}[name] for name in args.shapes.split(",")}
@@ -87,15 +90,15 @@ def main() -> None:
         nn.init.normal_(linear.weight, std=0.02)
         for method in methods:
             modules[shape, method] = METHODS[method](linear)
-    times: dict[tuple[str, str, int], list[float]] = {key + (m,): [] for key in modules for m in MS}
+    times: dict[tuple[str, str, int], list[float]] = {key + (m,): [] for key in modules for m in ms}
     loads = []
     with torch.inference_mode():
-        inputs = {(shape, m): torch.randn(m, k) for shape, (k, _, _) in shapes.items() for m in MS}
+        inputs = {(shape, m): torch.randn(m, k) for shape, (k, _, _) in shapes.items() for m in ms}
         for round_ in range(args.rounds):
             loads.append(os.getloadavg()[0])
             order = methods if round_ % 2 == 0 else methods[::-1]
             for shape in shapes:
-                for m in MS:
+                for m in ms:
                     for method in order:
                         module, x = modules[shape, method], inputs[shape, m]
                         times[shape, method, m].append(_median_s(functools.partial(module, x), args.seconds))
@@ -103,16 +106,16 @@ def main() -> None:
     print(f"threads {args.threads}, {args.rounds} rounds, load average (1 min) {min(loads):.1f}-{max(loads):.1f}")
     print(
         "| shape | method | "
-        + " | ".join(f"M={m} µs (spread)" for m in MS)
+        + " | ".join(f"M={m} µs (spread)" for m in ms)
         + " | "
-        + " | ".join(f"M={m} vs int8" for m in MS)
+        + " | ".join(f"M={m} vs int8" for m in ms)
         + " | batch-invariant |"
     )
-    print("|---" * (3 + 2 * len(MS)) + "|")
+    print("|---" * (3 + 2 * len(ms)) + "|")
     for shape in shapes:
         for method in methods:
             cells, ratios = [], []
-            for m in MS:
+            for m in ms:
                 samples = times[shape, method, m]
                 base = statistics.median(times[shape, methods[0], m])
                 cells.append(

@@ -102,6 +102,24 @@ def available() -> bool:
     return _library() is not None
 
 
+def _product(
+    kernel: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, outputs: int
+) -> torch.Tensor:
+    """One call of a kernel, (x, rows, depth, *weights, bias, outputs, out, threads), on checked operands."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not available")
+    function = getattr(lib, kernel)
+    x = x.contiguous()
+    rows, depth = x.shape
+    out = torch.empty(rows, outputs, dtype=torch.float32)
+    pointers = [weight.data_ptr() for weight in weights]
+    bias_pointer = None if bias is None else bias.data_ptr()
+    if function(x.data_ptr(), rows, depth, *pointers, bias_pointer, outputs, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("the native kernel could not allocate its buffers")
+    return out
+
+
 def int8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -109,31 +127,13 @@ def int8_linear(
     per row, times weight [N, K] int8 with weight_scale [N] (float32), plus
     bias [N] (float32) if given. Bit for bit what RowwiseInt8Linear computes
     with torch ops. Only when available()."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native int8 kernel is not available")
-    rows, depth = x.shape
+    depth = x.shape[1]
     outputs = weight.shape[0]
     if weight.shape[1] != depth or weight_scale.shape != (outputs,) or (bias is not None and bias.shape != (outputs,)):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if x.dtype != torch.float32 or weight.dtype != torch.int8 or weight_scale.dtype != torch.float32:
         raise TypeError(f"float32 x, int8 weight and float32 scales expected, got {x.dtype}, {weight.dtype}")
-    x = x.contiguous()
-    out = torch.empty(rows, outputs, dtype=torch.float32)
-    status = lib.qwen_int8_linear(
-        x.data_ptr(),
-        rows,
-        depth,
-        weight.data_ptr(),
-        weight_scale.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        outputs,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise MemoryError("the native int8 kernel could not allocate its buffers")
-    return out
+    return _product("qwen_int8_linear", x, (weight, weight_scale), bias, outputs)
 
 
 INT5_BLOCK = 32
@@ -204,10 +204,7 @@ def int5_linear(
     """x [M, K] float32 -> [M, N] float32: x quantized to int8 with one scale
     per row (as for int8_linear), times the int5 weights from int5_pack, plus
     bias [N] (float32) if given. Only when available()."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native kernels are not available")
-    rows, depth = x.shape
+    depth = x.shape[1]
     outputs = scales.shape[0]
     blocks = depth // INT5_BLOCK
     if (
@@ -220,23 +217,7 @@ def int5_linear(
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, scales {tuple(scales.shape)}")
     if x.dtype != torch.float32 or nibbles.dtype != torch.uint8 or scales.dtype != torch.float16:
         raise TypeError(f"float32 x, uint8 codes and float16 scales expected, got {x.dtype}, {scales.dtype}")
-    x = x.contiguous()
-    out = torch.empty(rows, outputs, dtype=torch.float32)
-    status = lib.qwen_int5_linear(
-        x.data_ptr(),
-        rows,
-        depth,
-        nibbles.data_ptr(),
-        fifth.data_ptr(),
-        scales.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        outputs,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise MemoryError("the native int5 kernel could not allocate its buffers")
-    return out
+    return _product("qwen_int5_linear", x, (nibbles, fifth, scales), bias, outputs)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
-"""The engine's AVX2 int8 kernel (service/engine/native): built where it can
-be, bit for bit the torch path, batch- and thread-invariant, and never used
-when built from another source."""
+"""The engine's AVX2 kernels (service/engine/native): built where they can be;
+int8 bit for bit the torch path; int5 GGUF Q5_0's rounding in the layout
+int8_matmul.c describes and the product of exactly those weights; both
+batch- and thread-invariant, and never used when built from another source."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 from torch import nn
 
 from service.engine import native
-from service.engine.model_runner import RowwiseInt8Linear
+from service.engine.model_runner import Int5Linear, RowwiseInt8Linear
 
 CAN_BUILD = native.cpu_has_avx2() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not native.available(), reason="no AVX2 int8 kernel on this machine")
+needs_kernel = pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 with AVX2 and a C compiler")
@@ -51,8 +52,9 @@ def test_matches_the_torch_path_bit_for_bit(outputs, depth, bias, rows):
 
 
 @needs_kernel
-def test_a_row_is_the_same_alone_in_any_batch_and_on_any_thread_count():
-    layer = RowwiseInt8Linear(nn.Linear(896, 1152))
+@pytest.mark.parametrize("linear", [RowwiseInt8Linear, Int5Linear])
+def test_a_row_is_the_same_alone_in_any_batch_and_on_any_thread_count(linear):
+    layer = linear(nn.Linear(896, 1152))
     x = _inputs(40, 896, seed=7)
     threads = torch.get_num_threads()
     try:
@@ -67,7 +69,7 @@ def test_a_row_is_the_same_alone_in_any_batch_and_on_any_thread_count():
 
 
 @needs_kernel
-def test_refuses_operands_it_cannot_multiply():
+def test_int8_refuses_operands_it_cannot_multiply():
     layer = RowwiseInt8Linear(nn.Linear(64, 32))
     with pytest.raises(ValueError, match="shapes"):
         native.int8_linear(torch.randn(2, 63), layer.weight, layer.float_scale, None)
@@ -83,3 +85,101 @@ def test_a_library_built_from_another_source_is_not_used(tmp_path):
     assert native._load(library, edited) is not None
     assert native._load(library, native.SOURCE) is None
     assert native._load(tmp_path / "missing.so", native.SOURCE) is None
+
+
+# Input sizes covering every superblock shape: 8 blocks, and tails of 4, 2 and 1.
+DEPTHS = [32, 64, 128, 224, 480, 896, 4864]
+
+
+def unpack(nibbles: torch.Tensor, fifth: torch.Tensor, scales: torch.Tensor, depth: int) -> torch.Tensor:
+    """The weights the packed form stands for, float64 [N, depth], decoded
+    from the layout as documented (written independently of int5_pack)."""
+    rows, blocks = nibbles.shape[0], depth // 32
+    weights = torch.empty(rows, depth, dtype=torch.float64)
+    vector = 0
+    sizes = [8] * (blocks // 8) + [size for size in (4, 2, 1) if blocks % 8 & size]
+    for superblock, size in enumerate(sizes):
+        for v in range(size):
+            chunk = nibbles[:, (vector >> 1) * 32 : (vector >> 1) * 32 + 32].long()
+            low = (chunk >> 4) & 15 if vector & 1 else chunk & 15
+            high = (fifth[:, (vector >> 3) * 32 : (vector >> 3) * 32 + 32].long() >> (vector & 7)) & 1
+            codes = low | (high << 4)
+            for lane in range(8):
+                block = lane % size
+                scale = scales[:, superblock * 8 + lane].double()
+                first = 32 * (vector - v) + 32 * block + 4 * (v * (8 // size) + lane // size)
+                weights[:, first : first + 4] = (codes[:, 4 * lane : 4 * lane + 4] - 16).double() * scale[:, None]
+            vector += 1
+    return weights
+
+
+def q5_0_weights(rows: int, depth: int, seed: int) -> torch.Tensor:
+    """Weights on a Q5_0 grid: per block a float16 scale d and codes 0..31
+    standing for (c - 16) * d, with code 0 (-16 d, the largest magnitude) in
+    each block, as GGUF's quantizer leaves them."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = (torch.rand(rows, depth // 32, 1, generator=generator) * 0.01 + 1e-4).half().double()
+    codes = torch.randint(1, 32, (rows, depth // 32, 32), generator=generator)
+    codes[:, :, 5] = 0
+    return ((codes - 16).double() * scales).view(rows, depth)
+
+
+@needs_kernel
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_packing_a_q5_0_tensor_keeps_it_exactly(depth):
+    weights = q5_0_weights(19, depth, seed=depth)
+    nibbles, fifth, scales = native.int5_pack(weights.float())
+    assert torch.equal(unpack(nibbles, fifth, scales, depth), weights)
+
+
+@needs_kernel
+def test_packing_rounds_to_the_nearest_code_of_a_block_scale_from_its_largest_value():
+    block = torch.zeros(1, 32)
+    block[0, :4] = torch.tensor([-3.2, 0.09, 0.16, -0.26])  # scale -3.2 / -16 = 0.2
+    nibbles, fifth, scales = native.int5_pack(block)
+    decoded = unpack(nibbles, fifth, scales, 32)[0, :4]
+    scale = torch.tensor(0.2).half().double()
+    assert torch.equal(decoded, torch.tensor([-16.0, 0.0, 1.0, -1.0], dtype=torch.float64) * scale)
+    positive = native.int5_pack(-block)  # a positive peak: the scale is negative, codes still fit 0..31
+    assert torch.equal(unpack(*positive, 32)[0, :4], -decoded)
+
+
+@needs_kernel
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 70])
+def test_multiplies_the_packed_weights_by_the_row_quantized_activations(depth, rows):
+    outputs = 37
+    weights = torch.randn(outputs, depth, generator=torch.Generator().manual_seed(depth)) * 0.05
+    bias = torch.randn(outputs)
+    nibbles, fifth, scales = native.int5_pack(weights)
+    x = _inputs(rows, depth, seed=rows)
+    row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+    quantized = torch.round(x / row_scale).double()
+    expected = quantized @ unpack(nibbles, fifth, scales, depth).t() * row_scale.double() + bias.double()
+    got = native.int5_linear(x, nibbles, fifth, scales, bias)
+    # Exact integer sums per block; float32 only in the scaling and the sum over blocks.
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_kernel
+def test_integer_operands_give_exact_integer_results():
+    depth, outputs = 896, 64
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 32, (outputs, depth), generator=generator)
+    codes[:, ::32] = 0  # -16: every block's scale is exactly 1
+    weights = (codes - 16).float()
+    x = torch.randint(-127, 128, (5, depth), generator=generator).float()
+    x[:, 0] = 127.0  # row scale 1: the activations are their own int8 codes
+    got = native.int5_linear(x, *native.int5_pack(weights), None)
+    assert torch.equal(got, (x.double() @ weights.double().t()).float())
+
+
+@needs_kernel
+def test_int5_refuses_operands_it_cannot_multiply():
+    nibbles, fifth, scales = native.int5_pack(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="shapes"):
+        native.int5_linear(torch.randn(2, 96), nibbles, fifth, scales, None)
+    with pytest.raises(TypeError, match="float32"):
+        native.int5_linear(torch.randn(2, 64, dtype=torch.bfloat16), nibbles, fifth, scales, None)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.int5_pack(torch.randn(4, 70))

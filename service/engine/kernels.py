@@ -3,10 +3,10 @@
 Where the engine's own AVX2 kernels are built (service/engine/native, `make
 setup`; x86-64), `auto` prefers int5: 5-bit weights, a scale per 32 inputs,
 int8 activations per row. It reads 5.5 bits a weight against int8's 8, and
-its products run on vpmaddubsw, 32 products an instruction: faster than int8
-at every batch size measured here (README Performance), within the 3 %
-perplexity guard. Elsewhere it prefers int8: torch._int_mm, fast where the
-CPU has int8 dot-product instructions (AVX512-VNNI, AMX, ARM's i8mm) and
+its products run on vpmaddubsw, 32 products an instruction: as fast as int8
+at one stream here, ~1.3x at 16 streams, a prefill in ~0.75x the time (README
+Performance), within the 3 % perplexity guard. Elsewhere it prefers int8:
+torch._int_mm, fast where the CPU has int8 dot-product instructions (AVX512-VNNI, AMX, ARM's i8mm) and
 10-30x slower where it does not (an AVX2-only AMD EPYC: bench/README.md).
 `int8-weight-only` multiplies bf16 activations by int8 weights
 (torch._weight_int8pack_mm): on CPUs with bf16 matrix units it can be the

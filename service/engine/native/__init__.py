@@ -145,6 +145,14 @@ def int5_superblocks(blocks: int) -> list[int]:
     return [8] * (blocks // 8) + [size for size in (4, 2, 1) if blocks % 8 & size]
 
 
+@functools.cache
+def _int5_widths(depth: int) -> tuple[int, int, int]:
+    """Bytes of nibbles, bytes of fifth bits and float16 scales per weight row
+    of `depth` inputs (a multiple of 32): 32 per 2 vectors, 32 per 8, 8 per superblock."""
+    blocks = depth // INT5_BLOCK
+    return -(-blocks // 2) * 32, -(-blocks // 8) * 32, 8 * len(int5_superblocks(blocks))
+
+
 def int5_order(depth: int) -> torch.Tensor:
     """The input index at each position of the int5 kernel's order (int8_matmul.c:
     lane l of vector v of a superblock of g blocks holds inputs
@@ -175,10 +183,11 @@ def int5_pack(weight: torch.Tensor, rows_per_block: int = 4096) -> tuple[torch.T
         lane_blocks.append(first + torch.arange(8) % size)
         first += size
     scale_index = torch.cat(lane_blocks)
+    nibble_width, fifth_width, scale_width = _int5_widths(depth)
     # On the meta device (a skeleton whose packed weights come from the weight cache) only the shapes matter.
-    nibbles = torch.empty(rows, -(-blocks // 2) * 32, dtype=torch.uint8, device=weight.device)
-    fifth = torch.empty(rows, -(-blocks // 8) * 32, dtype=torch.uint8, device=weight.device)
-    scales = torch.empty(rows, len(scale_index), dtype=torch.float16, device=weight.device)
+    nibbles = torch.empty(rows, nibble_width, dtype=torch.uint8, device=weight.device)
+    fifth = torch.empty(rows, fifth_width, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(rows, scale_width, dtype=torch.float16, device=weight.device)
     if weight.is_meta:
         return nibbles, fifth, scales
     bit_weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 8, 1)
@@ -206,12 +215,12 @@ def int5_linear(
     bias [N] (float32) if given. Only when available()."""
     depth = x.shape[1]
     outputs = scales.shape[0]
-    blocks = depth // INT5_BLOCK
+    nibble_width, fifth_width, scale_width = _int5_widths(depth)
     if (
         depth % INT5_BLOCK
-        or scales.shape != (outputs, 8 * len(int5_superblocks(blocks)))
-        or nibbles.shape != (outputs, -(-blocks // 2) * 32)
-        or fifth.shape != (outputs, -(-blocks // 8) * 32)
+        or scales.shape != (outputs, scale_width)
+        or nibbles.shape != (outputs, nibble_width)
+        or fifth.shape != (outputs, fifth_width)
         or (bias is not None and bias.shape != (outputs,))
     ):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, scales {tuple(scales.shape)}")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 _LOG = logging.getLogger(__name__)
 
 # Bump when the packed layout changes (tensor names, shapes, quantization code).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _model_files(source: pathlib.Path) -> list[pathlib.Path]:

@@ -1,4 +1,5 @@
-"""The engine's own CPU kernels: the int8 and int5 Linears on AVX2 (int8_matmul.c).
+"""The engine's own CPU kernels on AVX2 (int8_matmul.c): the int8 and int5
+Linears, and the decoder stack of a forward pass in one call (DecoderStack).
 
 `int8_matmul.c` is compiled once into `_int8_matmul.so` next to it by
 `python -m service.engine.native` (`make setup` does it; the Docker image
@@ -10,6 +11,7 @@ int8 slower, never wrong."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +91,17 @@ def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
     function.restype = ctypes.c_int
     function = lib.qwen_int5_linear
     function.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, ctypes.c_int]
+    function.restype = ctypes.c_int
+    function = lib.qwen_forward
+    function.argtypes = [
+        ctypes.POINTER(_Model),
+        pointer,
+        size,
+        pointer,
+        pointer,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_float),
+    ]
     function.restype = ctypes.c_int
     return lib
 
@@ -227,6 +241,173 @@ def int5_linear(
     if x.dtype != torch.float32 or nibbles.dtype != torch.uint8 or scales.dtype != torch.float16:
         raise TypeError(f"float32 x, uint8 codes and float16 scales expected, got {x.dtype}, {scales.dtype}")
     return _product("qwen_int5_linear", x, (nibbles, fifth, scales), bias, outputs)
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("weights", ctypes.c_void_p * 3),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("int5", ctypes.c_int),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", _Linear),
+        ("o_proj", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("slots", ctypes.c_int64),
+        ("max_len", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("kv_bf16", ctypes.c_int),
+        ("layer", ctypes.POINTER(_Layer)),
+        ("kv_cache", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin_signed", ctypes.c_void_p),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOperands:
+    """A packed Linear as the kernels take it: int8 (weight [n, k] int8, scale
+    [n] float32) or int5 (nibbles, fifth, scales from int5_pack), and its bias."""
+
+    weights: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None
+
+    @property
+    def int5(self) -> bool:
+        return len(self.weights) == 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOperands:
+    input_norm: torch.Tensor
+    qkv: LinearOperands
+    o_proj: LinearOperands
+    post_norm: torch.Tensor
+    gate_up: LinearOperands
+    down: LinearOperands
+
+
+class DecoderStack:
+    """A Qwen2 model's decoder layers, run by the native kernel in one call
+    per forward pass (int8_matmul.c: qwen_forward) over the model runner's KV
+    cache [layers, slots, 2, kv_heads, max_len, head_dim] (float32 or
+    bfloat16) and rotary tables [max_len, head_dim]. Holds the tensors whose
+    addresses it passes."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerOperands],
+        heads: int,
+        intermediate: int,
+        eps: float,
+        kv_cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+    ) -> None:
+        count, slots, _, kv_heads, max_len, head_dim = kv_cache.shape
+        hidden = layers[0].input_norm.shape[0]
+        int5 = any(linear.int5 for layer in layers for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+        tensors = [kv_cache, cos, sin_signed]
+        for layer in layers:
+            tensors += [layer.input_norm, layer.post_norm]
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                tensors += [*linear.weights, *([] if linear.bias is None else [linear.bias])]
+        if not supports(hidden, heads, kv_heads, head_dim, intermediate, int5):
+            raise ValueError(f"no native forward pass for these shapes (hidden {hidden}, head_dim {head_dim})")
+        if kv_cache.dtype not in (torch.float32, torch.bfloat16) or cos.shape != (max_len, head_dim):
+            raise ValueError(f"unsupported KV cache {kv_cache.dtype} or rotary tables {tuple(cos.shape)}")
+        if not all(tensor.is_contiguous() for tensor in tensors):
+            raise ValueError("the native forward pass needs contiguous tensors")
+        self._tensors = tensors
+        self._layers = (_Layer * count)(*(self._layer(layer) for layer in layers))
+        self._model = _Model(
+            layers=count,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate=intermediate,
+            slots=slots,
+            max_len=max_len,
+            eps=eps,
+            kv_bf16=int(kv_cache.dtype == torch.bfloat16),
+            layer=self._layers,
+            kv_cache=kv_cache.data_ptr(),
+            cos=cos.data_ptr(),
+            sin_signed=sin_signed.data_ptr(),
+        )
+        self._slots, self._max_len, self._hidden = slots, max_len, hidden
+
+    @staticmethod
+    def _linear(operands: LinearOperands) -> _Linear:
+        weights = [weight.data_ptr() for weight in operands.weights] + [0] * (3 - len(operands.weights))
+        bias = None if operands.bias is None else operands.bias.data_ptr()
+        return _Linear((ctypes.c_void_p * 3)(*weights), bias, operands.weights[-1].shape[0], int(operands.int5))
+
+    def _layer(self, layer: LayerOperands) -> _Layer:
+        return _Layer(
+            layer.input_norm.data_ptr(),
+            layer.post_norm.data_ptr(),
+            *(self._linear(linear) for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)),
+        )
+
+    def forward(self, hidden: torch.Tensor, positions: Sequence[int], slots: Sequence[int], threads: int) -> float:
+        """Run every layer over hidden [rows, hidden] (float32, contiguous; the
+        embedded tokens, replaced by the last layer's output) in place, on
+        `threads` threads. Row r is the token at positions[r] of cache slot
+        slots[r]: its keys and values are stored there, and it attends to
+        that slot's positions 0..positions[r] (rows of one slot see each
+        other's keys). Returns the least share of the pass's wall time that
+        any of its threads spent running (threads.ThreadGovernor)."""
+        rows = len(positions)
+        if hidden.shape != (rows, self._hidden) or hidden.dtype != torch.float32 or not hidden.is_contiguous():
+            raise ValueError(f"hidden states [{rows}, {self._hidden}] float32 expected, got {tuple(hidden.shape)}")
+        if len(slots) != rows or not all(0 <= slot < self._slots for slot in slots):
+            raise ValueError(f"slots out of range: {list(slots)}")
+        if not all(0 <= position < self._max_len for position in positions):
+            raise ValueError(f"positions out of range: {list(positions)}")
+        lib = _library()
+        assert lib is not None  # a DecoderStack is only built where available()
+        positions_array = (ctypes.c_int64 * rows)(*positions)
+        slots_array = (ctypes.c_int64 * rows)(*slots)
+        on_cpu = ctypes.c_float()
+        if lib.qwen_forward(
+            ctypes.byref(self._model),
+            hidden.data_ptr(),
+            rows,
+            positions_array,
+            slots_array,
+            threads,
+            ctypes.byref(on_cpu),
+        ):
+            raise MemoryError("the native forward pass could not allocate its buffers")
+        return on_cpu.value
+
+
+def supports(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, int5: bool) -> bool:
+    """Whether qwen_forward runs a model of these shapes here: vectors of 8
+    floats, at most 128 per head, whole int5 blocks."""
+    multiple = 32 if int5 else 8
+    return (
+        available()
+        and heads % kv_heads == 0
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and all(size % multiple == 0 for size in (hidden, intermediate, heads * head_dim))
+    )
 
 
 def main() -> None:

@@ -19,8 +19,10 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 /* Weight rows per tile (contiguous in memory: COLS * k bytes). */
 #define COLS 4
@@ -115,39 +117,44 @@ static void quantize_row_int8(const float *x, int64_t k, int8_t *quantized, floa
 }
 
 /* x: [m, k] float32; w: [n, k] int8; weight_scale: [n]; bias: [n] or NULL;
- * out: [m, n] float32. Returns 0, or -1 when out of memory. */
+ * out: [m, n] float32; quantized: m * k, row_scale: m, scratch. Work-shared
+ * by the threads of the enclosing parallel region (one thread outside one):
+ * every thread of the team must call it. */
+static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
+                         const float *bias, int64_t n, float *out, int16_t *quantized, float *row_scale) {
+    const int threads = omp_get_num_threads();
+    const int64_t tiles = (n + COLS - 1) / COLS;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, quantized + i * k, row_scale + i);
+    /* Static split: each thread reads one contiguous run of weight rows. */
+#pragma omp for schedule(static)
+    for (int64_t part = 0; part < threads; ++part) {
+        const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
+        for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
+            const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
+            for (int64_t tile_index = first; tile_index < last; ++tile_index) {
+                const int64_t n0 = tile_index * COLS;
+                const int cols = n - n0 < COLS ? (int)(n - n0) : COLS;
+                rows_times_tile(quantized + row0 * k, rows, w + n0 * k, cols, out + row0 * n + n0, k, n,
+                                row_scale + row0, weight_scale + n0, bias ? bias + n0 : NULL);
+            }
+        }
+    }
+}
+
+/* The int8 Linear as one call on `threads` threads. Returns 0, or -1 when out of memory. */
 int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
                      const float *bias, int64_t n, float *out, int threads) {
     int16_t *quantized = malloc((size_t)(m * k) * sizeof(int16_t));
     float *row_scale = malloc((size_t)m * sizeof(float));
-    if (!quantized || !row_scale) {
-        free(quantized);
-        free(row_scale);
-        return -1;
-    }
-    const int64_t tiles = (n + COLS - 1) / COLS;
+    const int status = quantized && row_scale ? 0 : -1;
+    if (status == 0) {
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, quantized + i * k, row_scale + i);
-        /* Static split: each thread reads one contiguous run of weight rows. */
-#pragma omp for schedule(static)
-        for (int64_t part = 0; part < threads; ++part) {
-            const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
-            for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
-                const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
-                for (int64_t tile_index = first; tile_index < last; ++tile_index) {
-                    const int64_t n0 = tile_index * COLS;
-                    const int cols = n - n0 < COLS ? (int)(n - n0) : COLS;
-                    rows_times_tile(quantized + row0 * k, rows, w + n0 * k, cols, out + row0 * n + n0, k, n,
-                                    row_scale + row0, weight_scale + n0, bias ? bias + n0 : NULL);
-                }
-            }
-        }
+        int8_product(x, m, k, w, weight_scale, bias, n, out, quantized, row_scale);
     }
     free(quantized);
     free(row_scale);
-    return 0;
+    return status;
 }
 
 /* ---- 5-bit weights: the int5 Linear ----
@@ -356,45 +363,374 @@ static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m2
 }
 
 /* x: [m, k] float32 (k a multiple of 32); nibbles, fifth, scales: the int5
- * weights of n rows as above; bias: [n] or NULL; out: [m, n] float32.
- * Returns 0, or -1 when out of memory. */
-int qwen_int5_linear(const float *x, int64_t m, int64_t k, const uint8_t *nibbles, const uint8_t *fifth,
-                     const uint16_t *scales, const float *bias, int64_t n, float *out, int threads) {
+ * weights of n rows as above; bias: [n] or NULL; out: [m, n] float32;
+ * quantized: m * k, offsets: m * superblocks, row_scale: m, scratch.
+ * Work-shared like int8_product. */
+static void int5_product(const float *x, int64_t m, int64_t k, const uint8_t *nibbles, const uint8_t *fifth,
+                         const uint16_t *scales, const float *bias, int64_t n, float *out, int8_t *quantized,
+                         __m256i *offsets, float *row_scale) {
+    const int threads = omp_get_num_threads();
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
     const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32;
-    int8_t *quantized = malloc((size_t)(m * k));
-    __m256i *offsets = aligned_alloc(32, (size_t)(m * superblocks) * sizeof(__m256i));
-    float *row_scale = malloc((size_t)m * sizeof(float));
-    if (!quantized || !offsets || !row_scale) {
-        free(quantized);
-        free(offsets);
-        free(row_scale);
-        return -1;
-    }
     const int64_t tiles = (n + INT5_COLS - 1) / INT5_COLS;
-#pragma omp parallel num_threads(threads)
-    {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; ++i)
-            quantize_row_int5(x + i * k, k, quantized + i * k, offsets + i * superblocks, row_scale + i);
+    for (int64_t i = 0; i < m; ++i)
+        quantize_row_int5(x + i * k, k, quantized + i * k, offsets + i * superblocks, row_scale + i);
 #pragma omp for schedule(static)
-        for (int64_t part = 0; part < threads; ++part) {
-            const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
-            for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
-                const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
-                for (int64_t tile_index = first; tile_index < last; ++tile_index) {
-                    const int64_t n0 = tile_index * INT5_COLS;
-                    const int cols = n - n0 < INT5_COLS ? (int)(n - n0) : INT5_COLS;
-                    rows_times_int5_tile(quantized + row0 * k, offsets + row0 * superblocks, rows,
-                                         nibbles + n0 * nibble_row, fifth + n0 * fifth_row,
-                                         scales + n0 * superblocks * 8, cols, out + row0 * n + n0, k, n,
-                                         row_scale + row0, bias ? bias + n0 : NULL);
-                }
+    for (int64_t part = 0; part < threads; ++part) {
+        const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
+        for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
+            const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
+            for (int64_t tile_index = first; tile_index < last; ++tile_index) {
+                const int64_t n0 = tile_index * INT5_COLS;
+                const int cols = n - n0 < INT5_COLS ? (int)(n - n0) : INT5_COLS;
+                rows_times_int5_tile(quantized + row0 * k, offsets + row0 * superblocks, rows,
+                                     nibbles + n0 * nibble_row, fifth + n0 * fifth_row, scales + n0 * superblocks * 8,
+                                     cols, out + row0 * n + n0, k, n, row_scale + row0, bias ? bias + n0 : NULL);
             }
         }
+    }
+}
+
+/* The int5 Linear as one call on `threads` threads. Returns 0, or -1 when out of memory. */
+int qwen_int5_linear(const float *x, int64_t m, int64_t k, const uint8_t *nibbles, const uint8_t *fifth,
+                     const uint16_t *scales, const float *bias, int64_t n, float *out, int threads) {
+    int8_t *quantized = malloc((size_t)(m * k));
+    __m256i *offsets = aligned_alloc(32, (size_t)(m * superblock_count(k / 32)) * sizeof(__m256i));
+    float *row_scale = malloc((size_t)m * sizeof(float));
+    const int status = quantized && offsets && row_scale ? 0 : -1;
+    if (status == 0) {
+#pragma omp parallel num_threads(threads)
+        int5_product(x, m, k, nibbles, fifth, scales, bias, n, out, quantized, offsets, row_scale);
     }
     free(quantized);
     free(offsets);
     free(row_scale);
-    return 0;
+    return status;
+}
+
+/* ---- The decoder stack: every layer of a forward pass in one call ----
+ *
+ * A step of the model through torch is ~30 tensor operations a layer, each
+ * a few microseconds of dispatch and a pass over its operands: at one
+ * decoding row that was about as long as the matrix products themselves.
+ * Here one parallel region runs all layers: RMSNorm, the products, rotary
+ * embedding, the KV-cache write, attention, SiLU and the residual adds,
+ * with a barrier between phases instead of a fork and join per operation.
+ *
+ * Every row is computed alone, in a fixed order, by one thread (products by
+ * output column, attention by row and KV head): a row's numbers do not
+ * depend on the other rows of the step nor on the thread count, so a token
+ * decoded equals the same token prefilled, bit for bit. */
+
+typedef struct {
+    /* int8: weight [n, k] int8, scale [n] float32; int5: nibbles, fifth, scales */
+    const void *weights[3];
+    const float *bias; /* [n] or NULL */
+    int64_t n;
+    int int5; /* 1 int5, 0 int8 */
+} qwen_linear;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [hidden] */
+    qwen_linear qkv, o_proj, gate_up, down;
+} qwen_layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    int64_t slots, max_len;
+    float eps;
+    int kv_bf16;  /* KV cache: 1 bfloat16, 0 float32 */
+    const qwen_layer *layer;
+    void *kv_cache;                 /* [layers, slots, 2, kv_heads, max_len, head_dim] */
+    const float *cos, *sin_signed;  /* [max_len, head_dim]: rotate_half(x) * sin == roll(x, d / 2) * sin_signed */
+} qwen_model;
+
+/* exp(x) for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, a
+ * degree-5 polynomial), within 2 ulp of expf over the clamped range. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+static inline float sum256(__m256 v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
+
+static inline float max256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* float32 -> bfloat16, rounded to nearest even (torch's .to(torch.bfloat16) for finite values). */
+static inline uint16_t to_bf16(float value) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &value, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline float from_bf16(uint16_t value) {
+    const uint32_t bits = (uint32_t)value << 16;
+    float out;
+    __builtin_memcpy(&out, &bits, 4);
+    return out;
+}
+
+/* 8 floats rounded to bfloat16's precision (to nearest even), kept as float32. */
+static inline __m256 round_bf16(__m256 value) {
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32((int)0xFFFF0000)));
+}
+
+/* 8 values of a cache row (float32 or bfloat16) as float32. */
+static inline __m256 load_cached(const void *row, int64_t at, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)row + at);
+    const __m128i halves = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+/* out = x / rms(x) * weight, one row of n (a multiple of 8). */
+static void rms_norm_row(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    __m256 squares = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        squares = _mm256_fmadd_ps(v, v, squares);
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / sqrtf(sum256(squares) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverse),
+                                                _mm256_loadu_ps(weight + i)));
+}
+
+/* Rotary embedding of one head in place: x * cos + roll(x, d / 2) * sin_signed. */
+static void rotate_head(float *x, const float *cos, const float *sin_signed, int64_t d) {
+    float rotated[d];
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < d; ++i) rotated[i] = x[i] * cos[i] + x[(i + half) % d] * sin_signed[i];
+    __builtin_memcpy(x, rotated, (size_t)d * sizeof(float));
+}
+
+/* Attention of the `group` query heads that share one KV head, for one row
+ * at `position`: softmax(q k^T / sqrt(d)) v over the keys 0..position.
+ * scores: group * (position + 1) floats of scratch. */
+static void attend(const float *queries, int group, const void *keys, const void *values, int64_t position,
+                   int64_t d, int bf16, float *scores, float *out) {
+    const int64_t count = position + 1, vectors = d / 8;
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int g = 0; g < group; ++g) {
+        const float *q = queries + g * d;
+        float *row = scores + g * count;
+        __m256 q_rounded[16];
+        for (int64_t v = 0; v < vectors; ++v) {
+            const __m256 value = _mm256_loadu_ps(q + 8 * v);
+            q_rounded[v] = bf16 ? round_bf16(value) : value;
+        }
+        for (int64_t t = 0; t < count; ++t) {
+            __m256 dot = _mm256_setzero_ps();
+            for (int64_t v = 0; v < vectors; ++v) dot = _mm256_fmadd_ps(q_rounded[v], load_cached(keys, t * d + 8 * v, bf16), dot);
+            row[t] = sum256(dot) * scale;
+        }
+        __m256 peak = _mm256_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 8 <= count; t += 8) peak = _mm256_max_ps(peak, _mm256_loadu_ps(row + t));
+        float largest = max256(peak);
+        for (; t < count; ++t) largest = fmaxf(largest, row[t]);
+        const __m256 shift = _mm256_set1_ps(largest);
+        __m256 total = _mm256_setzero_ps();
+        for (t = 0; t + 8 <= count; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
+            _mm256_storeu_ps(row + t, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sum = sum256(total);
+        if (t < count) {
+            float tail[8] = {0};
+            for (int64_t i = t; i < count; ++i) tail[i - t] = row[i] - largest;
+            const __m256 e = exp256(_mm256_loadu_ps(tail));
+            _mm256_storeu_ps(tail, e);
+            for (int64_t i = t; i < count; ++i) {
+                row[i] = tail[i - t];
+                sum += tail[i - t];
+            }
+        }
+        const float inverse = 1.0f / sum;
+        float *target = out + g * d;
+        for (int64_t v0 = 0; v0 < vectors; v0 += 8) {
+            const int64_t width = vectors - v0 < 8 ? vectors - v0 : 8;
+            __m256 acc[8];
+            for (int64_t v = 0; v < width; ++v) acc[v] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < count; ++s) {
+                const __m256 weight = _mm256_set1_ps(row[s]);
+                for (int64_t v = 0; v < width; ++v)
+                    acc[v] = _mm256_fmadd_ps(weight, load_cached(values, s * d + 8 * (v0 + v), bf16), acc[v]);
+            }
+            for (int64_t v = 0; v < width; ++v) {
+                __m256 value = _mm256_mul_ps(acc[v], _mm256_set1_ps(inverse));
+                if (bf16) value = round_bf16(value);
+                _mm256_storeu_ps(target + 8 * (v0 + v), value);
+            }
+        }
+    }
+}
+
+/* The scratch of one forward pass. */
+typedef struct {
+    float *normed, *qkv, *attention, *activation, *projected, *wide, *scores, *row_scale;
+    int16_t *quantized16;
+    int8_t *quantized8;
+    __m256i *offsets;
+} forward_buffers;
+
+static void linear(const qwen_linear *layer, const float *x, int64_t m, int64_t k, float *out,
+                   const forward_buffers *b) {
+    if (layer->int5)
+        int5_product(x, m, k, layer->weights[0], layer->weights[1], layer->weights[2], layer->bias, layer->n, out,
+                     b->quantized8, b->offsets, b->row_scale);
+    else
+        int8_product(x, m, k, layer->weights[0], layer->weights[1], layer->bias, layer->n, out, b->quantized16,
+                     b->row_scale);
+}
+
+static inline double seconds(clockid_t clock) {
+    struct timespec now;
+    clock_gettime(clock, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+/* hidden: [rows, hidden] float32, the embedded tokens, replaced by the last
+ * layer's output (before the final norm). Row r is the token at positions[r]
+ * of KV-cache slot slots[r]; its keys and values are written there, and it
+ * attends to its slot's positions 0..positions[r] (rows of one slot at
+ * several positions see each other's keys: all are written first).
+ * on_cpu: the least share of the pass's wall time that any of its threads
+ * spent running (waiting at a barrier spins, and counts as running): well
+ * below 1 when a thread was kept off its core, and every barrier then waited
+ * for it. Returns 0, or -1 when out of memory. */
+int qwen_forward(const qwen_model *model, float *hidden, int64_t rows, const int64_t *positions, const int64_t *slots,
+                 int threads, float *on_cpu) {
+    const int64_t h = model->hidden, d = model->head_dim, inter = model->intermediate;
+    const int64_t q_size = model->heads * d, kv_size = model->kv_heads * d, qkv_size = q_size + 2 * kv_size;
+    const int group = (int)(model->heads / model->kv_heads);
+    const int64_t depth = h > inter ? (h > q_size ? h : q_size) : (inter > q_size ? inter : q_size);
+    const int64_t element = model->kv_bf16 ? 2 : 4;
+    const int64_t head_stride = model->max_len * d, slot_stride = 2 * model->kv_heads * head_stride;
+    const int64_t layer_stride = model->slots * slot_stride;
+    int64_t longest = 0;
+    for (int64_t r = 0; r < rows; ++r) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
+    forward_buffers b = {
+        .normed = malloc((size_t)(rows * h) * sizeof(float)),
+        .qkv = malloc((size_t)(rows * qkv_size) * sizeof(float)),
+        .attention = malloc((size_t)(rows * q_size) * sizeof(float)),
+        .activation = malloc((size_t)(rows * inter) * sizeof(float)),
+        .projected = malloc((size_t)(rows * h) * sizeof(float)),
+        .wide = malloc((size_t)(rows * 2 * inter) * sizeof(float)),
+        .scores = malloc((size_t)(threads * group * longest) * sizeof(float)),
+        .row_scale = malloc((size_t)rows * sizeof(float)),
+        .quantized16 = malloc((size_t)(rows * depth) * sizeof(int16_t)),
+        .quantized8 = malloc((size_t)(rows * depth)),
+        .offsets = aligned_alloc(32, (size_t)(rows * superblock_count((depth + 31) / 32)) * sizeof(__m256i)),
+    };
+    const int status = b.normed && b.qkv && b.attention && b.activation && b.projected && b.wide && b.scores &&
+                               b.row_scale && b.quantized16 && b.quantized8 && b.offsets
+                           ? 0
+                           : -1;
+    float least_on_cpu = 1.0f;
+    if (status == 0) {
+#pragma omp parallel num_threads(threads)
+        {
+            const double wall_start = seconds(CLOCK_MONOTONIC), cpu_start = seconds(CLOCK_THREAD_CPUTIME_ID);
+            float *scores = b.scores + omp_get_thread_num() * group * longest;
+            for (int64_t l = 0; l < model->layers; ++l) {
+                const qwen_layer *layer = &model->layer[l];
+                char *cache = (char *)model->kv_cache + l * layer_stride * element;
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; ++r)
+                    rms_norm_row(hidden + r * h, layer->input_norm, h, model->eps, b.normed + r * h);
+                linear(&layer->qkv, b.normed, rows, h, b.qkv, &b);
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; ++r) {
+                    float *qkv = b.qkv + r * qkv_size;
+                    const float *cos = model->cos + positions[r] * d, *sin = model->sin_signed + positions[r] * d;
+                    for (int64_t head = 0; head < model->heads + model->kv_heads; ++head)
+                        rotate_head(qkv + head * d, cos, sin, d);
+                    for (int64_t kv = 0; kv < 2; ++kv)
+                        for (int64_t head = 0; head < model->kv_heads; ++head) {
+                            const float *source = qkv + q_size + kv * kv_size + head * d;
+                            const int64_t at = slots[r] * slot_stride + (kv * model->kv_heads + head) * head_stride +
+                                               positions[r] * d;
+                            if (model->kv_bf16)
+                                for (int64_t i = 0; i < d; ++i) ((uint16_t *)cache)[at + i] = to_bf16(source[i]);
+                            else
+                                __builtin_memcpy((float *)cache + at, source, (size_t)d * sizeof(float));
+                        }
+                }
+#pragma omp for schedule(static) collapse(2)
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t head = 0; head < model->kv_heads; ++head) {
+                        const int64_t keys = slots[r] * slot_stride + head * head_stride;
+                        attend(b.qkv + r * qkv_size + head * group * d, group, cache + keys * element,
+                               cache + (keys + model->kv_heads * head_stride) * element, positions[r], d,
+                               model->kv_bf16, scores, b.attention + r * q_size + head * group * d);
+                    }
+                linear(&layer->o_proj, b.attention, rows, q_size, b.projected, &b);
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; ++r) {
+                    for (int64_t i = 0; i < h; ++i) hidden[r * h + i] += b.projected[r * h + i];
+                    rms_norm_row(hidden + r * h, layer->post_norm, h, model->eps, b.normed + r * h);
+                }
+                linear(&layer->gate_up, b.normed, rows, h, b.wide, &b);
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t i = 0; i < inter; i += 8) {
+                        const __m256 gate = _mm256_loadu_ps(b.wide + r * 2 * inter + i);
+                        const __m256 up = _mm256_loadu_ps(b.wide + r * 2 * inter + inter + i);
+                        /* silu(gate) * up = gate / (1 + exp(-gate)) * up */
+                        const __m256 sigmoid_inverse =
+                            _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+                        _mm256_storeu_ps(b.activation + r * inter + i,
+                                         _mm256_mul_ps(_mm256_div_ps(gate, sigmoid_inverse), up));
+                    }
+                linear(&layer->down, b.activation, rows, inter, b.projected, &b);
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t i = 0; i < h; ++i) hidden[r * h + i] += b.projected[r * h + i];
+            }
+            const double wall = seconds(CLOCK_MONOTONIC) - wall_start;
+            const float share = wall > 0 ? (float)((seconds(CLOCK_THREAD_CPUTIME_ID) - cpu_start) / wall) : 1.0f;
+#pragma omp critical
+            least_on_cpu = share < least_on_cpu ? share : least_on_cpu;
+        }
+    }
+    *on_cpu = least_on_cpu;
+    free(b.normed);
+    free(b.qkv);
+    free(b.attention);
+    free(b.activation);
+    free(b.projected);
+    free(b.wide);
+    free(b.scores);
+    free(b.row_scale);
+    free(b.quantized16);
+    free(b.quantized8);
+    free(b.offsets);
+    return status;
 }

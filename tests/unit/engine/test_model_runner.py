@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine import native
 from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
@@ -165,3 +166,74 @@ def test_unknown_quantization_is_rejected(tiny_model_dir):
             load_model(str(tiny_model_dir)),
             EngineConfig.defaults(max_batch_size=1, max_model_len=64, quantization="int3"),
         )
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quantization", ["int8", "int5"])
+def test_the_native_layers_compute_what_the_torch_layers_do(tiny_model_dir, quantization, kv_cache_dtype):
+    """The decoder layers in one native call (norms, rotary embedding, the
+    cache write, attention, SiLU) against the same packed weights through
+    torch: a mixed step of decoders and prompt chunks, past a tail of keys
+    that is not a multiple of 8, gives the same logits and cache. With a
+    bfloat16 cache the two round at different places inside attention, and
+    the random model's int8 activations magnify that: there the first
+    layer's cache (before any attention) must agree to bfloat16's precision
+    and the logits closely."""
+    config = EngineConfig.defaults(
+        max_batch_size=3, max_model_len=128, quantization=quantization, kv_cache_dtype=kv_cache_dtype
+    )
+    native_runner = ModelRunner(load_model(str(tiny_model_dir)), config)
+    torch_runner = ModelRunner(load_model(str(tiny_model_dir)), config, native_forward=False)
+    assert native_runner.native_layers and not torch_runner.native_layers
+    a, b, c = (_prompt_ids(load_model(str(tiny_model_dir)), p) for p in PROMPTS)
+    for runner in (native_runner, torch_runner):
+        runner.prefill(0, a, 0)
+    steps = [
+        ([7], [len(a)], [PrefillChunk(1, b, 0), PrefillChunk(2, c[:5], 0)]),
+        ([9, 11], [len(a) + 1, len(b)], [PrefillChunk(2, c[5:], 5)]),
+    ]
+    exact = kv_cache_dtype == "float32"
+    for step in steps:
+        got, want = native_runner.step(*step), torch_runner.step(*step)
+        if exact:
+            assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+        else:
+            assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.99
+    length = max(len(a) + 2, len(b) + 1, len(c))
+    got_cache = native_runner.slot_positions(2, 0, length).float()
+    want_cache = torch_runner.slot_positions(2, 0, length).float()
+    if exact:
+        assert torch.allclose(got_cache, want_cache, atol=1e-4, rtol=0)
+    else:
+        # The same rounding: all but the rare values on a rounding boundary are equal.
+        assert torch.allclose(got_cache[0], want_cache[0], atol=1e-3, rtol=2**-7)
+        assert (got_cache[0] == want_cache[0]).float().mean() > 0.97
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
+def test_the_native_layers_refuse_rows_outside_the_cache(tiny_model_dir):
+    runner = ModelRunner(
+        load_model(str(tiny_model_dir)), EngineConfig.defaults(max_batch_size=2, max_model_len=64, quantization="int5")
+    )
+    assert runner.native_layers
+    runner.decode([5], [63])  # the last position is fine
+    with pytest.raises(ValueError, match="positions out of range"):
+        runner.decode([5], [64])
+    with pytest.raises(ValueError, match="slots out of range"):
+        runner.step([], [], [PrefillChunk(2, [5, 6], 0)])
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
+def test_a_native_pass_reports_how_much_of_it_its_threads_ran(tiny_model_dir):
+    """The share the thread governor decides on (service/engine/threads.py)."""
+    runner = ModelRunner(
+        load_model(str(tiny_model_dir)), EngineConfig.defaults(max_batch_size=1, max_model_len=64, quantization="int8")
+    )
+    stack = runner._stack
+    assert stack is not None
+    hidden = torch.randn(3, 64)
+    for threads in (1, 2):
+        share = stack.forward(hidden, [0, 1, 2], [0, 0, 0], threads)
+        assert 0 < share <= 1.05
+        assert torch.isfinite(hidden).all()

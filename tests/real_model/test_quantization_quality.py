@@ -24,7 +24,8 @@ MAX_TOKENS = 512
 # 13.27 / 13.31 (+5.9 % / +8.7 %): outside the 3 % asked of a default, so it is an option, bounded here
 # so that it does not get worse.
 # int5 (5-bit blocks of 32, the `auto` default where the AVX2 kernels run) measured 13.64 / 13.36 against
-# 13.26 / 13.25 (+2.8 % / +0.8 %): within the 3 % asked of a default.
+# 13.27 / 13.31 (+2.8 % / +0.3 %), and 13.68 (+3.1 %) on the prose once the native decoder layers changed
+# the float rounding; with the attention projections in int8 13.38 / 13.38 (+0.9 % / +0.5 %).
 MAX_PERPLEXITY_RATIO = {"int8": 1.03, "int5": 1.03, "int8-weight-only": 1.02, "int4": 1.10}
 
 

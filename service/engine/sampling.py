@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from .grammar import GrammarMatcher, allocate_bitmask, apply_bitmask
@@ -40,14 +41,27 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def argmax(logits: torch.Tensor) -> np.ndarray:
+    """The index of the largest logit along the last axis: numpy's argmax,
+    which agrees with torch's (the first of equal maxima; a NaN counts as the
+    largest) at a tenth of the cost. Over a 152K-token row torch's reduction
+    took ~150 us and numpy's ~15 us (2.13 CPU build, 1 thread), which at 16
+    greedy streams was most of the engine's time per step outside the
+    forward pass."""
+    return logits.numpy().argmax(-1)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
     """In place, CTRL-style (as in transformers): positive logits of seen tokens
-    are divided by the penalty, negative ones multiplied."""
-    scores = logits[seen]
+    are divided by the penalty, negative ones multiplied. The seen mask is
+    turned into ids once (numpy): torch's boolean-mask read and write each
+    scan the vocabulary (~400 us a row together, against ~40 us)."""
+    ids = torch.from_numpy(np.flatnonzero(seen.numpy()))
+    scores = logits[ids]
     # A tiny penalty (down to the smallest float) would turn boosted logits
     # into +inf, and inf - inf is NaN in the softmax: saturate instead.
     boosted = (scores / penalty).clamp(max=torch.finfo(logits.dtype).max)
-    logits[seen] = torch.where(scores > 0, boosted, scores * penalty)
+    logits[ids] = torch.where(scores > 0, boosted, scores * penalty)
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> None:
@@ -130,7 +144,7 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """logits: float32 [vocab], penalties already applied. Order as in
     transformers: temperature, then top-k, then top-p."""
     if params.greedy:
-        return int(logits.argmax())
+        return int(argmax(logits))
     values, token_ids = _candidates(logits, params.top_k)
     # Shift so the best logit is 0 before dividing: for a tiny temperature the
     # others go to -inf (probability 0) instead of overflowing to +inf.
@@ -199,11 +213,11 @@ def select_tokens(
     if grammars is not None:
         constrain(logits, grammars, chosen)
     if all(p.greedy for p in params) and not any(chosen):
-        chosen = logits.argmax(-1).tolist()
+        chosen = argmax(logits).tolist()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if chosen[row] is None:
             try:
-                chosen[row] = int(logits[row].argmax()) if p.greedy else sample_one(logits[row], p, generator)
+                chosen[row] = int(argmax(logits[row])) if p.greedy else sample_one(logits[row], p, generator)
             except Exception as exc:  # noqa: BLE001 - reported per row
                 chosen[row] = exc
     for row, grammar in enumerate(grammars or ()):

@@ -92,9 +92,10 @@ class Settings(BaseSettings):
     threads: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
-        description="Torch compute threads for the engine (default: the CPUs this process may use). Where "
-        "other busy processes share those CPUs, set the cores the server really gets: a step waits whenever one of "
-        "its threads is descheduled (one stream beside a busy neighbour on 2 cores: 16 tok/s on 1 thread, 6 on 2).",
+        description="Compute threads for the engine, at most (default: the CPUs this process may use). With the "
+        "native int5/int8 kernels the engine runs one thread fewer while busy neighbours keep its threads off "
+        "their cores, and probes for it back now and then; on a node where it never gets all of them, setting the "
+        "cores it does get saves the probes.",
         json_schema_extra={"doc_default": "CPUs available"},
     )
     # --- engine ------------------------------------------------------------

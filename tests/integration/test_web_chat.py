@@ -35,10 +35,11 @@ def test_question_streams_into_the_page(server, tmp_path):
         stats = page.inner_text(".msg.assistant .stats")
         page.screenshot(path=str(tmp_path / "web-chat.png"))
         assert page.inner_text(".msg.user") == question
-    # Streamed: the answer grew in many steps spread over time, not at once.
+    # Streamed: the answer grew in several steps spread over time, not at once. The page renders
+    # at most once a frame, and the tiny model can send its 400 tokens within a dozen frames.
     lengths = [point["length"] for point in timeline]
     # (Markdown may shorten the shown text by a few characters when a marker closes, e.g. `*a` -> *a*.)
-    assert sum(after > before for before, after in zip(lengths, lengths[1:])) >= 20, lengths
+    assert sum(after > before for before, after in zip(lengths, lengths[1:])) >= 5, lengths
     assert timeline[-1]["t"] - timeline[0]["t"] > 50, timeline
     assert "400 tokens" in stats and "finish: length" in stats, stats
     # What the page shows is what the API answers for the same request.

@@ -268,6 +268,14 @@ static inline __attribute__((always_inline)) void int5_superblock(const int8_t *
     }
 }
 
+/* The sum of 8 floats, always added in the same order. */
+static inline float sum256(__m256 v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
+
 static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, const __m256i *offsets,
                                                             const uint8_t *nibbles, const uint8_t *fifth,
                                                             const uint16_t *scales, float *out, int64_t k, int64_t n,
@@ -300,10 +308,7 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
     }
     for (int i = 0; i < rows; ++i)
         for (int j = 0; j < cols; ++j) {
-            __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-            sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-            sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-            float value = _mm_cvtss_f32(sum) * row_scale[i];
+            float value = sum256(acc[i][j]) * row_scale[i];
             if (bias) value = value + bias[j];
             out[i * n + j] = value;
         }
@@ -463,13 +468,6 @@ static inline __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-}
-
-static inline float sum256(__m256 v) {
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-    return _mm_cvtss_f32(sum);
 }
 
 static inline float max256(__m256 v) {

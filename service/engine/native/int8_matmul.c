@@ -38,6 +38,13 @@ static inline int32_t horizontal_sum(__m256i v) {
     return _mm_cvtsi128_si32(sum);
 }
 
+static inline float max256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
 /* rows (1 or 2) activation rows times cols (1..COLS) weight rows. The
  * constant arguments of the calls below let the compiler unroll the loops
  * and keep the accumulators in registers. */
@@ -99,8 +106,13 @@ const char *qwen_source_sha256(void) { return SOURCE_SHA256; }
 /* torch: scale = x.abs().amax(dim=1).clamp(min=1e-8) / 127; torch.round(x / scale)
  * (round half to even: rintf in the default rounding mode). */
 static float row_quantization_scale(const float *x, int64_t k) {
-    float amax = 0.0f;
-    for (int64_t t = 0; t < k; ++t) amax = fmaxf(amax, fabsf(x[t]));
+    /* max_ps(|x|, peak) keeps peak when |x| is NaN, as fmaxf does. */
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 peak = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= k; t += 8) peak = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + t), magnitude), peak);
+    float amax = max256(peak);
+    for (; t < k; ++t) amax = fmaxf(amax, fabsf(x[t]));
     return fmaxf(amax, 1e-8f) / 127.0f;
 }
 
@@ -187,6 +199,9 @@ int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
 #define INT5_COLS 4
 /* Activation rows per tile: a weight vector's codes, once decoded, serve this many rows. */
 #define INT5_ROWS 4
+/* From this many rows in a row block, int5_many_rows: measured, decoding
+ * once per block pays from 5 rows (a 4-row tile then leaves a row alone). */
+#define INT5_MANY_ROWS 5
 
 /* Blocks in superblock s of a row of `blocks` blocks (8, then 4, 2, 1). */
 static inline int superblock_size(int64_t blocks, int64_t s) {
@@ -341,10 +356,134 @@ static void rows_times_int5_tile(const int8_t *a, const __m256i *offsets, int64_
     }
 }
 
+/* Many activation rows (a prompt, a large batch): the products are then
+ * bound by arithmetic, not by reading the weights, and decoding the codes
+ * for every 4 rows (int5_tile) was a third of the work. Here a weight row's
+ * codes of one full superblock are decoded once into 8 registers and serve
+ * every row of the block; the rows' activations of that superblock (rows *
+ * 256 bytes) stay in L1 across the tile's columns. Each lane's integer sum
+ * is exact in any grouping, and the float accumulation is int5_tile's,
+ * superblock by superblock in the same order: the results are bit for bit
+ * int5_tile's. */
+static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows, const uint8_t *nibbles,
+                           const uint8_t *fifth, const uint16_t *scales, int cols, float *out, int64_t k, int64_t n,
+                           const float *row_scale, const float *bias) {
+    const int64_t blocks = k / 32, superblocks = superblock_count(blocks), full = blocks / 8;
+    const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32, scale_row = superblocks * 8;
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* Not zeroed: the first superblock adds to zero instead (a store and a load fewer per output). */
+    __m256 acc[ROW_BLOCK][INT5_COLS];
+    for (int64_t s = 0; s < full; ++s)
+        for (int j = 0; j < cols; ++j) {
+            const uint8_t *pair = nibbles + j * nibble_row + s * 4 * 32;
+            const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + j * fifth_row + s * 32));
+            __m256i code[8];
+            for (int p = 0; p < 4; ++p) {
+                const __m256i both = _mm256_loadu_si256((const __m256i *)(pair + p * 32));
+                /* Fifth bits of vectors 2p and 2p + 1 are bits 2p and 2p + 1 of `high`, moved to bit 4. */
+                const int even_shift = 4 - 2 * p, odd_shift = 3 - 2 * p;
+                const __m256i even_top = even_shift >= 0 ? _mm256_slli_epi16(high, even_shift)
+                                                         : _mm256_srli_epi16(high, -even_shift);
+                const __m256i odd_top =
+                    odd_shift >= 0 ? _mm256_slli_epi16(high, odd_shift) : _mm256_srli_epi16(high, -odd_shift);
+                code[2 * p] = _mm256_or_si256(_mm256_and_si256(both, low_nibble), _mm256_and_si256(even_top, fifth_bit));
+                code[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibble),
+                                                  _mm256_and_si256(odd_top, fifth_bit));
+            }
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
+            for (int64_t i = 0; i < rows; ++i) {
+                const __m256i *r = (const __m256i *)(a + i * k + s * 256);
+                /* Four vectors' products summed in int16 (4 * 2 * 31 * 127 < 32768), as in int5_superblock. */
+                const __m256i low = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_maddubs_epi16(code[0], _mm256_loadu_si256(r)),
+                                     _mm256_maddubs_epi16(code[1], _mm256_loadu_si256(r + 1))),
+                    _mm256_add_epi16(_mm256_maddubs_epi16(code[2], _mm256_loadu_si256(r + 2)),
+                                     _mm256_maddubs_epi16(code[3], _mm256_loadu_si256(r + 3))));
+                const __m256i top = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_maddubs_epi16(code[4], _mm256_loadu_si256(r + 4)),
+                                     _mm256_maddubs_epi16(code[5], _mm256_loadu_si256(r + 5))),
+                    _mm256_add_epi16(_mm256_maddubs_epi16(code[6], _mm256_loadu_si256(r + 6)),
+                                     _mm256_maddubs_epi16(code[7], _mm256_loadu_si256(r + 7))));
+                const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(top, ones));
+                const __m256i exact = _mm256_sub_epi32(sums, offsets[i * superblocks + s]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, s ? acc[i][j] : _mm256_setzero_ps());
+            }
+        }
+    /* The last superblocks, of 4, 2 or 1 blocks: their g vectors decoded once too. */
+    int64_t first = full * 8;
+    for (int64_t s = full; s < superblocks; ++s) {
+        const int g = superblock_size(blocks, s);
+        for (int j = 0; j < cols; ++j) {
+            const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + j * fifth_row + (first >> 3) * 32));
+            __m256i code[4];
+            for (int u = 0; u < g; ++u) {
+                const int64_t v = first + u;
+                const int bit = (int)(v & 7);
+                __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + j * nibble_row + (v >> 1) * 32));
+                if (v & 1) low = _mm256_srli_epi16(low, 4);
+                __m256i top = high;
+                if (bit < 4) top = _mm256_slli_epi16(top, 4 - bit);
+                if (bit > 4) top = _mm256_srli_epi16(top, bit - 4);
+                code[u] = _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
+            }
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
+            for (int64_t i = 0; i < rows; ++i) {
+                const __m256i *r = (const __m256i *)(a + i * k + first * 32);
+                __m256i products = _mm256_maddubs_epi16(code[0], _mm256_loadu_si256(r));
+                for (int u = 1; u < g; ++u)
+                    products = _mm256_add_epi16(products, _mm256_maddubs_epi16(code[u], _mm256_loadu_si256(r + u)));
+                const __m256i exact = _mm256_sub_epi32(_mm256_madd_epi16(products, ones), offsets[i * superblocks + s]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, s ? acc[i][j] : _mm256_setzero_ps());
+            }
+        }
+        first += g;
+    }
+    for (int64_t i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) {
+            float value = sum256(acc[i][j]) * row_scale[i];
+            if (bias) value = value + bias[j];
+            out[i * n + j] = value;
+        }
+}
+
+/* 32 floats divided by scale, rounded half to even (rintf) and stored as int8, in order. */
+static inline __m256i quantize32(const float *x, __m256 scale) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + 8 * i), scale),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    /* The packs work within 128-bit lanes: the permutation puts the 4-byte groups back in order. */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* r[b] holds elements b, 0..7 of an 8 x 8 matrix of 32-bit values; afterwards r[v] holds elements 0..7, v. */
+static inline void transpose8x8_epi32(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+    }
+}
+
 /* One activation row quantized to int8 (as quantize_row) in the superblock
- * order above, and each superblock's lane offsets 16 * sum(a). */
+ * order above, and each superblock's lane offsets 16 * sum(a). In a full
+ * superblock, vector v's lane l is 4-byte group v of block l: the blocks
+ * quantized in order, as 8 x 8 groups, transposed. */
 static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m256i *offsets, float *scale) {
     const float row_scale = row_quantization_scale(x, k);
+    const __m256 scale_vector = _mm256_set1_ps(row_scale);
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
     const __m256i sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
     int64_t v0 = 0;
@@ -352,12 +491,20 @@ static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m2
         const int g = superblock_size(blocks, s);
         const float *source = x + v0 * 32;
         int8_t *target = quantized + v0 * 32;
+        if (g == 8) {
+            __m256i groups[8];
+            for (int b = 0; b < 8; ++b) groups[b] = quantize32(source + 32 * b, scale_vector);
+            transpose8x8_epi32(groups);
+            for (int v = 0; v < 8; ++v) _mm256_storeu_si256((__m256i *)(target + v * 32), groups[v]);
+        } else {
+            for (int v = 0; v < g; ++v)
+                for (int lane = 0; lane < 8; ++lane)
+                    for (int r = 0; r < 4; ++r)
+                        target[v * 32 + lane * 4 + r] =
+                            (int8_t)rintf(source[32 * (lane % g) + 4 * (v * (8 / g) + lane / g) + r] / row_scale);
+        }
         __m256i offset = _mm256_setzero_si256();
         for (int v = 0; v < g; ++v) {
-            for (int lane = 0; lane < 8; ++lane)
-                for (int r = 0; r < 4; ++r)
-                    target[v * 32 + lane * 4 + r] =
-                        (int8_t)rintf(source[32 * (lane % g) + 4 * (v * (8 / g) + lane / g) + r] / row_scale);
             const __m256i row = _mm256_loadu_si256((const __m256i *)(target + v * 32));
             offset = _mm256_add_epi32(offset, _mm256_madd_epi16(_mm256_maddubs_epi16(sixteen, row), ones));
         }
@@ -389,9 +536,10 @@ static void int5_product(const float *x, int64_t m, int64_t k, const uint8_t *ni
             for (int64_t tile_index = first; tile_index < last; ++tile_index) {
                 const int64_t n0 = tile_index * INT5_COLS;
                 const int cols = n - n0 < INT5_COLS ? (int)(n - n0) : INT5_COLS;
-                rows_times_int5_tile(quantized + row0 * k, offsets + row0 * superblocks, rows,
-                                     nibbles + n0 * nibble_row, fifth + n0 * fifth_row, scales + n0 * superblocks * 8,
-                                     cols, out + row0 * n + n0, k, n, row_scale + row0, bias ? bias + n0 : NULL);
+                (rows >= INT5_MANY_ROWS ? int5_many_rows : rows_times_int5_tile)(
+                    quantized + row0 * k, offsets + row0 * superblocks, rows, nibbles + n0 * nibble_row,
+                    fifth + n0 * fifth_row, scales + n0 * superblocks * 8, cols, out + row0 * n + n0, k, n,
+                    row_scale + row0, bias ? bias + n0 : NULL);
             }
         }
     }
@@ -468,13 +616,6 @@ static inline __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-}
-
-static inline float max256(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
 }
 
 /* float32 -> bfloat16, rounded to nearest even (torch's .to(torch.bfloat16) for finite values). */

@@ -162,6 +162,20 @@ def test_multiplies_the_packed_weights_by_the_row_quantized_activations(depth, r
 
 
 @needs_kernel
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("rows", [4, 5, 40])
+def test_int5_rows_together_equal_rows_alone(depth, rows):
+    # From 5 rows a row block takes int5_many_rows (codes decoded once per
+    # block), fewer take int5_tile: every row must come out the same bits.
+    nibbles, fifth, scales = native.int5_pack(torch.randn(37, depth, generator=torch.Generator().manual_seed(depth)))
+    bias = torch.randn(37)
+    x = _inputs(rows, depth, seed=depth + rows)
+    together = native.int5_linear(x, nibbles, fifth, scales, bias)
+    alone = torch.cat([native.int5_linear(x[row : row + 1], nibbles, fifth, scales, bias) for row in range(rows)])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
 def test_integer_operands_give_exact_integer_results():
     depth, outputs = 896, 64
     generator = torch.Generator().manual_seed(3)

@@ -427,6 +427,13 @@ class ModelRunner:
         self._governor = ThreadGovernor(engine_config.threads)
 
     @property
+    def compute_threads(self) -> int:
+        """Threads of the next forward pass: the configured count, or fewer
+        while the thread governor sees the host withholding cores (native
+        layers only)."""
+        return self._governor.threads if self._stack is not None else self._governor.most
+
+    @property
     def native_layers(self) -> bool:
         """Whether the decoder layers run in the native kernel (native.DecoderStack)."""
         return self._stack is not None

@@ -218,6 +218,7 @@ class Scheduler:
             prefix_cache_evictions_total=cache.evictions if cache else 0,
             draft_tokens_total=self._draft_tokens_total,
             accepted_draft_tokens_total=self._accepted_draft_tokens_total,
+            compute_threads=self._runner.compute_threads,
             last_progress=self._last_progress,
         )
 

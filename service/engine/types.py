@@ -270,6 +270,7 @@ class EngineStats:
     prefix_cache_evictions_total: int = 0
     draft_tokens_total: int = 0  # speculative draft tokens verified
     accepted_draft_tokens_total: int = 0  # of those, kept (each one a token gained without its own pass)
+    compute_threads: int = 0  # the forward passes' threads: --threads, or fewer while the host withholds cores
     # time.monotonic() when the compute thread last woke up for work or
     # finished a step: the liveness check's sign of progress.
     last_progress: float = 0.0

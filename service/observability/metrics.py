@@ -263,6 +263,13 @@ class Metrics:
             m,
             registry=r,
         )
+        self.compute_threads = Gauge(
+            "qwen_engine_compute_threads",
+            "Threads the engine's forward passes run on: --threads, or fewer while the host keeps them off their "
+            "cores (neighbours on the node); below --threads means the replica is slowed by its node.",
+            m,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             "qwen_decode_batch_size",
             "Requests decoded together, one sample per engine decode step.",
@@ -320,6 +327,7 @@ class ModelMetrics:
         self._running_limit = metrics.requests_running_limit.labels(model)
         self._waiting_limit = metrics.requests_waiting_limit.labels(model)
         self._kv_usage = metrics.kv_cache_usage.labels(model)
+        self._compute_threads = metrics.compute_threads.labels(model)
         self.finished = {reason: metrics.requests_finished.labels(model, reason) for reason in FINISH_REASONS}
         self.failed = {reason: metrics.requests_failed.labels(model, reason) for reason in FAILURE_REASONS}
 
@@ -351,6 +359,7 @@ class ModelMetrics:
         self._kv_usage.set_function(kv_usage)
         self._prefix_cache_blocks_used.set_function(lambda: stats().prefix_cache_blocks_used)
         self._prefix_cache_blocks_limit.set_function(lambda: stats().prefix_cache_blocks_capacity)
+        self._compute_threads.set_function(lambda: stats().compute_threads)
         self._running_limit.set(max_running)
         self._waiting_limit.set(max_waiting)
 

@@ -210,6 +210,7 @@ def test_load_gauges_saw_the_burst(prometheus, traffic):
     assert q("max_over_time(qwen_requests_waiting[10m])") == 1
     assert q("qwen_requests_running_limit") == 2
     assert q("qwen_requests_waiting_limit") == 1
+    assert q("qwen_engine_compute_threads") == 1  # --threads 1: the governor never goes above it nor below 1
     assert 0 < q("max_over_time(qwen_kv_cache_usage_ratio[10m])") <= 1
     # Everything ended: slots and cache are free again.
     assert q("qwen_requests_running") == 0 and q("qwen_requests_waiting") == 0

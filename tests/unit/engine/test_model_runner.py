@@ -10,6 +10,7 @@ from service.engine import native
 from service.engine.config import EngineConfig
 from service.engine.loader import load_model
 from service.engine.model_runner import ModelRunner, PrefillChunk
+from service.engine.threads import WINDOW
 
 PROMPTS = ["What is the capital of France?", "def add", "法国的首都是哪里？"]
 
@@ -222,6 +223,25 @@ def test_the_native_layers_refuse_rows_outside_the_cache(tiny_model_dir):
         runner.decode([5], [64])
     with pytest.raises(ValueError, match="slots out of range"):
         runner.step([], [], [PrefillChunk(2, [5, 6], 0)])
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
+def test_the_runner_reports_the_threads_its_governor_chose(tiny_model_dir):
+    """What qwen_engine_compute_threads shows: --threads, then fewer after hindered passes."""
+    runner = ModelRunner(
+        load_model(str(tiny_model_dir)),
+        EngineConfig.defaults(max_batch_size=1, max_model_len=64, quantization="int8", threads=2),
+    )
+    assert runner.compute_threads == 2
+    for _ in range(WINDOW):
+        runner._governor.record(0.3, 1.0)  # a thread kept off its core for most of each pass
+    assert runner.compute_threads == 1
+    threads = torch.get_num_threads()
+    try:
+        runner.decode([5], [0])  # the next pass runs on that count
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")

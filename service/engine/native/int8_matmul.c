@@ -122,12 +122,6 @@ static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *s
     *scale = row_scale;
 }
 
-static void quantize_row_int8(const float *x, int64_t k, int8_t *quantized, float *scale) {
-    const float row_scale = row_quantization_scale(x, k);
-    for (int64_t t = 0; t < k; ++t) quantized[t] = (int8_t)rintf(x[t] / row_scale);
-    *scale = row_scale;
-}
-
 /* x: [m, k] float32; w: [n, k] int8; weight_scale: [n]; bias: [n] or NULL;
  * out: [m, n] float32; quantized: m * k, row_scale: m, scratch. Work-shared
  * by the threads of the enclosing parallel region (one thread outside one):
@@ -219,6 +213,21 @@ static inline int64_t superblock_count(int64_t blocks) {
     return blocks / 8 + __builtin_popcountll((unsigned long long)(blocks % 8));
 }
 
+/* The 32 codes of vector v of a weight row (any superblock shape): bits
+ * 0..3 from the nibbles, bit 4 from `high`, the row's fifth bits of v's
+ * group of 8 vectors. The 16-bit shifts move bits across bytes too, but
+ * never into bit 4. */
+static inline __m256i int5_vector_codes(const uint8_t *nibbles, __m256i high, int64_t v) {
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
+    const int bit = (int)(v & 7);
+    __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + (v >> 1) * 32));
+    if (v & 1) low = _mm256_srli_epi16(low, 4);
+    __m256i top = high;
+    if (bit < 4) top = _mm256_slli_epi16(top, 4 - bit);
+    if (bit > 4) top = _mm256_srli_epi16(top, bit - 4);
+    return _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
+}
+
 /* One weight row's dot products with `rows` activation rows over one
  * superblock of g blocks (g vectors, from vector `first`): per row, 8 int32
  * lanes, each one block's exact sum. Bits 0..3 of the codes come from the
@@ -268,14 +277,7 @@ static inline __attribute__((always_inline)) void int5_superblock(const int8_t *
         return;
     }
     for (int u = 0; u < g; ++u) {
-        const int64_t v = first + u;
-        const int bit = (int)(v & 7);
-        __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + (v >> 1) * 32));
-        if (v & 1) low = _mm256_srli_epi16(low, 4);
-        __m256i top = high;
-        if (bit < 4) top = _mm256_slli_epi16(top, 4 - bit);
-        if (bit > 4) top = _mm256_srli_epi16(top, bit - 4);
-        const __m256i code = _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
+        const __m256i code = int5_vector_codes(nibbles, high, first + u);
         for (int i = 0; i < rows; ++i) {
             const __m256i activations = _mm256_loadu_si256((const __m256i *)(row + i * k + u * 32));
             sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_maddubs_epi16(code, activations), ones));
@@ -289,6 +291,13 @@ static inline float sum256(__m256 v) {
     sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
     sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
     return _mm_cvtss_f32(sum);
+}
+
+/* One output of an int5 product from its 8 lanes of scaled block sums: the
+ * same additions in the same order whichever kernel computed them. */
+static inline float int5_output(__m256 acc, float row_scale, const float *bias, int j) {
+    const float value = sum256(acc) * row_scale;
+    return bias ? value + bias[j] : value;
 }
 
 static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, const __m256i *offsets,
@@ -322,11 +331,7 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
         first += g;
     }
     for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) {
-            float value = sum256(acc[i][j]) * row_scale[i];
-            if (bias) value = value + bias[j];
-            out[i * n + j] = value;
-        }
+        for (int j = 0; j < cols; ++j) out[i * n + j] = int5_output(acc[i][j], row_scale[i], bias, j);
 }
 
 #define INT5_CASE(ROWS, C) int5_tile(a, offsets, nibbles, fifth, scales, out, k, n, row_scale, bias, ROWS, C)
@@ -417,16 +422,7 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
         for (int j = 0; j < cols; ++j) {
             const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + j * fifth_row + (first >> 3) * 32));
             __m256i code[4];
-            for (int u = 0; u < g; ++u) {
-                const int64_t v = first + u;
-                const int bit = (int)(v & 7);
-                __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + j * nibble_row + (v >> 1) * 32));
-                if (v & 1) low = _mm256_srli_epi16(low, 4);
-                __m256i top = high;
-                if (bit < 4) top = _mm256_slli_epi16(top, 4 - bit);
-                if (bit > 4) top = _mm256_srli_epi16(top, bit - 4);
-                code[u] = _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
-            }
+            for (int u = 0; u < g; ++u) code[u] = int5_vector_codes(nibbles + j * nibble_row, high, first + u);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int64_t i = 0; i < rows; ++i) {
                 const __m256i *r = (const __m256i *)(a + i * k + first * 32);
@@ -440,11 +436,7 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
         first += g;
     }
     for (int64_t i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) {
-            float value = sum256(acc[i][j]) * row_scale[i];
-            if (bias) value = value + bias[j];
-            out[i * n + j] = value;
-        }
+        for (int j = 0; j < cols; ++j) out[i * n + j] = int5_output(acc[i][j], row_scale[i], bias, j);
 }
 
 /* 32 floats divided by scale, rounded half to even (rintf) and stored as int8, in order. */

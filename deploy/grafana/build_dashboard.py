@@ -441,6 +441,15 @@ def build() -> dict:
                 [query(f"sum by (pod) (process_resident_memory_bytes{{{SCOPE}}})", "{{pod}}")],
             )
         )
+        .with_panel(
+            series(
+                "Compute threads per pod",
+                "Threads the engine's forward passes run on (qwen_engine_compute_threads): --threads, or fewer while "
+                "the node keeps them off their cores. Below --threads, the replica is slowed by its neighbours.",
+                "short",
+                [query(f"min by (pod) (qwen_engine_compute_threads{{{QWEN}}})", "{{pod}}")],
+            )
+        )
     )
     model = board.build()
     for number, panel in enumerate(model.panels or (), start=1):

@@ -429,9 +429,9 @@ class ModelRunner:
     @property
     def compute_threads(self) -> int:
         """Threads of the next forward pass: the configured count, or fewer
-        while the thread governor sees the host withholding cores (native
-        layers only)."""
-        return self._governor.threads if self._stack is not None else self._governor.most
+        while the thread governor sees the host withholding cores (it hears
+        only of native passes, so the torch layers keep the configured count)."""
+        return self._governor.threads
 
     @property
     def native_layers(self) -> bool:

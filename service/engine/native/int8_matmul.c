@@ -362,8 +362,9 @@ static void rows_times_int5_tile(const int8_t *a, const __m256i *offsets, int64_
 }
 
 /* Many activation rows (a prompt, a large batch): the products are then
- * bound by arithmetic, not by reading the weights, and decoding the codes
- * for every 4 rows (int5_tile) was a third of the work. Here a weight row's
+ * bound by arithmetic, not by reading the weights, and int5_tile decodes
+ * the codes again for every 4 rows (bench/README.md: from 5 rows this is
+ * 0.68-0.86x int5_tile's time). Here a weight row's
  * codes of one full superblock are decoded once into 8 registers and serve
  * every row of the block; the rows' activations of that superblock (rows *
  * 256 bytes) stay in L1 across the tile's columns. Each lane's integer sum

@@ -44,6 +44,12 @@ def status_of(exc: ServiceError) -> grpc.StatusCode:
 
 
 async def _abort_with(context: aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, aio.InternalError):
+        # A send failed in grpc's core (ExecuteBatchError): the call ended
+        # there, cancelled by the client a moment before grpc cancelled this
+        # handler. It is that cancellation; nobody is left to tell.
+        _LOG.debug("%s: the call ended while sending: %s", method, exc)
+        raise asyncio.CancelledError from exc
     if isinstance(exc, ServiceError):
         if isinstance(exc, Overloaded):
             # gRPC's retry pushback: clients with a retry policy wait this long.

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
@@ -43,13 +43,18 @@ def status_of(exc: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[exc.code.name]
 
 
+def _ended_while_sending(exc: aio.InternalError, method: str) -> NoReturn:
+    """A send failed in grpc's core (ExecuteBatchError): the call ended
+    there, cancelled by the client a moment before grpc cancelled this
+    handler. It is that cancellation (grpc itself would log it at ERROR);
+    nobody is left to tell."""
+    _LOG.debug("%s: the call ended while sending: %s", method, exc)
+    raise asyncio.CancelledError from exc
+
+
 async def _abort_with(context: aio.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, aio.InternalError):
-        # A send failed in grpc's core (ExecuteBatchError): the call ended
-        # there, cancelled by the client a moment before grpc cancelled this
-        # handler. It is that cancellation; nobody is left to tell.
-        _LOG.debug("%s: the call ended while sending: %s", method, exc)
-        raise asyncio.CancelledError from exc
+        _ended_while_sending(exc, method)
     if isinstance(exc, ServiceError):
         if isinstance(exc, Overloaded):
             # gRPC's retry pushback: clients with a retry policy wait this long.
@@ -153,14 +158,26 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
             return behavior
 
+        def writer(inner: Behavior) -> Behavior:
+            checked = _first(_reject_undecodable)(inner)
+
+            async def behavior(request: Any, context: aio.ServicerContext) -> None:
+                try:
+                    await checked(request, context)
+                except aio.InternalError as exc:
+                    _ended_while_sending(exc, method)
+
+            return behavior
+
         # Write-style streams (health Watch uses context.write()) get only the
-        # undecodable-request check: their errors pass through untouched, as
-        # do streaming requests (reflection).
+        # undecodable-request check and the client's cancellation while
+        # writing: their other errors pass through untouched, as do streaming
+        # requests (reflection).
         return rewrap(
             handler,
             unary=unary,
             stream=stream,
-            writer=_first(_reject_undecodable),
+            writer=writer,
             request_deserializer=_lenient(handler.request_deserializer),
         )
 

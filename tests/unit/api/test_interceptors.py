@@ -7,6 +7,7 @@ import logging
 import threading
 
 import grpc
+import pytest
 from grpc import aio
 from grpc._cython import cygrpc  # ExecuteBatchError: what a send on a call the core has ended raises
 from prometheus_client import CollectorRegistry
@@ -24,7 +25,8 @@ def handled(registry: CollectorRegistry, code: str) -> float:
     return registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
 
 
-async def test_a_send_failing_after_the_client_left_is_a_cancellation_not_an_error(caplog):
+@pytest.mark.parametrize("shape", ["generator", "writer"])
+async def test_a_send_failing_after_the_client_left_is_a_cancellation_not_an_error(shape, caplog):
     """The soak test's race: the client cancels while the replica header's
     send is in grpc's core, and the send fails (ExecuteBatchError) before grpc
     cancels the handler. That is the client's cancellation: logged at DEBUG,
@@ -37,13 +39,21 @@ async def test_a_send_failing_after_the_client_left_is_a_cancellation_not_an_err
     handler_started = threading.Event()
     client_cancelled = threading.Event()
 
-    async def chat_stream(request, context):
+    def send_after_the_client_left() -> None:
         handler_started.set()
         # Blocking the event loop keeps grpc from cancelling this handler
         # before it fails.
         assert client_cancelled.wait(10)
         raise cygrpc.ExecuteBatchError('Failed "execute_batch": (SendInitialMetadataOperation,)')
+
+    async def generator(request, context):
+        send_after_the_client_left()
         yield b"never sent"
+
+    async def writer(request, context):  # as the health Watch, with context.write()
+        send_after_the_client_left()
+
+    chat_stream = generator if shape == "generator" else writer
 
     registry = CollectorRegistry()
     server = aio.server(

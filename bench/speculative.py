@@ -3,7 +3,7 @@ and decode speed with and without it, on the real model.
 
 Three prompt kinds (chat, code editing: the answer repeats the prompt's code
 with changes, summarisation), B concurrent greedy requests of one kind
-(B = 1, 4 by default), int8. One engine; speculation is switched on and off between
+(B = 1, 4 by default), the server's default quantization. One engine; speculation is switched on and off between
 runs, alternating which goes first each round. Decode tok/s = a request's
 completion tokens after the first / (finish - first token), summed over the
 B requests. Acceptance = accepted / drafted tokens. Prints one JSON line per
@@ -31,9 +31,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.config import default_model_path  # noqa: E402
+from service.config import Settings, default_model_path  # noqa: E402
 from service.engine import speculative  # noqa: E402
-from service.engine.config import EngineConfig  # noqa: E402
+from service.engine.config import QUANTIZATIONS, EngineConfig  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.engine.scheduler import Scheduler  # noqa: E402
@@ -70,9 +70,9 @@ PROMPTS = {
 }
 
 
-async def run(engine: Engine, prompt: tuple[int, ...], batch: int, max_tokens: int) -> dict:
+async def run(engine: Engine, prompt: tuple[int, ...], batch: int, max_tokens: int, repetition_penalty: float) -> dict:
     stats = engine.stats()
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
 
     async def one(index: int):
         final = None
@@ -140,6 +140,10 @@ async def main() -> None:
     parser.add_argument("--speculative-tokens", type=int, default=4)
     parser.add_argument("--batches", default="1,4", help="comma-separated concurrent requests per run")
     parser.add_argument("--acceptance", action="store_true", help="acceptance rates only (see above)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="1.05 is the server's default for requests that omit it"
+    )
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=Settings.model_fields["quantization"].default)
     # On a busy shared machine two OpenMP threads wait on each other in every op: 1 is the stable choice there.
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
@@ -150,7 +154,7 @@ async def main() -> None:
         max_waiting=8,
         max_model_len=2048,
         threads=args.threads,
-        quantization="int8",
+        quantization=args.quantization,
         prefix_cache_bytes=0,
         speculative_tokens=args.speculative_tokens,
         speculative_max_batch=max(batches),
@@ -163,16 +167,16 @@ async def main() -> None:
         await acceptance(engine, prompts, args)
         await engine.shutdown()
         return
-    await run(engine, prompts["chat"], 1, 8)  # warm-up
+    await run(engine, prompts["chat"], 1, 8, args.repetition_penalty)  # warm-up
     results: dict[tuple[str, int, int], list[dict]] = {}
-    print(json.dumps({"uptime": os.getloadavg()}), flush=True)
+    print(json.dumps({"uptime": os.getloadavg(), "quantization": scheduler._runner.quantization}), flush=True)
     for round_index in range(args.rounds):
         for kind, prompt in prompts.items():
             for batch in batches:
                 order = (0, args.speculative_tokens) if round_index % 2 == 0 else (args.speculative_tokens, 0)
                 for tokens in order:
                     scheduler._speculative_tokens = tokens
-                    result = await run(engine, prompt, batch, args.max_tokens)
+                    result = await run(engine, prompt, batch, args.max_tokens, args.repetition_penalty)
                     results.setdefault((kind, batch, tokens), []).append(result)
                     print(json.dumps({"round": round_index, "kind": kind, "batch": batch, "spec": tokens, **result}))
         print(json.dumps({"uptime": os.getloadavg()}), flush=True)

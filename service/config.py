@@ -140,8 +140,9 @@ class Settings(BaseSettings):
         le=16,
         description="Speculative decoding: most draft tokens per request and forward pass, proposed by prompt "
         "lookup (what followed an earlier occurrence of the text's last few tokens) and kept where the model "
-        "agrees; output is unchanged, greedy or sampled. A request whose drafts are rejected drafts less often "
-        "(pauses of 1, 2, 4 .. 16 steps). 0 turns it off.",
+        "agrees; output is unchanged, greedy or sampled. A request's first draft has 2 tokens, the next 2 more "
+        "after a draft kept whole, 1 fewer after one cut short; a request whose drafts are wholly rejected drafts "
+        "less often (pauses of 1, 2, 4 .. 16 steps). 0 turns it off.",
     )
     speculative_max_batch: int = Field(
         default=4,

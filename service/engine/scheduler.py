@@ -312,12 +312,14 @@ class Scheduler:
         return chunks
 
     def _may_speculate(self, seq: _Sequence) -> bool:
-        """Whether a request may take drafts: a request whose token selection
-        depends on more than its logits (a grammar's state, penalties or
-        logit_bias) or that reports logprobs selects one token per step. The
+        """Whether a request may take drafts: not one constrained by a grammar
+        or that reports logprobs (a draft row's selection would need its mask
+        or its distribution). Penalties and logit_bias are no obstacle: each
+        draft row is selected after the tokens before it were accepted
+        (_accept_run), so over the same tokens a decode step would see. The
         choices of a request for n are sequences of their own once forked
         (each its own slot, KV and generator), so they may."""
-        return seq.grammar is None and not seq.request.sampling.needs_logits_processing
+        return seq.grammar is None and not seq.request.sampling.logprobs
 
     def _plan_drafts(self, decoding: list[_Sequence], chunks: list[PrefillChunk]) -> list[list[int]]:
         """Prompt-lookup drafts for this step, one list per decoding request
@@ -340,7 +342,7 @@ class Scheduler:
                     seq.request.sampling.max_tokens - seq.generated - 1,
                     self._max_model_len - 1 - seq.cached,
                 )
-                draft.extend(self._lookup(seq).draft(limit))
+                draft.extend(self._lookup(seq).draft(seq.pacing.length(limit)))
                 budget -= len(draft)
         return drafts
 
@@ -570,7 +572,7 @@ class Scheduler:
                 break
             token = selected
             accepted += 1
-        seq.pacing.drafted(accepted)
+        seq.pacing.drafted(len(draft), accepted)
         self._speculated(len(draft), accepted)
 
     def _set_cached(self, seq: _Sequence, positions: int) -> None:

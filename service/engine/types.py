@@ -165,14 +165,6 @@ class SamplingParams:
         """Uses presence or frequency penalties (needs the output's token counts)."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    @property
-    def needs_logits_processing(self) -> bool:
-        """Selection depends on more than this step's logits and the seed
-        (penalties over the tokens so far, logit_bias), or the full
-        distribution is reported (logprobs): a decoding shortcut that skips
-        or batches per-token logits work (e.g. speculation) must not apply."""
-        return self.penalized or self.repetition_penalty != 1.0 or bool(self.logit_bias) or self.logprobs
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:

@@ -175,7 +175,6 @@ def test_n_is_bounded_by_the_batch_size_and_sampling_extensions_pass_through(eng
     assert (sampling.n, sampling.logprobs, sampling.top_logprobs) == (2, True, 20)
     assert (sampling.presence_penalty, sampling.frequency_penalty) == (-2.0, 2.0)
     assert sampling.logit_bias == ((0, 100.0), (engine.vocab_size - 1, -100.0))
-    assert sampling.needs_logits_processing
 
 
 def test_count_tokens_matches_the_prompt(engine):

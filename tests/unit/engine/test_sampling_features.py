@@ -128,8 +128,7 @@ def test_valid_extremes_are_accepted():
         frequency_penalty=2.0,
         logit_bias=tuple((i, 100.0 if i % 2 else -100.0) for i in range(MAX_LOGIT_BIAS_ENTRIES)),
     )
-    assert params.needs_logits_processing
-    assert not SamplingParams(max_tokens=4, temperature=1.0, seed=3, n=2).needs_logits_processing
+    assert (params.n, params.top_logprobs, len(params.logit_bias)) == (8, 20, MAX_LOGIT_BIAS_ENTRIES)
 
 
 # ------------------------------------------------------------- logprobs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import random
 import time
 
@@ -23,6 +24,7 @@ from service.engine.scheduler import Scheduler
 from service.engine.speculative import (
     DRAFT_MAX_NGRAM,
     DRAFT_MIN_NGRAM,
+    FIRST_DRAFT_LENGTH,
     MAX_DRAFT_PAUSE,
     DraftPacing,
     PromptLookup,
@@ -91,15 +93,33 @@ def test_rejected_drafts_pause_drafting_longer_each_time_and_an_accepted_one_end
     assert drafting_steps(3) == [True] * 3  # nothing rejected yet
     pauses = []
     for _ in range(7):  # a draft rejected at every chance
-        pacing.drafted(0)
+        pacing.drafted(2, 0)
         steps = drafting_steps(MAX_DRAFT_PAUSE + 1)
         pauses.append(steps.index(True))
         assert all(steps[pauses[-1] :])
     assert pauses == [1, 2, 4, 8, 16, 16, 16]
-    pacing.drafted(3)  # a draft at the step after the pause is accepted: no pause
+    pacing.drafted(1, 1)  # a draft at the step after the pause is accepted: no pause
     assert drafting_steps(3) == [True] * 3
-    pacing.drafted(0)  # and the next rejection pauses 1 step again
+    pacing.drafted(3, 0)  # and the next rejection pauses 1 step again
     assert drafting_steps(2) == [False, True]
+
+
+def test_a_draft_kept_whole_lengthens_the_next_and_one_cut_short_shortens_it():
+    pacing = DraftPacing()
+    assert pacing.length(16) == FIRST_DRAFT_LENGTH == 2
+    pacing.drafted(2, 2)
+    assert (pacing.length(16), pacing.length(3)) == (4, 3)  # capped by the step's limit
+    pacing.drafted(4, 4)
+    assert pacing.length(16) == 6
+    pacing.drafted(6, 1)
+    assert pacing.length(16) == 5
+    for expected in (4, 3, 2, 1, 1):  # wholly rejected: shorter too, never below 1
+        pacing.drafted(pacing.length(16), 0)
+        assert pacing.length(16) == expected
+    pacing.drafted(1, 1)  # a draft kept whole: 2 more than it had
+    assert pacing.length(16) == 3
+    pacing.drafted(1, 1)  # also when the lookup found fewer tokens than allowed
+    assert pacing.length(16) == 3
 
 
 def test_acceptance_rule_keeps_the_distribution():
@@ -369,26 +389,39 @@ async def test_prefix_cache_holds_no_rejected_drafts(tiny_model_dir, oracle):
 
 
 # Selection depends on more than the step's logits, or every token's distribution is reported.
-NO_DRAFTS = [
+PENALIZED = [
     SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.1),
     SamplingParams(max_tokens=40, temperature=0.0, frequency_penalty=0.5),
     SamplingParams(max_tokens=40, temperature=0.0, presence_penalty=0.5),
     SamplingParams(max_tokens=40, temperature=0.0, logit_bias=((5, 1.0),)),
-    SamplingParams(max_tokens=40, temperature=0.0, logprobs=True),
+    dataclasses.replace(SAMPLED, repetition_penalty=1.05, frequency_penalty=0.2),
 ]
 
 
-async def test_no_drafts_above_the_batch_limit_or_with_logits_processing(tiny_model_dir, oracle):
-    cases = [(PROMPTS[2], GREEDY)]
-    await compare(tiny_model_dir, cases + [(PROMPTS[0], sampling) for sampling in NO_DRAFTS], False)  # futures
+@pytest.mark.parametrize("sampling", PENALIZED, ids=["repetition", "frequency", "presence", "logit_bias", "sampled"])
+async def test_penalties_and_logit_bias_speculate_with_the_same_output(tiny_model_dir, oracle, sampling):
+    """Each draft row is selected over the tokens accepted before it, as a
+    decode step would: penalties (the server's default repetition_penalty is
+    1.05) do not turn speculation off, and change nothing in the output."""
+    cases = [(prompt, sampling) for prompt in PROMPTS[:2]]
+    expected, got, stats = await compare(tiny_model_dir, cases, False)
+    assert got == expected
+    assert stats.accepted_draft_tokens_total > 0
+
+
+async def test_no_drafts_above_the_batch_limit_or_with_logprobs(tiny_model_dir, oracle):
+    with_logprobs = SamplingParams(max_tokens=40, temperature=0.0, logprobs=True)
+    await compare(tiny_model_dir, [(PROMPTS[2], GREEDY), (PROMPTS[0], with_logprobs)], False)  # futures
     engine = make_engine(tiny_model_dir, 4, speculative_max_batch=1)
     try:
-        for sampling in NO_DRAFTS:
-            await outputs(engine, [(PROMPTS[0], sampling)], False)
-            assert engine.stats().draft_tokens_total == 0, sampling
+        await outputs(engine, [(PROMPTS[0], with_logprobs)], False)
+        assert engine.stats().draft_tokens_total == 0
+        await outputs(engine, [(PROMPTS[0], GREEDY)], False)  # the same prompt without logprobs drafts
+        assert engine.stats().draft_tokens_total > 0
+        drafted = engine.stats().draft_tokens_total
         # Two streams of the same length decode together from start to end.
         await outputs(engine, [(PROMPTS[2], GREEDY), (PROMPTS[2], GREEDY)], True)
-        assert engine.stats().draft_tokens_total == 0
+        assert engine.stats().draft_tokens_total == drafted
     finally:
         await engine.shutdown()
 
@@ -472,5 +505,7 @@ async def test_rejected_drafts_pause_drafting_and_leave_the_output_alone(tiny_mo
     finally:
         await engine.shutdown()
     assert stats.accepted_draft_tokens_total == 0
-    # 39 steps could draft; paced, drafts go at steps 1, 3, 6, 11, 20 and 37.
-    assert 0 < stats.draft_tokens_total <= 6 * 4
+    # 39 steps could draft; paced, drafts go at steps 1, 3, 6, 11, 20 and 37,
+    # the first of FIRST_DRAFT_LENGTH tokens, each later one a token shorter
+    # down to 1 (the limit, speculative_tokens, is 4).
+    assert stats.draft_tokens_total == 2 + 1 + 1 + 1 + 1 + 1

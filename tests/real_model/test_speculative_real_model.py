@@ -1,6 +1,7 @@
 """Speculative decoding with the real weights and the default quantization: greedy
 and seeded output is exactly the output without it, alone and batched, and
-prompt-lookup drafts are accepted on a code-editing prompt."""
+prompt-lookup drafts are accepted on code-editing prompts, also under the
+server's default repetition penalty."""
 
 from __future__ import annotations
 
@@ -22,16 +23,20 @@ CODE = """def mean(values):
     return total / len(values)
 """
 CASES = [
-    (f"Rename `values` to `items` in this function and return the whole function:\n\n{CODE}", 0.0, None),
-    ("Write a haiku about the sea.", 0.0, None),
-    (f"Add a docstring to this function and return the whole function:\n\n{CODE}", 0.7, 11),
+    (f"Rename `values` to `items` in this function and return the whole function:\n\n{CODE}", 0.0, None, 1.0),
+    ("Write a haiku about the sea.", 0.0, None, 1.0),
+    (f"Add a docstring to this function and return the whole function:\n\n{CODE}", 0.7, 11, 1.0),
+    # The server's default repetition penalty: such requests speculate too.
+    (f"Rename `total` to `sum_` in this function and return the whole function:\n\n{CODE}", 0.7, 5, 1.05),
 ]
 
 
 async def outputs(engine: Engine, together: bool) -> list[tuple[str, int]]:
-    async def one(index: int, text: str, temperature: float, seed: int | None) -> tuple[str, int]:
+    async def one(index: int, text: str, temperature: float, seed: int | None, penalty: float) -> tuple[str, int]:
         prompt = tuple(engine.encode_chat([{"role": "user", "content": text}]))
-        sampling = SamplingParams(max_tokens=32, temperature=temperature, top_p=0.9, seed=seed)
+        sampling = SamplingParams(
+            max_tokens=32, temperature=temperature, top_p=0.9, seed=seed, repetition_penalty=penalty
+        )
         events = [event async for event in engine.generate(GenerationRequest(f"r{index}", prompt, sampling))]
         return "".join(event.text for event in events), events[-1].usage.completion_tokens
 

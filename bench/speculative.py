@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import pathlib
@@ -70,9 +71,8 @@ PROMPTS = {
 }
 
 
-async def run(engine: Engine, prompt: tuple[int, ...], batch: int, max_tokens: int, repetition_penalty: float) -> dict:
+async def run(engine: Engine, prompt: tuple[int, ...], batch: int, sampling: SamplingParams) -> dict:
     stats = engine.stats()
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
 
     async def one(index: int):
         final = None
@@ -113,7 +113,9 @@ def replay(prompt: tuple[int, ...], output: tuple[int, ...], tokens: int) -> dic
     }
 
 
-async def acceptance(engine: Engine, prompts: dict[str, tuple[int, ...]], args: argparse.Namespace) -> None:
+async def acceptance(
+    engine: Engine, prompts: dict[str, tuple[int, ...]], sampling: SamplingParams, speculative_tokens: int
+) -> None:
     outputs: dict[str, tuple[int, ...]] = {}
     release = Scheduler._release
 
@@ -123,13 +125,12 @@ async def acceptance(engine: Engine, prompts: dict[str, tuple[int, ...]], args: 
 
     Scheduler._release = recording_release  # type: ignore[method-assign,assignment]
     for kind, prompt in prompts.items():
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
         async for _ in engine.generate(GenerationRequest(kind, prompt, sampling)):
             pass
         row = {"kind": kind, "tokens": len(outputs[kind])}
         for n in (1, 2, 3):
             speculative.DRAFT_MIN_NGRAM = n
-            row[f"min_ngram_{n}"] = replay(prompt, outputs[kind], args.speculative_tokens)
+            row[f"min_ngram_{n}"] = replay(prompt, outputs[kind], speculative_tokens)
         print(json.dumps(row), flush=True)
 
 
@@ -163,11 +164,12 @@ async def main() -> None:
     engine.start()
     scheduler = engine._scheduler  # switched between runs: one model in memory for both arms
     prompts = {kind: tuple(engine.encode_chat([{"role": "user", "content": text}])) for kind, text in PROMPTS.items()}
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=args.repetition_penalty)
     if args.acceptance:
-        await acceptance(engine, prompts, args)
+        await acceptance(engine, prompts, sampling, args.speculative_tokens)
         await engine.shutdown()
         return
-    await run(engine, prompts["chat"], 1, 8, args.repetition_penalty)  # warm-up
+    await run(engine, prompts["chat"], 1, dataclasses.replace(sampling, max_tokens=8))  # warm-up
     results: dict[tuple[str, int, int], list[dict]] = {}
     print(json.dumps({"uptime": os.getloadavg(), "quantization": scheduler._runner.quantization}), flush=True)
     for round_index in range(args.rounds):
@@ -176,7 +178,7 @@ async def main() -> None:
                 order = (0, args.speculative_tokens) if round_index % 2 == 0 else (args.speculative_tokens, 0)
                 for tokens in order:
                     scheduler._speculative_tokens = tokens
-                    result = await run(engine, prompt, batch, args.max_tokens, args.repetition_penalty)
+                    result = await run(engine, prompt, batch, sampling)
                     results.setdefault((kind, batch, tokens), []).append(result)
                     print(json.dumps({"round": round_index, "kind": kind, "batch": batch, "spec": tokens, **result}))
         print(json.dumps({"uptime": os.getloadavg()}), flush=True)

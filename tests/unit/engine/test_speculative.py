@@ -388,7 +388,7 @@ async def test_prefix_cache_holds_no_rejected_drafts(tiny_model_dir, oracle):
     assert final.usage.completion_tokens == expected_final.usage.completion_tokens
 
 
-# Selection depends on more than the step's logits, or every token's distribution is reported.
+# Selection that depends on the tokens so far (penalties) or on logit_bias.
 PENALIZED = [
     SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.1),
     SamplingParams(max_tokens=40, temperature=0.0, frequency_penalty=0.5),

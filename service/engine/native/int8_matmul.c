@@ -216,8 +216,9 @@ static inline int64_t superblock_count(int64_t blocks) {
 /* The 32 codes of vector v of a weight row (any superblock shape): bits
  * 0..3 from the nibbles, bit 4 from `high`, the row's fifth bits of v's
  * group of 8 vectors. The 16-bit shifts move bits across bytes too, but
- * never into bit 4. */
-static inline __m256i int5_vector_codes(const uint8_t *nibbles, __m256i high, int64_t v) {
+ * never into bit 4. The one decoder of every kernel: called with a constant
+ * v (from a full superblock's start), its branches and shifts fold away. */
+static inline __attribute__((always_inline)) __m256i int5_vector_codes(const uint8_t *nibbles, __m256i high, int64_t v) {
     const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
     const int bit = (int)(v & 7);
     __m256i low = _mm256_loadu_si256((const __m256i *)(nibbles + (v >> 1) * 32));
@@ -228,52 +229,40 @@ static inline __m256i int5_vector_codes(const uint8_t *nibbles, __m256i high, in
     return _mm256_or_si256(_mm256_and_si256(low, low_nibble), _mm256_and_si256(top, fifth_bit));
 }
 
+/* Four code vectors times four activation vectors, summed in int16
+ * (4 * 2 * 31 * 127 < 32768), then widened to 8 int32 lanes. */
+static inline __attribute__((always_inline)) __m256i int5_quad(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
+                                                               const __m256i *activations) {
+    const __m256i products =
+        _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(activations)),
+                                          _mm256_maddubs_epi16(c1, _mm256_loadu_si256(activations + 1))),
+                         _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_loadu_si256(activations + 2)),
+                                          _mm256_maddubs_epi16(c3, _mm256_loadu_si256(activations + 3))));
+    return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+}
+
 /* One weight row's dot products with `rows` activation rows over one
  * superblock of g blocks (g vectors, from vector `first`): per row, 8 int32
- * lanes, each one block's exact sum. Bits 0..3 of the codes come from the
- * nibbles, bit 4 from the fifth bits: the 16-bit shifts move bits across
- * bytes too, but never into bit 4. */
+ * lanes, each one block's exact sum. A full superblock is decoded half by
+ * half (4 code registers live, beside int5_tile's accumulators). */
 static inline __attribute__((always_inline)) void int5_superblock(const int8_t *a, int64_t k, int rows,
                                                                   const uint8_t *nibbles, const uint8_t *fifth,
                                                                   int64_t first, int g, __m256i *sums) {
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
     const __m256i ones = _mm256_set1_epi16(1);
     for (int i = 0; i < rows; ++i) sums[i] = _mm256_setzero_si256();
     const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + (first >> 3) * 32));
     const int8_t *row = a + first * 32;
     if (g == 8) {
         /* A full superblock starts at a multiple of 8 vectors: shifts and parities are constants. */
-        const uint8_t *pair = nibbles + (first >> 1) * 32;
-/* The codes of vectors 2P (low nibbles) and 2P + 1 (high nibbles). */
-#define INT5_CODES(P, SHIFT_EVEN, SHIFT_ODD)                                                                   \
-    const __m256i both##P = _mm256_loadu_si256((const __m256i *)(pair + (P) * 32));                            \
-    const __m256i even##P =                                                                                    \
-        _mm256_or_si256(_mm256_and_si256(both##P, low_nibble), _mm256_and_si256(SHIFT_EVEN, fifth_bit));       \
-    const __m256i odd##P = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both##P, 4), low_nibble),        \
-                                           _mm256_and_si256(SHIFT_ODD, fifth_bit))
-/* Four vectors' products summed in int16 (4 * 2 * 31 * 127 < 32768), then widened once. */
-#define INT5_QUAD(P, Q)                                                                                        \
-    for (int i = 0; i < rows; ++i) {                                                                           \
-        const __m256i *r = (const __m256i *)(row + i * k + (P) * 64);                                          \
-        const __m256i products = _mm256_add_epi16(                                                             \
-            _mm256_add_epi16(_mm256_maddubs_epi16(even##P, _mm256_loadu_si256(r)),                             \
-                             _mm256_maddubs_epi16(odd##P, _mm256_loadu_si256(r + 1))),                         \
-            _mm256_add_epi16(_mm256_maddubs_epi16(even##Q, _mm256_loadu_si256(r + 2)),                         \
-                             _mm256_maddubs_epi16(odd##Q, _mm256_loadu_si256(r + 3))));                        \
-        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(products, ones));                                \
-    }
-        {
-            INT5_CODES(0, _mm256_slli_epi16(high, 4), _mm256_slli_epi16(high, 3));
-            INT5_CODES(1, _mm256_slli_epi16(high, 2), _mm256_slli_epi16(high, 1));
-            INT5_QUAD(0, 1)
+        const uint8_t *superblock = nibbles + (first >> 1) * 32;
+        for (int half = 0; half < 2; ++half) {
+            const __m256i c0 = int5_vector_codes(superblock, high, 4 * half),
+                          c1 = int5_vector_codes(superblock, high, 4 * half + 1),
+                          c2 = int5_vector_codes(superblock, high, 4 * half + 2),
+                          c3 = int5_vector_codes(superblock, high, 4 * half + 3);
+            for (int i = 0; i < rows; ++i)
+                sums[i] = _mm256_add_epi32(sums[i], int5_quad(c0, c1, c2, c3, (const __m256i *)(row + i * k) + 4 * half));
         }
-        {
-            INT5_CODES(2, high, _mm256_srli_epi16(high, 1));
-            INT5_CODES(3, _mm256_srli_epi16(high, 2), _mm256_srli_epi16(high, 3));
-            INT5_QUAD(2, 3)
-        }
-#undef INT5_CODES
-#undef INT5_QUAD
         return;
     }
     for (int u = 0; u < g; ++u) {
@@ -376,42 +365,20 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
                            const float *row_scale, const float *bias) {
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks), full = blocks / 8;
     const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32, scale_row = superblocks * 8;
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
     const __m256i ones = _mm256_set1_epi16(1);
     /* Not zeroed: the first superblock adds to zero instead (a store and a load fewer per output). */
     __m256 acc[ROW_BLOCK][INT5_COLS];
     for (int64_t s = 0; s < full; ++s)
         for (int j = 0; j < cols; ++j) {
-            const uint8_t *pair = nibbles + j * nibble_row + s * 4 * 32;
+            const uint8_t *superblock = nibbles + j * nibble_row + s * 4 * 32;
             const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + j * fifth_row + s * 32));
             __m256i code[8];
-            for (int p = 0; p < 4; ++p) {
-                const __m256i both = _mm256_loadu_si256((const __m256i *)(pair + p * 32));
-                /* Fifth bits of vectors 2p and 2p + 1 are bits 2p and 2p + 1 of `high`, moved to bit 4. */
-                const int even_shift = 4 - 2 * p, odd_shift = 3 - 2 * p;
-                const __m256i even_top = even_shift >= 0 ? _mm256_slli_epi16(high, even_shift)
-                                                         : _mm256_srli_epi16(high, -even_shift);
-                const __m256i odd_top =
-                    odd_shift >= 0 ? _mm256_slli_epi16(high, odd_shift) : _mm256_srli_epi16(high, -odd_shift);
-                code[2 * p] = _mm256_or_si256(_mm256_and_si256(both, low_nibble), _mm256_and_si256(even_top, fifth_bit));
-                code[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibble),
-                                                  _mm256_and_si256(odd_top, fifth_bit));
-            }
+            for (int u = 0; u < 8; ++u) code[u] = int5_vector_codes(superblock, high, u);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int64_t i = 0; i < rows; ++i) {
                 const __m256i *r = (const __m256i *)(a + i * k + s * 256);
-                /* Four vectors' products summed in int16 (4 * 2 * 31 * 127 < 32768), as in int5_superblock. */
-                const __m256i low = _mm256_add_epi16(
-                    _mm256_add_epi16(_mm256_maddubs_epi16(code[0], _mm256_loadu_si256(r)),
-                                     _mm256_maddubs_epi16(code[1], _mm256_loadu_si256(r + 1))),
-                    _mm256_add_epi16(_mm256_maddubs_epi16(code[2], _mm256_loadu_si256(r + 2)),
-                                     _mm256_maddubs_epi16(code[3], _mm256_loadu_si256(r + 3))));
-                const __m256i top = _mm256_add_epi16(
-                    _mm256_add_epi16(_mm256_maddubs_epi16(code[4], _mm256_loadu_si256(r + 4)),
-                                     _mm256_maddubs_epi16(code[5], _mm256_loadu_si256(r + 5))),
-                    _mm256_add_epi16(_mm256_maddubs_epi16(code[6], _mm256_loadu_si256(r + 6)),
-                                     _mm256_maddubs_epi16(code[7], _mm256_loadu_si256(r + 7))));
-                const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(top, ones));
+                const __m256i sums = _mm256_add_epi32(int5_quad(code[0], code[1], code[2], code[3], r),
+                                                      int5_quad(code[4], code[5], code[6], code[7], r + 4));
                 const __m256i exact = _mm256_sub_epi32(sums, offsets[i * superblocks + s]);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, s ? acc[i][j] : _mm256_setzero_ps());
             }

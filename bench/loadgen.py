@@ -33,6 +33,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -40,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -370,6 +372,7 @@ class OursServer:
         self.pid = args.target_pid
         self.start_seconds = None
         self.argv: list[str] = []
+        self.engine: dict[str, str] | None = None  # qwen_engine_info's labels (not known with --target)
 
     def start(self, plan: LevelPlan | None) -> None:
         if self.args.target:
@@ -404,6 +407,7 @@ class OursServer:
         self.start_seconds = self.proc.wait_serving(self.args.server_timeout)
         self.target = self.proc.target
         self.pid = self.proc.process.pid
+        self.engine = engine_info(self.proc.metrics_url)
 
     def client(self) -> OursClient:
         return OursClient(self.target)
@@ -424,6 +428,7 @@ class LlamaServer:
         self.pid = None
         self.start_seconds = None
         self.argv: list[str] = []
+        self.engine = None
 
     def start(self, plan: LevelPlan) -> None:
         from bench.llama_server import LlamaServerProcess
@@ -449,6 +454,23 @@ class LlamaServer:
         if self.proc is not None:
             self.proc.close()
             self.proc = None
+
+
+def engine_info(metrics_url: str) -> dict[str, str] | None:
+    """The labels of the server's qwen_engine_info: the quantization and
+    kernels it settled on (a stale native build silently falls back to torch
+    layers, several times slower), or None if it exposes none."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(r"^qwen_engine_info\{(.*)\} 1\.0$", text, re.MULTILINE)
+    return dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) if match else None
+
+
+def _engine_text(engine: dict[str, str] | None) -> str:
+    if engine is None:
+        return ""
+    layers = "native layers" if engine.get("native_layers") == "true" else "TORCH LAYERS (is the native build stale?)"
+    return f", {engine.get('quantization')}, {layers}"
 
 
 def _wait_serving(target: str, timeout: float) -> None:
@@ -993,13 +1015,14 @@ async def main_async(args: argparse.Namespace) -> dict:
                         ctx_per_slot=ctx,
                         server_start_seconds=side.start_seconds,
                         server_argv=side.argv,
+                        server_engine=side.engine,
                     )
                     s = level["summary"]
                     level["noisy"] = _others_cores(level) > args.noise_threshold
                     log(
                         f"  {side.name}: {s['requests']} requests, {s['errors']} errors, {_fmt(s['agg_tok_s'], digits=1)} tok/s, "
                         f"TTFT p50 {_fmt(s['ttft_p50'], 1000)} ms, ITL p50 {_fmt(s['itl_p50'], 1000, 1)} ms, "
-                        f"others {_fmt(_others_cores(level), digits=2)} cores"
+                        f"others {_fmt(_others_cores(level), digits=2)} cores{_engine_text(side.engine)}"
                         + (f", co-runner {level['co_runner']['gib_per_s']:.1f} GiB/s" if level["co_runner"] else "")
                     )
                     levels.append(level)

@@ -208,7 +208,7 @@ class Server:
             Engine, load, EngineConfig.from_settings(s), observer=model_metrics
         )
         _release_freed_memory()
-        model_metrics.track_engine(engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
+        model_metrics.track_engine(engine.setup, engine.stats, max_running=s.max_batch_size, max_waiting=s.max_waiting)
         engine.start()
         self._health.watch_engine(engine.stats)  # qwen.Liveness
         self._trimmer = asyncio.create_task(_trim_when_idle(engine.stats))

@@ -450,6 +450,22 @@ def build() -> dict:
                 [query(f"min by (pod) (qwen_engine_compute_threads{{{QWEN}}})", "{{pod}}")],
             )
         )
+        .with_panel(
+            series(
+                "Replicas by kernel path",
+                "Replicas per quantization and decoder-layer path, as each settled at start-up (qwen_engine_info). "
+                "--quantization auto is decided per node, so one deployment may mix them; native layers false is "
+                "the torch path, several times slower on x86-64 (the image's native build did not load) and the only "
+                "path on ARM64.",
+                "short",
+                [
+                    query(
+                        f"count by (quantization, native_layers) (qwen_engine_info{{{QWEN}}})",
+                        "{{quantization}}, native layers {{native_layers}}",
+                    )
+                ],
+            )
+        )
     )
     model = board.build()
     for number, panel in enumerate(model.panels or (), start=1):

@@ -71,6 +71,7 @@ class Engine:
             observer=observer,
         )
         self.loaded = self._scheduler.loaded
+        self.setup = self._scheduler.setup
         self.max_token_bytes = _max_token_bytes(self.loaded.tokenizer)
         self._grammars = GrammarCompiler(
             self.loaded.tokenizer, self.loaded.model.config.vocab_size, self.loaded.eos_token_ids

@@ -434,6 +434,11 @@ class ModelRunner:
         return self._governor.threads
 
     @property
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's element type: float32, bfloat16, ..."""
+        return str(self._kv_dtype).removeprefix("torch.")
+
+    @property
     def native_layers(self) -> bool:
         """Whether the decoder layers run in the native kernel (native.DecoderStack)."""
         return self._stack is not None

@@ -58,6 +58,7 @@ from .speculative import DraftPacing, PromptLookup
 from .types import (
     EngineObserver,
     EngineOverloaded,
+    EngineSetup,
     EngineStats,
     EngineStopped,
     FinishReason,
@@ -168,6 +169,12 @@ class Scheduler:
             self._decoding, self._prefilling = self._slots.decoding, self._slots.prefilling
             blocks = config.prefix_cache_bytes // (self._runner.kv_bytes_per_token * BLOCK_SIZE)
             self._prefix_cache = PrefixCache(self._runner, blocks) if blocks else None
+            self.setup = EngineSetup(
+                quantization=quantization,
+                requested_quantization=config.quantization,
+                native_layers=self._runner.native_layers,
+                kv_cache_dtype=self._runner.kv_cache_dtype,
+            )
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)
         self._thread.start()

@@ -249,6 +249,18 @@ class EngineStopped(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineSetup:
+    """What the engine settled on at start-up. `--quantization auto` is
+    decided per node (kernels built, a probe of their speed), so replicas of
+    one deployment may differ: this says which path a replica runs."""
+
+    quantization: str  # resolved: int5, int8, int8-weight-only, int4 or none
+    requested_quantization: str  # --quantization as given, e.g. auto
+    native_layers: bool  # the decoder layers in one native call per pass (the fast CPU path)
+    kv_cache_dtype: str  # float32, bfloat16, ...
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineStats:
     running: int
     waiting: int

@@ -26,6 +26,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     disable_created_metrics,
     start_http_server,
 )
@@ -35,9 +36,12 @@ from prometheus_client.process_collector import ProcessCollector
 from . import ObservabilityError
 
 if TYPE_CHECKING:
-    from ..engine.types import EngineStats
+    from ..engine.types import EngineSetup, EngineStats
 
 _LOG = logging.getLogger(__name__)
+
+# qwen_engine_info's labels besides `model`: fields of EngineSetup.
+ENGINE_FACTS = ("quantization", "requested_quantization", "native_layers", "kv_cache_dtype")
 
 # Latencies: 5 ms .. 60 s, at least two buckets per doubling between 10 ms and 30 s.
 LATENCY_BUCKETS = (
@@ -270,6 +274,14 @@ class Metrics:
             m,
             registry=r,
         )
+        self.engine = Info(
+            "qwen_engine",
+            "What the engine settled on at start-up, in its labels (value 1): quantization as resolved, and as "
+            "requested (--quantization: auto is decided per node, so replicas may differ); native_layers true when "
+            "the decoder layers run in the native CPU kernels (false: torch operations, several times slower).",
+            m,
+            registry=r,
+        )
         self.decode_batch_size = Histogram(
             "qwen_decode_batch_size",
             "Requests decoded together, one sample per engine decode step.",
@@ -328,6 +340,7 @@ class ModelMetrics:
         self._waiting_limit = metrics.requests_waiting_limit.labels(model)
         self._kv_usage = metrics.kv_cache_usage.labels(model)
         self._compute_threads = metrics.compute_threads.labels(model)
+        self._engine = metrics.engine.labels(model)
         self.finished = {reason: metrics.requests_finished.labels(model, reason) for reason in FINISH_REASONS}
         self.failed = {reason: metrics.requests_failed.labels(model, reason) for reason in FAILURE_REASONS}
 
@@ -347,8 +360,12 @@ class ModelMetrics:
     def accepted_draft_tokens(self, count: int) -> None:
         self.speculative_accepted_tokens.inc(count)
 
-    def track_engine(self, stats: Callable[[], EngineStats], *, max_running: int, max_waiting: int) -> None:
-        """Load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""
+    def track_engine(
+        self, setup: EngineSetup, stats: Callable[[], EngineStats], *, max_running: int, max_waiting: int
+    ) -> None:
+        """qwen_engine_info from `setup`; load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""
+        facts = {name: getattr(setup, name) for name in ENGINE_FACTS}
+        self._engine.info({name: str(value).lower() for name, value in facts.items()})
         self._running.set_function(lambda: stats().running)
         self._waiting.set_function(lambda: stats().waiting)
 
@@ -426,10 +443,11 @@ def metrics_table() -> str:
     rows = ["| metric | type | labels | buckets | meaning |", "|---|---|---|---|---|"]
     for family in families:
         kind = family._type
-        name = family._name + ("_total" if kind == "counter" else "")
+        name = family._name + {"counter": "_total", "info": "_info"}.get(kind, "")
         unit = "s" if name.endswith("_seconds") else ""
         buckets = _bucket_text(family._upper_bounds, unit) if kind == "histogram" else ""
-        labels = ", ".join(f"`{label}`" for label in family._labelnames)
+        facts = ENGINE_FACTS if kind == "info" else ()
+        labels = ", ".join(f"`{label}`" for label in (*family._labelnames, *facts))
         rows.append(f"| `{name}` | {kind} | {labels} | {buckets} | {family._documentation} |")
     return "\n".join(rows)
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import RequestResult, percentile  # noqa: E402
 from bench.sse_client import HttpConnection, HttpError  # noqa: E402
+from service.engine.config import QUANTIZATIONS  # noqa: E402
 
 MAX_TOKENS = 8
 
@@ -64,6 +65,9 @@ def test_every_level_ran_the_planned_requests_without_errors(run):
         assert len(level["requests"]) == 2
         argv = level["server_argv"]
         assert argv[argv.index("--max-batch-size") + 1] == str(level["concurrency"])
+        engine = level["server_engine"]  # its qwen_engine_info, read once it served
+        assert engine["requested_quantization"] == "auto" and engine["quantization"] in set(QUANTIZATIONS) - {"auto"}
+        assert engine["native_layers"] in ("true", "false")
 
 
 def test_request_records_are_consistent(run):

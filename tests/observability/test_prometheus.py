@@ -221,6 +221,12 @@ def test_load_gauges_saw_the_burst(prometheus, traffic):
     assert q('sum(qwen_decode_batch_size_bucket{le="2.0"})') == steps  # never above --max-batch-size
 
 
+def test_engine_info_names_the_replicas_kernel_path(prometheus, traffic):
+    # The server runs the default --quantization auto: resolved per node to one of these, never left "auto".
+    resolved = prometheus.values('qwen_engine_info{requested_quantization="auto"}', "quantization")
+    assert list(resolved.values()) == [1] and set(resolved) <= {"int5", "int8", "int8-weight-only"}, resolved
+
+
 def test_grpc_server_metrics(prometheus, traffic):
     handled = prometheus.values(
         'sum by (code_method) (label_join(grpc_server_handled_total{grpc_service="qwen.QwenService"}, "code_method", "/", "grpc_method", "grpc_code"))',

@@ -10,9 +10,17 @@ from collections.abc import Callable
 import pytest
 from tiny_model import tiny_engine_config
 
+from service.engine import native
 from service.engine.engine import Engine
 from service.engine.loader import load_model
-from service.engine.types import EngineOverloaded, EngineStats, FinishReason, GenerationRequest, SamplingParams
+from service.engine.types import (
+    EngineOverloaded,
+    EngineSetup,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+)
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 PROMPTS = [
@@ -72,6 +80,28 @@ async def test_concurrent_greedy_equals_sequential_greedy(loaded):
         for _, final in concurrent:
             assert final.finish_reason is FinishReason.LENGTH
             assert final.usage.completion_tokens == GREEDY.max_tokens
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+async def test_setup_tells_the_quantization_and_layers_the_engine_runs(loaded, quantization):
+    engine = make_engine(loaded, quantization=quantization)
+    try:
+        # The tiny model's shapes are the native layers' (multiples of 32): int8 takes them where they are built.
+        native_layers = quantization == "int8" and native.available()
+        assert engine.setup == EngineSetup(quantization, quantization, native_layers, kv_cache_dtype="float32")
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.skipif(not native.available(), reason="auto resolves to int5 only where the native kernels are built")
+async def test_setup_tells_what_auto_resolved_to(loaded):
+    engine = make_engine(loaded, quantization="auto")
+    try:
+        assert engine.setup.requested_quantization == "auto"
+        # int5, unless the start-up probe found torch's int8-weight-only clearly faster on this CPU.
+        assert (engine.setup.quantization, engine.setup.native_layers) in {("int5", True), ("int8-weight-only", False)}
     finally:
         await engine.shutdown()
 

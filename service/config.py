@@ -122,13 +122,6 @@ class Settings(BaseSettings):
         description="Most prompt tokens in a forward pass that also advances running streams: bounds their "
         "inter-token latency while newcomers are prefilled (each prompt token adds ~1 ms on 2 cores).",
     )
-    waiting_served_ratio: float = Field(
-        default=1.0,
-        ge=0.0,
-        description="When more prompts wait for their first token than this many times the running streams, "
-        "a forward pass takes up to --prefill-chunk-size prompt tokens, not --interleaved-prefill-tokens: "
-        "a burst of requests is prefilled in one pass (TGI's rule). 0 always does; a large value never does.",
-    )
     prefix_caching: bool = Field(
         default=True,
         description="Reuse the KV cache of prompt prefixes already computed (shared system prompts, earlier "

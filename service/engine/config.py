@@ -29,7 +29,6 @@ class EngineConfig:
     max_model_len: int
     prefill_chunk_size: int
     interleaved_prefill_tokens: int
-    waiting_served_ratio: float
     threads: int
     quantization: str
     kv_cache_dtype: str
@@ -52,7 +51,6 @@ class EngineConfig:
             max_model_len=settings.max_model_len,
             prefill_chunk_size=settings.prefill_chunk_size,
             interleaved_prefill_tokens=settings.interleaved_prefill_tokens,
-            waiting_served_ratio=settings.waiting_served_ratio,
             threads=settings.threads,
             quantization=settings.quantization,
             kv_cache_dtype=settings.kv_cache_dtype,

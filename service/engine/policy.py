@@ -10,26 +10,17 @@ from collections.abc import Sequence
 
 
 def prompt_chunk_lengths(
-    decoding: int,
-    remaining: Sequence[int],
-    prefill_chunk_size: int,
-    interleaved_prefill_tokens: int,
-    waiting_served_ratio: float,
+    decoding: int, remaining: Sequence[int], prefill_chunk_size: int, interleaved_prefill_tokens: int
 ) -> list[int]:
     """Prompt tokens to run this step for each admitted prompt, FIFO, given
     how many of each prompt's tokens are still to compute.
 
     The budget is `prefill_chunk_size` when nothing is decoding (nobody waits
     on the pass) and `interleaved_prefill_tokens` when streams are (every
-    prompt token in the pass delays their next token), unless more prompts
-    wait for their first token than `waiting_served_ratio` times the running
-    streams (TGI's rule): then more requests wait on the prompts than on the
-    next token, and a burst goes in one full pass instead of a few prompts
-    per pass. Only the last prompt may be cut short, so at most
-    one request is ever part-way through its prompt, and it is the head of
-    the prefill queue."""
-    serve_waiting = not decoding or len(remaining) > waiting_served_ratio * decoding
-    budget = prefill_chunk_size if serve_waiting else interleaved_prefill_tokens
+    prompt token in the pass delays their next token). Only the last prompt
+    may be cut short, so at most one request is ever part-way through its
+    prompt, and it is the head of the prefill queue."""
+    budget = interleaved_prefill_tokens if decoding else prefill_chunk_size
     lengths = []
     for left in remaining:
         if budget <= 0:

@@ -6,10 +6,9 @@ KV-cache slots, then run one forward pass over a mixed batch: the next token
 of every decoding request plus prompt chunks of admitted requests, FIFO, up
 to a budget of prompt tokens per pass (`prefill_chunk_size` when nothing is
 decoding, the smaller `interleaved_prefill_tokens` when streams are, since
-every prompt token in the pass delays their next token, unless the prompts
-waiting for a first token outnumber the streams by `waiting_served_ratio`).
-A burst of short prompts is prefilled together in one pass, a long prompt is
-spread over several passes, and the running streams advance in every pass.
+every prompt token in the pass delays their next token). A burst of short
+prompts is prefilled together in one pass, a long prompt is spread over
+several passes, and the running streams advance in every pass.
 
 With speculation on (speculative.py), a decoding request may also carry a
 draft of a few tokens through the pass and keep those the model agrees with:
@@ -132,7 +131,6 @@ class Scheduler:
         self._max_model_len = config.max_model_len
         self._chunk = config.prefill_chunk_size
         self._interleaved_chunk = config.interleaved_prefill_tokens
-        self._waiting_served_ratio = config.waiting_served_ratio
         self._threads = config.threads
         self._deliver = deliver
         self._observer = observer
@@ -312,9 +310,7 @@ class Scheduler:
         """Prompt chunks for this step (policy.prompt_chunk_lengths), after
         copying the reused prefix of each prompt that starts now into its slot."""
         remaining = [seq.prompt_len - seq.start for seq in self._prefilling]
-        lengths = prompt_chunk_lengths(
-            len(self._decoding), remaining, self._chunk, self._interleaved_chunk, self._waiting_served_ratio
-        )
+        lengths = prompt_chunk_lengths(len(self._decoding), remaining, self._chunk, self._interleaved_chunk)
         chunks = []
         for slot, seq, length in zip(range(len(self._decoding), len(self._slots)), self._prefilling, lengths):
             if seq.reused:  # starts now: copy the reused prefix in (again, after a failed step)

@@ -204,48 +204,6 @@ async def test_prompt_tokens_next_to_running_streams_stay_within_the_interleaved
         await engine.shutdown()
 
 
-@pytest.mark.parametrize("ratio, served", [(1.0, True), (3.0, False)])
-async def test_a_burst_that_outnumbers_the_streams_gets_the_full_prefill_budget(loaded, monkeypatch, ratio, served):
-    """Three prompts arrive next to one running stream: with
-    --waiting-served-ratio 1 they outnumber it and go in one full pass; with 3
-    they do not, and stay within the interleaved budget."""
-    import threading
-
-    from service.engine.model_runner import ModelRunner
-
-    passes: list[tuple[int, list[int]]] = []
-    burst_queued = threading.Event()
-    real_step = ModelRunner.step
-
-    def recording_step(self, decode_tokens, decode_positions, chunks, logit_rows=None):
-        passes.append((len(decode_tokens), [len(c.token_ids) for c in chunks]))
-        if len(passes) >= 2:
-            burst_queued.wait(5)  # the newcomers arrive while a decoding pass runs
-        return real_step(self, decode_tokens, decode_positions, chunks, logit_rows)
-
-    monkeypatch.setattr(ModelRunner, "step", recording_step)
-    engine = make_engine(loaded, prefill_chunk_size=512, interleaved_prefill_tokens=5, waiting_served_ratio=ratio)
-    try:
-        first = engine.generate(request(engine, PROMPTS[0], SamplingParams(max_tokens=30, temperature=0.0)))
-        await first.__anext__()
-        burst = [request(engine, p, SamplingParams(max_tokens=2, temperature=0.0)) for p in PROMPTS[1:4]]
-        tasks = [asyncio.create_task(collect(engine, r)) for r in burst]
-        await asyncio.sleep(0)  # each task runs up to its first wait: all three are queued
-        burst_queued.set()
-        await asyncio.gather(*tasks)
-        async for _ in first:
-            pass
-        prompt_lengths = sorted(len(r.prompt_token_ids) for r in burst)
-        assert sum(prompt_lengths) > 5
-        mixed = [chunks for decoders, chunks in passes if decoders and chunks]
-        if served:
-            assert (1, prompt_lengths) in [(decoders, sorted(chunks)) for decoders, chunks in passes], passes
-        else:
-            assert max(sum(chunks) for chunks in mixed) <= 5, passes
-    finally:
-        await engine.shutdown()
-
-
 async def test_cancelling_the_consumer_task_aborts(loaded):
     engine = make_engine(loaded, max_batch_size=1, max_waiting=0)
     try:

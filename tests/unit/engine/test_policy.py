@@ -22,31 +22,12 @@ from service.engine.slots import SlotTable
         (0, [10, 20], [10, 6]),  # only the last is cut
         (0, [16, 4], [16]),  # the budget is spent exactly
         (2, [10, 20], [4]),  # next to decoders, the interleaved budget
-        (2, [10, 20, 30], [10, 6]),  # more prompts wait than streams run: the full budget
-        (1, [3, 9], [3, 9]),
-        (1, [40], [4]),  # as many waiting as running: interleaved
         (0, [], []),
         (0, [40], [16]),  # a long prompt spreads over passes
     ],
 )
 def test_prompt_chunks_are_fifo_within_the_budget(decoding, remaining, expected):
-    assert (
-        prompt_chunk_lengths(
-            decoding, remaining, prefill_chunk_size=16, interleaved_prefill_tokens=4, waiting_served_ratio=1.0
-        )
-        == expected
-    )
-
-
-@pytest.mark.parametrize(
-    "ratio, decoding, waiting, full",
-    [(0.0, 5, 1, True), (0.5, 4, 3, True), (0.5, 4, 2, False), (2.0, 2, 5, True), (2.0, 2, 4, False)],
-)
-def test_the_full_budget_goes_to_prompts_that_outnumber_the_streams_by_the_ratio(ratio, decoding, waiting, full):
-    lengths = prompt_chunk_lengths(
-        decoding, [100] * waiting, prefill_chunk_size=64, interleaved_prefill_tokens=8, waiting_served_ratio=ratio
-    )
-    assert sum(lengths) == (64 if full else 8)
+    assert prompt_chunk_lengths(decoding, remaining, prefill_chunk_size=16, interleaved_prefill_tokens=4) == expected
 
 
 def test_reuse_leaves_a_prompt_token_to_compute_and_stores_whole_blocks():

@@ -17,6 +17,7 @@ time, so nothing here runs per token on the compute thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -33,15 +34,16 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from ..engine.types import EngineSetup
 from . import ObservabilityError
 
 if TYPE_CHECKING:
-    from ..engine.types import EngineSetup, EngineStats
+    from ..engine.types import EngineStats
 
 _LOG = logging.getLogger(__name__)
 
-# qwen_engine_info's labels besides `model`: fields of EngineSetup.
-ENGINE_FACTS = ("quantization", "requested_quantization", "native_layers", "kv_cache_dtype")
+# qwen_engine_info's labels besides `model`: every field of EngineSetup.
+ENGINE_FACTS = tuple(field.name for field in dataclasses.fields(EngineSetup))
 
 # Latencies: 5 ms .. 60 s, at least two buckets per doubling between 10 ms and 30 s.
 LATENCY_BUCKETS = (
@@ -364,8 +366,7 @@ class ModelMetrics:
         self, setup: EngineSetup, stats: Callable[[], EngineStats], *, max_running: int, max_waiting: int
     ) -> None:
         """qwen_engine_info from `setup`; load gauges read `stats()` (an EngineStats) whenever Prometheus scrapes."""
-        facts = {name: getattr(setup, name) for name in ENGINE_FACTS}
-        self._engine.info({name: str(value).lower() for name, value in facts.items()})
+        self._engine.info({name: str(value).lower() for name, value in dataclasses.asdict(setup).items()})
         self._running.set_function(lambda: stats().running)
         self._waiting.set_function(lambda: stats().waiting)
 

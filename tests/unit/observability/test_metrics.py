@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.engine.types import EngineSetup, EngineStats
-from service.observability.metrics import ENGINE_FACTS, Metrics
+from service.observability.metrics import Metrics
 
 IDLE = EngineStats(running=0, waiting=0, kv_cache_used_tokens=0, kv_cache_capacity_tokens=64, generated_tokens_total=0)
 
@@ -27,7 +25,3 @@ def test_engine_info_says_which_path_the_replica_runs():
     slow = _exposition(EngineSetup("int8-weight-only", "auto", native_layers=False, kv_cache_dtype="bfloat16"))
     assert 'native_layers="false",quantization="int8-weight-only",requested_quantization="auto"} 1.0' in slow
     assert 'kv_cache_dtype="bfloat16"' in slow
-
-
-def test_engine_info_labels_every_field_of_the_setup():
-    assert ENGINE_FACTS == tuple(field.name for field in dataclasses.fields(EngineSetup))

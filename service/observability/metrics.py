@@ -441,13 +441,15 @@ def metrics_table() -> str:
     (`python -m service.observability.metrics`; a test checks the docs)."""
     metrics = Metrics(CollectorRegistry())
     families = [m for m in (*vars(metrics).values(), *vars(metrics.grpc).values()) if hasattr(m, "_labelnames")]
+    # An Info's own labels are set per sample, not declared: name them here.
+    info_labels = {metrics.engine: ENGINE_FACTS}
     rows = ["| metric | type | labels | buckets | meaning |", "|---|---|---|---|---|"]
     for family in families:
         kind = family._type
         name = family._name + {"counter": "_total", "info": "_info"}.get(kind, "")
         unit = "s" if name.endswith("_seconds") else ""
         buckets = _bucket_text(family._upper_bounds, unit) if kind == "histogram" else ""
-        facts = ENGINE_FACTS if kind == "info" else ()
+        facts = info_labels[family] if kind == "info" else ()
         labels = ", ".join(f"`{label}`" for label in (*family._labelnames, *facts))
         rows.append(f"| `{name}` | {kind} | {labels} | {buckets} | {family._documentation} |")
     return "\n".join(rows)

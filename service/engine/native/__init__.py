@@ -1,5 +1,6 @@
-"""The engine's own CPU kernels on AVX2 (int8_matmul.c): the int8 and int5
-Linears, and the decoder stack of a forward pass in one call (DecoderStack).
+"""The engine's own CPU kernels on AVX2, and AVX512-VNNI where the CPU has it
+(int8_matmul.c): the int8 and int5 Linears, and the decoder stack of a
+forward pass in one call (DecoderStack).
 
 `int8_matmul.c` is compiled once into `_int8_matmul.so` next to it by
 `python -m service.engine.native` (`make setup` does it; the Docker image
@@ -92,6 +93,9 @@ def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
     function = lib.qwen_int5_linear
     function.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer, ctypes.c_int]
     function.restype = ctypes.c_int
+    lib.qwen_set_vnni.argtypes = [ctypes.c_int]
+    lib.qwen_set_vnni.restype = ctypes.c_int
+    lib.qwen_uses_vnni.restype = ctypes.c_int
     function = lib.qwen_forward
     function.argtypes = [
         ctypes.POINTER(_Model),
@@ -114,6 +118,25 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether int8 products run on the native kernel here."""
     return _library() is not None
+
+
+def use_vnni(wanted: bool = True) -> bool:
+    """Let products of several rows run on the AVX512-VNNI kernels (the
+    default where the CPU has them) or keep them on AVX2; returns whether
+    they do. Both give the same bits: tests and benchmarks compare the two.
+    Not for a running engine: a product already under way may mix them."""
+    lib = _library()
+    return lib is not None and bool(lib.qwen_set_vnni(int(wanted)))
+
+
+def instruction_set() -> str:
+    """What the int8 and int5 products run on: "avx512-vnni" (products of
+    several rows: int8 from 2, int5 from 5; fewer stay on AVX2, bound by
+    reading the weights), "avx2", or "none" (no native kernels: torch's)."""
+    lib = _library()
+    if lib is None:
+        return "none"
+    return "avx512-vnni" if lib.qwen_uses_vnni() else "avx2"
 
 
 def _product(

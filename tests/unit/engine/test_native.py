@@ -1,10 +1,12 @@
 """The engine's AVX2 kernels (service/engine/native): built where they can be;
 int8 bit for bit the torch path; int5 GGUF Q5_0's rounding in the layout
 int8_matmul.c describes and the product of exactly those weights; both
-batch- and thread-invariant, and never used when built from another source."""
+batch- and thread-invariant, and never used when built from another source.
+Where the CPU has AVX512-VNNI, its kernels are used and give the AVX2 bits."""
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 
 import pytest
@@ -16,6 +18,18 @@ from service.engine.model_runner import Int5Linear, RowwiseInt8Linear
 
 CAN_BUILD = native.cpu_has_avx2() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
+
+
+def _cpu_flags() -> set[str]:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# What the VNNI kernels are compiled for (int8_matmul.c: AVX512_VNNI), as /proc/cpuinfo names it.
+CPU_HAS_VNNI = native.cpu_has_avx2() and {"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= _cpu_flags()
+needs_vnni = pytest.mark.skipif(not (native.available() and CPU_HAS_VNNI), reason="no AVX512-VNNI on this CPU")
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 with AVX2 and a C compiler")
@@ -197,3 +211,48 @@ def test_int5_refuses_operands_it_cannot_multiply():
         native.int5_linear(torch.randn(2, 64, dtype=torch.bfloat16), nibbles, fifth, scales, None)
     with pytest.raises(ValueError, match="multiple of 32"):
         native.int5_pack(torch.randn(4, 70))
+
+
+@needs_kernel
+def test_the_vnni_kernels_run_exactly_where_the_cpu_has_them():
+    try:
+        assert native.use_vnni(True) is CPU_HAS_VNNI
+        assert native.instruction_set() == ("avx512-vnni" if CPU_HAS_VNNI else "avx2")
+        assert native.use_vnni(False) is False
+        assert native.instruction_set() == "avx2"
+    finally:
+        native.use_vnni(True)
+
+
+def _on_avx2_and_on_vnni(product) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        native.use_vnni(False)
+        avx2 = product()
+        assert native.use_vnni(True)
+        return avx2, product()
+    finally:
+        native.use_vnni(True)
+
+
+@needs_vnni
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("rows", [2, 5, 7, 16, 33, 70])
+@pytest.mark.parametrize("outputs", [36, 37])  # 37: the last tile has one weight row
+def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
+    nibbles, fifth, scales = native.int5_pack(torch.randn(outputs, depth, generator=torch.Generator().manual_seed(9)))
+    bias = torch.randn(outputs) if rows % 2 else None
+    x = _inputs(rows, depth, seed=depth + rows)
+    avx2, vnni = _on_avx2_and_on_vnni(lambda: native.int5_linear(x, nibbles, fifth, scales, bias))
+    assert torch.equal(vnni, avx2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("depth", [32, 224, 896, 4864, 70])  # 70: not a multiple of 32, stays on AVX2
+@pytest.mark.parametrize("rows", [2, 3, 5, 16, 33, 70])
+@pytest.mark.parametrize("outputs", [36, 37])  # 37: not a multiple of 4, stays on AVX2
+def test_int8_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
+    layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=rows % 2 == 1))
+    x = _inputs(rows, depth, seed=depth + rows)
+    avx2, vnni = _on_avx2_and_on_vnni(lambda: native.int8_linear(x, layer.weight, layer.float_scale, layer.bias))
+    assert torch.equal(vnni, avx2)
+    assert torch.equal(vnni, layer.torch_forward(x))

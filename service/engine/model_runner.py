@@ -439,6 +439,14 @@ class ModelRunner:
         return str(self._kv_dtype).removeprefix("torch.")
 
     @property
+    def kernels(self) -> str:
+        """What the Linears' products run on: the native kernels' instruction
+        set (avx512-vnni, avx2), or torch."""
+        if self.quantization in ("int8", "int5") and native.available():
+            return native.instruction_set()
+        return "torch"
+
+    @property
     def native_layers(self) -> bool:
         """Whether the decoder layers run in the native kernel (native.DecoderStack)."""
         return self._stack is not None

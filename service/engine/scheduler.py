@@ -174,6 +174,7 @@ class Scheduler:
                 requested_quantization=config.quantization,
                 native_layers=self._runner.native_layers,
                 kv_cache_dtype=self._runner.kv_cache_dtype,
+                kernels=self._runner.kernels,
             )
 
         self._thread = threading.Thread(target=self._run, args=(build, built, failure), name="qwen-engine", daemon=True)

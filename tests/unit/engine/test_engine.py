@@ -90,7 +90,8 @@ async def test_setup_tells_the_quantization_and_layers_the_engine_runs(loaded, q
     try:
         # The tiny model's shapes are the native layers' (multiples of 32): int8 takes them where they are built.
         native_layers = quantization == "int8" and native.available()
-        assert engine.setup == EngineSetup(quantization, quantization, native_layers, kv_cache_dtype="float32")
+        kernels = native.instruction_set() if native_layers else "torch"
+        assert engine.setup == EngineSetup(quantization, quantization, native_layers, "float32", kernels)
     finally:
         await engine.shutdown()
 
@@ -101,7 +102,11 @@ async def test_setup_tells_what_auto_resolved_to(loaded):
     try:
         assert engine.setup.requested_quantization == "auto"
         # int5, unless the start-up probe found torch's int8-weight-only clearly faster on this CPU.
-        assert (engine.setup.quantization, engine.setup.native_layers) in {("int5", True), ("int8-weight-only", False)}
+        setup = engine.setup
+        assert (setup.quantization, setup.native_layers, setup.kernels) in {
+            ("int5", True, native.instruction_set()),
+            ("int8-weight-only", False, "torch"),
+        }
     finally:
         await engine.shutdown()
 

@@ -17,11 +17,13 @@ def _exposition(setup: EngineSetup) -> str:
 
 
 def test_engine_info_says_which_path_the_replica_runs():
-    fast = _exposition(EngineSetup("int5", "auto", native_layers=True, kv_cache_dtype="float32"))
+    fast = _exposition(EngineSetup("int5", "auto", native_layers=True, kv_cache_dtype="float32", kernels="avx512-vnni"))
     assert (
-        'qwen_engine_info{kv_cache_dtype="float32",model="qwen",native_layers="true",quantization="int5",'
-        'requested_quantization="auto"} 1.0'
+        'qwen_engine_info{kernels="avx512-vnni",kv_cache_dtype="float32",model="qwen",native_layers="true",'
+        'quantization="int5",requested_quantization="auto"} 1.0'
     ) in fast
-    slow = _exposition(EngineSetup("int8-weight-only", "auto", native_layers=False, kv_cache_dtype="bfloat16"))
+    slow = _exposition(
+        EngineSetup("int8-weight-only", "auto", native_layers=False, kv_cache_dtype="bfloat16", kernels="torch")
+    )
     assert 'native_layers="false",quantization="int8-weight-only",requested_quantization="auto"} 1.0' in slow
-    assert 'kv_cache_dtype="bfloat16"' in slow
+    assert 'kernels="torch",kv_cache_dtype="bfloat16"' in slow

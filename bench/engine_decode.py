@@ -11,6 +11,7 @@ Quantizations are measured one after another in one process, on this thread
     python bench/engine_decode.py --quantizations int8 --baseline /work/main --rounds 3   # A/B
     python bench/engine_decode.py --quantizations int8,int4 --alternate --rounds 5 --batches 1,16 \
         --repeats 5 --prefill-tokens "" --no-perplexity       # quantizations A/B in one process
+    python bench/engine_decode.py --quantizations int5 --vnni --rounds 5 --no-perplexity   # int5's AVX2 vs VNNI kernels
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.config import default_model_path  # noqa: E402
+from service.engine import native  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.engine.model_runner import ModelRunner, PrefillChunk  # noqa: E402
@@ -151,6 +153,23 @@ def alternate(model: str, quantizations: list[str], rounds: int, perplexity: boo
     return results
 
 
+def vnni_or_not(model: str, quantization: str, rounds: int, perplexity: bool, **timing) -> list[dict]:
+    """One runner, its int5 products on the AVX2 kernels and on the AVX512-VNNI
+    one in turn every round (ABBA): the same bits, so only the time differs."""
+    if not native.use_vnni(True):
+        raise SystemExit("this CPU has no AVX512-VNNI (or the native kernels are not built)")
+    prepared, runner = prepare(model, quantization, perplexity=perplexity)
+    results = []
+    for round_ in range(rounds):
+        for vnni in (False, True) if round_ % 2 == 0 else (True, False):
+            native.use_vnni(vnni)
+            load = os.getloadavg()[0]
+            label = f"{quantization} {'AVX512-VNNI' if vnni else 'AVX2'} round {round_ + 1}, load {load:.1f}"
+            results.append(time_steps(runner, {**prepared, "quantization": label}, **timing))
+    native.use_vnni(True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(default_model_path()))
@@ -165,6 +184,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="with --baseline or --alternate: alternations")
     parser.add_argument(
         "--alternate", action="store_true", help="the --quantizations side by side in one process, alternating"
+    )
+    parser.add_argument(
+        "--vnni", action="store_true", help="each quantization on the AVX2 and the AVX512-VNNI kernels, alternating"
     )
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=30, help="decode steps timed per batch size")
@@ -181,6 +203,8 @@ def main() -> None:
         results = [
             r for q in quantizations for r in compare(args.model, q, args.baseline, args.rounds, perplexity, **timing)
         ]
+    elif args.vnni:
+        results = [r for q in quantizations for r in vnni_or_not(args.model, q, args.rounds, perplexity, **timing)]
     elif args.alternate:
         results = alternate(args.model, quantizations, args.rounds, perplexity, **timing)
     else:

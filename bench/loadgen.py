@@ -802,15 +802,20 @@ def token_count_table(levels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The instructions the two servers' int8 products can use: one host's "AMD EPYC"
+# had AVX512-VNNI and another's did not, and both servers' speeds depend on it.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
 def machine_info() -> dict:
-    cpu_model = ""
+    cpu: dict[str, str] = {}
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            cpu.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    flags = set(cpu.get("flags", "").split())
 
     def git(*cmd: str) -> str:
         try:
@@ -820,7 +825,9 @@ def machine_info() -> dict:
 
     return {
         "hostname": platform.node(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu.get("model name", ""),
+        "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
+        "cpu_features": [feature for feature in CPU_FEATURES if feature in flags],
         "ncpu": procstat.NCPU,
         "affinity": len(os.sched_getaffinity(0)),
         "loadavg": os.getloadavg(),
@@ -1077,7 +1084,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, path)
 
-    print(f"\n## Load levels ({result['started']}, commit {result['machine']['git_commit'][:10]})\n")
+    machine = result["machine"]
+    features = ", ".join(machine.get("cpu_features", [])) or "not recorded"
+    print(f"\n## Load levels ({result['started']}, commit {machine['git_commit'][:10]}; CPU features: {features})\n")
     print(markdown_levels(result["levels"], args.noise_threshold))
     if args.compare_llamacpp:
         print("\n## Tokens actually produced (greedy, both sides stop at EOS or max_tokens)\n")

@@ -398,6 +398,23 @@ static inline float sum256(__m256 v) {
     return _mm_cvtss_f32(sum);
 }
 
+/* sum256 of 8 vectors at once, the same additions in the same order: lane
+ * l + lane l + 4, then lanes 0 + 2 and 1 + 3 of those, then the two; the
+ * 8 sums in order, one vector. */
+static inline __m256 sum256_of_8(const __m256 v[8]) {
+    __m256 halves[4], pairs[2];
+    for (int p = 0; p < 4; ++p) /* [v[2p]'s 4 sums | v[2p + 1]'s] */
+        halves[p] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x20),
+                                  _mm256_permute2f128_ps(v[2 * p], v[2 * p + 1], 0x31));
+    for (int q = 0; q < 2; ++q) /* [v[4q]'s 2 sums, v[4q + 2]'s | v[4q + 1]'s, v[4q + 3]'s] */
+        pairs[q] = _mm256_add_ps(_mm256_shuffle_ps(halves[2 * q], halves[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(halves[2 * q], halves[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* [sums of v[0], v[2], v[4], v[6] | v[1], v[3], v[5], v[7]], then in order */
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 /* One output of an int5 product from its 8 lanes of scaled block sums: the
  * same additions in the same order whichever kernel computed them. */
 static inline float int5_output(__m256 acc, float row_scale, const float *bias, int j) {
@@ -607,7 +624,19 @@ AVX512_VNNI static void int5_many_rows_vnni(const int8_t *a, const __m256i *offs
             int5_superblock_rows_vnni(a, offsets, rows, k, superblocks, s, first, g, code, scale, acc);
         first += g;
     }
-    for (int64_t i = 0; i < rows; ++i)
+    /* int5_output for two rows' four outputs at once (the sums were a sixth of the time, one at a time). */
+    const __m256 tile_bias = bias ? _mm256_castps128_ps256(_mm_loadu_ps(bias)) : _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= rows; i += 2) {
+        __m256 both[8];
+        for (int j = 0; j < INT5_COLS; ++j) both[j] = acc[i][j], both[INT5_COLS + j] = acc[i + 1][j];
+        __m256 value = _mm256_mul_ps(sum256_of_8(both), _mm256_setr_m128(_mm_set1_ps(row_scale[i]),
+                                                                         _mm_set1_ps(row_scale[i + 1])));
+        if (bias) value = _mm256_add_ps(value, _mm256_permute2f128_ps(tile_bias, tile_bias, 0x00));
+        _mm_storeu_ps(out + i * n, _mm256_castps256_ps128(value));
+        _mm_storeu_ps(out + (i + 1) * n, _mm256_extractf128_ps(value, 1));
+    }
+    for (; i < rows; ++i)
         for (int j = 0; j < INT5_COLS; ++j) out[i * n + j] = int5_output(acc[i][j], row_scale[i], bias, j);
 }
 

@@ -422,6 +422,17 @@ static inline float int5_output(__m256 acc, float row_scale, const float *bias, 
     return bias ? value + bias[j] : value;
 }
 
+/* Weight row j's bytes of the superblock from vector `first`, in the tile at
+ * nibbles / fifth: called with the next tile's, to have them in cache when it
+ * comes (the hardware prefetcher alone left one-row products at about half
+ * the memory bandwidth, as in tile()). */
+static inline void prefetch_superblock(const char *nibbles, const char *fifth, int64_t nibble_row, int64_t fifth_row,
+                                       int j, int64_t first) {
+    _mm_prefetch(nibbles + j * nibble_row + first * 16, _MM_HINT_T0);
+    _mm_prefetch(nibbles + j * nibble_row + first * 16 + 64, _MM_HINT_T0);
+    _mm_prefetch(fifth + j * fifth_row + first * 4, _MM_HINT_T0);
+}
+
 static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, const __m256i *offsets,
                                                             const uint8_t *nibbles, const uint8_t *fifth,
                                                             const uint16_t *scales, float *out, int64_t k, int64_t n,
@@ -439,9 +450,7 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
     for (int64_t s = 0; s < superblocks; ++s) {
         const int g = superblock_size(blocks, s);
         for (int j = 0; j < cols; ++j) {
-            _mm_prefetch(next_nibbles + j * nibble_row + first * 16, _MM_HINT_T0);
-            _mm_prefetch(next_nibbles + j * nibble_row + first * 16 + 64, _MM_HINT_T0);
-            _mm_prefetch(next_fifth + j * fifth_row + first * 4, _MM_HINT_T0);
+            prefetch_superblock(next_nibbles, next_fifth, nibble_row, fifth_row, j, first);
             __m256i sums[INT5_ROWS];
             int5_superblock(a, k, rows, nibbles + j * nibble_row, fifth + j * fifth_row, first, g, sums);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
@@ -600,16 +609,13 @@ AVX512_VNNI static void int5_many_rows_vnni(const int8_t *a, const __m256i *offs
     __m256 scale[INT5_COLS];
     /* Not zeroed: the first superblock adds to zero instead. */
     __m256 acc[ROW_BLOCK][INT5_COLS];
-    /* As in int5_tile: the next tile's bytes fetched at the pace this one's are read. */
     const char *next_nibbles = (const char *)nibbles + INT5_COLS * nibble_row;
     const char *next_fifth = (const char *)fifth + INT5_COLS * fifth_row;
     int64_t first = 0;
     for (int64_t s = 0; s < superblocks; ++s) {
         const int g = superblock_size(blocks, s);
         for (int j = 0; j < INT5_COLS; ++j) {
-            _mm_prefetch(next_nibbles + j * nibble_row + first * 16, _MM_HINT_T0);
-            _mm_prefetch(next_nibbles + j * nibble_row + first * 16 + 64, _MM_HINT_T0);
-            _mm_prefetch(next_fifth + j * fifth_row + first * 4, _MM_HINT_T0);
+            prefetch_superblock(next_nibbles, next_fifth, nibble_row, fifth_row, j, first);
             const uint8_t *row_nibbles = nibbles + j * nibble_row;
             const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + j * fifth_row + (first >> 3) * 32));
             if (s < full) /* from a multiple of 8 vectors: constant shifts */

@@ -26,10 +26,22 @@
 
 /* Weight rows per tile (contiguous in memory: COLS * k bytes). */
 #define COLS 4
-/* Activation rows per pass over a thread's weight rows: each widened weight
- * vector is reused for this many rows while they stay in L2
- * (k = 4864: 32 rows are 311 KB of int16). */
-#define ROW_BLOCK 32
+/* Activation rows per pass over a thread's weight rows: each weight vector,
+ * widened or decoded, is reused for this many rows while they stay in L2
+ * (k = 4864: 64 rows are 311 KB of int8, 622 KB of int16). Measured on
+ * AVX512-VNNI (Zen 4), 33-256 rows: 64 took 0.88-0.95x the time of 32 for
+ * int5 and int8; 96 and 128 were no better; on AVX2 alike. */
+#define ROW_BLOCK 64
+
+/* A product's m rows are cut into as few row blocks as hold ROW_BLOCK rows
+ * each, of equal sizes: 65 rows as 33 + 32, not 64 + 1, whose block of one
+ * row would read every weight again for one row, on the kernels for few rows. */
+static inline int64_t row_block_count(int64_t m) { return (m + ROW_BLOCK - 1) / ROW_BLOCK; }
+
+static inline int64_t row_block_start(int64_t m, int64_t blocks, int64_t block) { return m * block / blocks; }
+
+/* The row block of row i: the last one starting at or before it. */
+static inline int64_t row_block_of(int64_t m, int64_t blocks, int64_t i) { return ((i + 1) * blocks - 1) / m; }
 
 static inline int32_t horizontal_sum(__m256i v) {
     __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -233,7 +245,7 @@ AVX512_VNNI static void int8_many_rows_vnni(const uint8_t *a, int64_t rows, cons
 static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
                          const float *bias, int64_t n, float *out, int16_t *quantized, float *row_scale) {
     const int threads = omp_get_num_threads();
-    const int64_t tiles = (n + COLS - 1) / COLS;
+    const int64_t tiles = (n + COLS - 1) / COLS, row_blocks = row_block_count(m);
     /* The VNNI kernel's activations are bytes: `quantized` (2 bytes a value) holds them. */
     const int use_vnni = vnni && m >= INT8_VNNI_ROWS && k % 32 == 0 && n % COLS == 0;
     uint8_t *plus_128 = (uint8_t *)quantized;
@@ -248,8 +260,9 @@ static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, 
 #pragma omp for schedule(static)
     for (int64_t part = 0; part < threads; ++part) {
         const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
-        for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
-            const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
+        for (int64_t block = 0; block < row_blocks; ++block) {
+            const int64_t row0 = row_block_start(m, row_blocks, block);
+            const int64_t rows = row_block_start(m, row_blocks, block + 1) - row0;
             for (int64_t tile_index = first; tile_index < last; ++tile_index) {
                 const int64_t n0 = tile_index * COLS;
                 const int cols = n - n0 < COLS ? (int)(n - n0) : COLS;
@@ -294,7 +307,11 @@ int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
  * one block's products, exactly, in integers, for the whole superblock; then
  * one conversion and one multiply-add by the lanes' scales per superblock.
  * The activations are quantized to int8 per row (as for int8) and put in the
- * same order. Per weight row:
+ * same order, row block by row block (row_block_count), each block
+ * superblock-major: superblock s's vectors of every row of the block, row
+ * after row (superblock_activations). A kernel sweeping a block's rows through
+ * one superblock then reads one contiguous run, not a run per row k bytes
+ * apart (5-10 % of the time at 33-128 rows). Per weight row:
  *   nibbles: 32 bytes per pair of vectors: byte t holds the low four bits of
  *            code t of the even vector (low nibble) and of the odd one;
  *   fifth:   32 bytes per 8 vectors: bit j of byte t is the fifth bit of code
@@ -329,6 +346,13 @@ static inline int64_t superblock_count(int64_t blocks) {
     return blocks / 8 + __builtin_popcountll((unsigned long long)(blocks % 8));
 }
 
+/* Row `row`'s g activation vectors of the superblock from vector `first`, in
+ * a row block of block_rows rows (see above); the next row's follow. */
+static inline const int8_t *superblock_activations(const int8_t *block, int64_t block_rows, int64_t row, int64_t first,
+                                                   int g) {
+    return block + (first * block_rows + row * g) * 32;
+}
+
 /* The 32 codes of vector v of a weight row (any superblock shape): bits
  * 0..3 from the nibbles, bit 4 from `high`, the row's fifth bits of v's
  * group of 8 vectors. The 16-bit shifts move bits across bytes too, but
@@ -357,17 +381,19 @@ static inline __attribute__((always_inline)) __m256i int5_quad(__m256i c0, __m25
     return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-/* One weight row's dot products with `rows` activation rows over one
- * superblock of g blocks (g vectors, from vector `first`): per row, 8 int32
- * lanes, each one block's exact sum. A full superblock is decoded half by
- * half (4 code registers live, beside int5_tile's accumulators). */
-static inline __attribute__((always_inline)) void int5_superblock(const int8_t *a, int64_t k, int rows,
-                                                                  const uint8_t *nibbles, const uint8_t *fifth,
-                                                                  int64_t first, int g, __m256i *sums) {
+/* One weight row's dot products with `rows` activation rows (from row0 of a
+ * row block of block_rows) over one superblock of g blocks (g vectors, from
+ * vector `first`): per row, 8 int32 lanes, each one block's exact sum. A full
+ * superblock is decoded half by half (4 code registers live, beside
+ * int5_tile's accumulators). */
+static inline __attribute__((always_inline)) void int5_superblock(const int8_t *block, int64_t block_rows, int64_t row0,
+                                                                  int rows, const uint8_t *nibbles,
+                                                                  const uint8_t *fifth, int64_t first, int g,
+                                                                  __m256i *sums) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int i = 0; i < rows; ++i) sums[i] = _mm256_setzero_si256();
     const __m256i high = _mm256_loadu_si256((const __m256i *)(fifth + (first >> 3) * 32));
-    const int8_t *row = a + first * 32;
+    const int8_t *row = superblock_activations(block, block_rows, row0, first, g);
     if (g == 8) {
         /* A full superblock starts at a multiple of 8 vectors: shifts and parities are constants. */
         const uint8_t *superblock = nibbles + (first >> 1) * 32;
@@ -377,14 +403,14 @@ static inline __attribute__((always_inline)) void int5_superblock(const int8_t *
                           c2 = int5_vector_codes(superblock, high, 4 * half + 2),
                           c3 = int5_vector_codes(superblock, high, 4 * half + 3);
             for (int i = 0; i < rows; ++i)
-                sums[i] = _mm256_add_epi32(sums[i], int5_quad(c0, c1, c2, c3, (const __m256i *)(row + i * k) + 4 * half));
+                sums[i] = _mm256_add_epi32(sums[i], int5_quad(c0, c1, c2, c3, (const __m256i *)(row + i * 256) + 4 * half));
         }
         return;
     }
     for (int u = 0; u < g; ++u) {
         const __m256i code = int5_vector_codes(nibbles, high, first + u);
         for (int i = 0; i < rows; ++i) {
-            const __m256i activations = _mm256_loadu_si256((const __m256i *)(row + i * k + u * 32));
+            const __m256i activations = _mm256_loadu_si256((const __m256i *)(row + (i * g + u) * 32));
             sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(_mm256_maddubs_epi16(code, activations), ones));
         }
     }
@@ -433,7 +459,8 @@ static inline void prefetch_superblock(const char *nibbles, const char *fifth, i
     _mm_prefetch(fifth + j * fifth_row + first * 4, _MM_HINT_T0);
 }
 
-static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, const __m256i *offsets,
+static inline __attribute__((always_inline)) void int5_tile(const int8_t *block, int64_t block_rows, int64_t row0,
+                                                            const __m256i *offsets,
                                                             const uint8_t *nibbles, const uint8_t *fifth,
                                                             const uint16_t *scales, float *out, int64_t k, int64_t n,
                                                             const float *row_scale, const float *bias, int rows,
@@ -452,7 +479,8 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
         for (int j = 0; j < cols; ++j) {
             prefetch_superblock(next_nibbles, next_fifth, nibble_row, fifth_row, j, first);
             __m256i sums[INT5_ROWS];
-            int5_superblock(a, k, rows, nibbles + j * nibble_row, fifth + j * fifth_row, first, g, sums);
+            int5_superblock(block, block_rows, row0, rows, nibbles + j * nibble_row, fifth + j * fifth_row, first, g,
+                            sums);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int i = 0; i < rows; ++i) {
                 const __m256i exact = _mm256_sub_epi32(sums[i], offsets[i * superblocks + s]);
@@ -465,14 +493,15 @@ static inline __attribute__((always_inline)) void int5_tile(const int8_t *a, con
         for (int j = 0; j < cols; ++j) out[i * n + j] = int5_output(acc[i][j], row_scale[i], bias, j);
 }
 
-#define INT5_CASE(ROWS, C) int5_tile(a, offsets, nibbles, fifth, scales, out, k, n, row_scale, bias, ROWS, C)
+#define INT5_CASE(ROWS, C) \
+    int5_tile(a, rows, i, offsets, nibbles, fifth, scales, out, k, n, row_scale, bias, ROWS, C)
 
 static void rows_times_int5_tile(const int8_t *a, const __m256i *offsets, int64_t rows, const uint8_t *nibbles,
                                  const uint8_t *fifth, const uint16_t *scales, int cols, float *out, int64_t k,
                                  int64_t n, const float *row_scale, const float *bias) {
     const int64_t superblocks = superblock_count(k / 32);
-    for (int64_t i = 0; i < rows; i += INT5_ROWS, a += INT5_ROWS * k, offsets += INT5_ROWS * superblocks,
-                 out += INT5_ROWS * n, row_scale += INT5_ROWS) {
+    for (int64_t i = 0; i < rows; i += INT5_ROWS, offsets += INT5_ROWS * superblocks, out += INT5_ROWS * n,
+                 row_scale += INT5_ROWS) {
         const int group = rows - i < INT5_ROWS ? (int)(rows - i) : INT5_ROWS;
         /* Constant arguments: the compiler unrolls each case's loops. */
 #define INT5_COLS_CASES(ROWS)                   \
@@ -518,7 +547,7 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
             for (int u = 0; u < 8; ++u) code[u] = int5_vector_codes(superblock, high, u);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int64_t i = 0; i < rows; ++i) {
-                const __m256i *r = (const __m256i *)(a + i * k + s * 256);
+                const __m256i *r = (const __m256i *)superblock_activations(a, rows, i, s * 8, 8);
                 const __m256i sums = _mm256_add_epi32(int5_quad(code[0], code[1], code[2], code[3], r),
                                                       int5_quad(code[4], code[5], code[6], code[7], r + 4));
                 const __m256i exact = _mm256_sub_epi32(sums, offsets[i * superblocks + s]);
@@ -535,7 +564,7 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
             for (int u = 0; u < g; ++u) code[u] = int5_vector_codes(nibbles + j * nibble_row, high, first + u);
             const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
             for (int64_t i = 0; i < rows; ++i) {
-                const __m256i *r = (const __m256i *)(a + i * k + first * 32);
+                const __m256i *r = (const __m256i *)superblock_activations(a, rows, i, first, g);
                 __m256i products = _mm256_maddubs_epi16(code[0], _mm256_loadu_si256(r));
                 for (int u = 1; u < g; ++u)
                     products = _mm256_add_epi16(products, _mm256_maddubs_epi16(code[u], _mm256_loadu_si256(r + u)));
@@ -551,45 +580,47 @@ static void int5_many_rows(const int8_t *a, const __m256i *offsets, int64_t rows
 
 /* ---- int5_many_rows on VNNI ---- */
 
-/* Rows i..i+R-1 times one superblock s of g vectors (from vector `first`)
- * of a tile of INT5_COLS weight rows, its codes decoded in `code`, into the
- * float accumulators. The integer sums of R activation rows times the four
- * weight rows (4R registers) advance together: each activation vector is
- * loaded once for four products, each code vector once for R rows, and 4R
- * independent chains of vpdpbusd cover its latency. */
+/* Rows i..i+R-1 of a row block of block_rows times one superblock s of g
+ * vectors (from vector `first`) of a tile of INT5_COLS weight rows, its codes
+ * decoded in `code`, into the float accumulators. The integer sums of R
+ * activation rows times the four weight rows (4R registers) advance
+ * together: each activation vector is loaded once for four products, each
+ * code vector once for R rows, and 4R independent chains of vpdpbusd cover
+ * its latency. They start at -16 * sum(a) (`offsets`), not at 0: the same
+ * exact integers, one subtraction per row instead of one per product. */
 static inline __attribute__((always_inline)) AVX512_VNNI void int5_rows_times_superblock_vnni(
-    const int8_t *a, const __m256i *offsets, int64_t i, int R, int64_t k, int64_t superblocks, int64_t s,
+    const int8_t *a, int64_t block_rows, const __m256i *offsets, int64_t i, int R, int64_t superblocks, int64_t s,
     int64_t first, int g, const __m256i code[8][INT5_COLS], const __m256 scale[INT5_COLS], __m256 acc[][INT5_COLS]) {
     __m256i sums[4][INT5_COLS];
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < INT5_COLS; ++j) sums[r][j] = _mm256_setzero_si256();
-    const int8_t *rows = a + i * k + first * 32;
+    for (int r = 0; r < R; ++r) {
+        const __m256i start = _mm256_sub_epi32(_mm256_setzero_si256(), offsets[(i + r) * superblocks + s]);
+        for (int j = 0; j < INT5_COLS; ++j) sums[r][j] = start;
+    }
+    const int8_t *rows = superblock_activations(a, block_rows, i, first, g);
     for (int u = 0; u < g; ++u)
         for (int r = 0; r < R; ++r) {
-            const __m256i activations = _mm256_loadu_si256((const __m256i *)(rows + r * k + u * 32));
+            const __m256i activations = _mm256_loadu_si256((const __m256i *)(rows + (r * g + u) * 32));
             for (int j = 0; j < INT5_COLS; ++j)
                 sums[r][j] = dpbusd(sums[r][j], code[u][j], activations);
         }
     for (int r = 0; r < R; ++r)
-        for (int j = 0; j < INT5_COLS; ++j) {
-            const __m256i exact = _mm256_sub_epi32(sums[r][j], offsets[(i + r) * superblocks + s]);
+        for (int j = 0; j < INT5_COLS; ++j)
             acc[i + r][j] =
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale[j], s ? acc[i + r][j] : _mm256_setzero_ps());
-        }
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][j]), scale[j], s ? acc[i + r][j] : _mm256_setzero_ps());
 }
 
 /* Every row of the block, four at a time, times one superblock (as above). */
 static inline __attribute__((always_inline)) AVX512_VNNI void int5_superblock_rows_vnni(
-    const int8_t *a, const __m256i *offsets, int64_t rows, int64_t k, int64_t superblocks, int64_t s, int64_t first,
-    int g, const __m256i code[8][INT5_COLS], const __m256 scale[INT5_COLS], __m256 acc[][INT5_COLS]) {
+    const int8_t *a, const __m256i *offsets, int64_t rows, int64_t superblocks, int64_t s, int64_t first, int g,
+    const __m256i code[8][INT5_COLS], const __m256 scale[INT5_COLS], __m256 acc[][INT5_COLS]) {
     int64_t i = 0;
     for (; i + 4 <= rows; i += 4)
-        int5_rows_times_superblock_vnni(a, offsets, i, 4, k, superblocks, s, first, g, code, scale, acc);
+        int5_rows_times_superblock_vnni(a, rows, offsets, i, 4, superblocks, s, first, g, code, scale, acc);
     /* Constant row counts: the compiler unrolls each case and keeps its sums in registers. */
     switch (rows - i) {
-        case 3: int5_rows_times_superblock_vnni(a, offsets, i, 3, k, superblocks, s, first, g, code, scale, acc); break;
-        case 2: int5_rows_times_superblock_vnni(a, offsets, i, 2, k, superblocks, s, first, g, code, scale, acc); break;
-        case 1: int5_rows_times_superblock_vnni(a, offsets, i, 1, k, superblocks, s, first, g, code, scale, acc); break;
+        case 3: int5_rows_times_superblock_vnni(a, rows, offsets, i, 3, superblocks, s, first, g, code, scale, acc); break;
+        case 2: int5_rows_times_superblock_vnni(a, rows, offsets, i, 2, superblocks, s, first, g, code, scale, acc); break;
+        case 1: int5_rows_times_superblock_vnni(a, rows, offsets, i, 1, superblocks, s, first, g, code, scale, acc); break;
         default: break;
     }
 }
@@ -625,9 +656,9 @@ AVX512_VNNI static void int5_many_rows_vnni(const int8_t *a, const __m256i *offs
             scale[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + j * scale_row + s * 8)));
         }
         if (s < full)
-            int5_superblock_rows_vnni(a, offsets, rows, k, superblocks, s, first, 8, code, scale, acc);
+            int5_superblock_rows_vnni(a, offsets, rows, superblocks, s, first, 8, code, scale, acc);
         else
-            int5_superblock_rows_vnni(a, offsets, rows, k, superblocks, s, first, g, code, scale, acc);
+            int5_superblock_rows_vnni(a, offsets, rows, superblocks, s, first, g, code, scale, acc);
         first += g;
     }
     /* int5_output for two rows' four outputs at once (the sums were a sixth of the time, one at a time). */
@@ -676,11 +707,13 @@ static inline void transpose8x8_epi32(__m256i r[8]) {
     }
 }
 
-/* One activation row quantized to int8 (as quantize_row) in the superblock
- * order above, and each superblock's lane offsets 16 * sum(a). In a full
- * superblock, vector v's lane l is 4-byte group v of block l: the blocks
- * quantized in order, as 8 x 8 groups, transposed. */
-static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m256i *offsets, float *scale) {
+/* One activation row, row `row` of a row block of block_rows at `block`,
+ * quantized to int8 (as quantize_row) in the superblock order above, and
+ * each superblock's lane offsets 16 * sum(a). In a full superblock, vector
+ * v's lane l is 4-byte group v of block l: the blocks quantized in order, as
+ * 8 x 8 groups, transposed. */
+static void quantize_row_int5(const float *x, int64_t k, int8_t *block, int64_t block_rows, int64_t row,
+                              __m256i *offsets, float *scale) {
     const float row_scale = row_quantization_scale(x, k);
     const __m256 scale_vector = _mm256_set1_ps(row_scale);
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
@@ -689,7 +722,7 @@ static void quantize_row_int5(const float *x, int64_t k, int8_t *quantized, __m2
     for (int64_t s = 0; s < superblocks; ++s) {
         const int g = superblock_size(blocks, s);
         const float *source = x + v0 * 32;
-        int8_t *target = quantized + v0 * 32;
+        int8_t *target = (int8_t *)superblock_activations(block, block_rows, row, v0, g);
         if (g == 8) {
             __m256i groups[8];
             for (int b = 0; b < 8; ++b) groups[b] = quantize32(source + 32 * b, scale_vector);
@@ -723,15 +756,19 @@ static void int5_product(const float *x, int64_t m, int64_t k, const uint8_t *ni
     const int threads = omp_get_num_threads();
     const int64_t blocks = k / 32, superblocks = superblock_count(blocks);
     const int64_t nibble_row = (blocks + 1) / 2 * 32, fifth_row = (blocks + 7) / 8 * 32;
-    const int64_t tiles = (n + INT5_COLS - 1) / INT5_COLS;
+    const int64_t tiles = (n + INT5_COLS - 1) / INT5_COLS, row_blocks = row_block_count(m);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i)
-        quantize_row_int5(x + i * k, k, quantized + i * k, offsets + i * superblocks, row_scale + i);
+    for (int64_t i = 0; i < m; ++i) {
+        const int64_t block = row_block_of(m, row_blocks, i), row0 = row_block_start(m, row_blocks, block);
+        quantize_row_int5(x + i * k, k, quantized + row0 * k, row_block_start(m, row_blocks, block + 1) - row0,
+                          i - row0, offsets + i * superblocks, row_scale + i);
+    }
 #pragma omp for schedule(static)
     for (int64_t part = 0; part < threads; ++part) {
         const int64_t first = tiles * part / threads, last = tiles * (part + 1) / threads;
-        for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
-            const int64_t rows = m - row0 < ROW_BLOCK ? m - row0 : ROW_BLOCK;
+        for (int64_t block = 0; block < row_blocks; ++block) {
+            const int64_t row0 = row_block_start(m, row_blocks, block);
+            const int64_t rows = row_block_start(m, row_blocks, block + 1) - row0;
             for (int64_t tile_index = first; tile_index < last; ++tile_index) {
                 const int64_t n0 = tile_index * INT5_COLS;
                 const int cols = n - n0 < INT5_COLS ? (int)(n - n0) : INT5_COLS;

@@ -56,7 +56,7 @@ def _inputs(rows: int, depth: int, seed: int) -> torch.Tensor:
     [(1152, 896, True), (896, 4864, False), (37, 70, True), (5, 16, False)],
     ids=["qkv", "down", "odd-sizes", "tiny"],
 )
-@pytest.mark.parametrize("rows", [1, 2, 3, 33, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 70, 130])  # 130: three row blocks
 def test_matches_the_torch_path_bit_for_bit(outputs, depth, bias, rows):
     layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=bias))
     x = _inputs(rows, depth, seed=rows)
@@ -160,7 +160,7 @@ def test_packing_rounds_to_the_nearest_code_of_a_block_scale_from_its_largest_va
 
 @needs_kernel
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 33, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 70, 130])  # 130: three row blocks
 def test_multiplies_the_packed_weights_by_the_row_quantized_activations(depth, rows):
     outputs = 37
     weights = torch.randn(outputs, depth, generator=torch.Generator().manual_seed(depth)) * 0.05
@@ -177,10 +177,11 @@ def test_multiplies_the_packed_weights_by_the_row_quantized_activations(depth, r
 
 @needs_kernel
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("rows", [4, 5, 40])
+@pytest.mark.parametrize("rows", [4, 5, 40, 130])
 def test_int5_rows_together_equal_rows_alone(depth, rows):
     # From 5 rows a row block takes int5_many_rows (codes decoded once per
-    # block), fewer take int5_tile: every row must come out the same bits.
+    # block), fewer take int5_tile: every row must come out the same bits,
+    # whichever of several row blocks (130 rows: three) it is in.
     nibbles, fifth, scales = native.int5_pack(torch.randn(37, depth, generator=torch.Generator().manual_seed(depth)))
     bias = torch.randn(37)
     x = _inputs(rows, depth, seed=depth + rows)
@@ -236,7 +237,7 @@ def _on_avx2_and_on_vnni(product) -> tuple[torch.Tensor, torch.Tensor]:
 
 @needs_vnni
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("rows", [2, 5, 7, 16, 33, 70])
+@pytest.mark.parametrize("rows", [2, 5, 7, 16, 33, 70, 130])
 @pytest.mark.parametrize("outputs", [36, 37])  # 37: the last tile has one weight row
 def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
     nibbles, fifth, scales = native.int5_pack(torch.randn(outputs, depth, generator=torch.Generator().manual_seed(9)))
@@ -248,7 +249,7 @@ def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
 
 @needs_vnni
 @pytest.mark.parametrize("depth", [32, 224, 896, 4864, 70])  # 70: not a multiple of 32, stays on AVX2
-@pytest.mark.parametrize("rows", [2, 3, 5, 16, 33, 70])
+@pytest.mark.parametrize("rows", [2, 3, 5, 16, 33, 70, 130])
 @pytest.mark.parametrize("outputs", [36, 37])  # 37: not a multiple of 4, stays on AVX2
 def test_int8_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
     layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=rows % 2 == 1))

@@ -147,7 +147,10 @@ static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *s
 #define AVX512_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 /* From this many rows, int8 products take the VNNI kernel (measured: 0.6-0.7x
  * the AVX2 kernel's time at 2 rows, 0.3x at 16; alike at 1, bound by reading
- * the weights). int5 takes it where it takes int5_many_rows. */
+ * the weights). int5 takes it at every row count, for whole tiles: its codes
+ * decoded with fewer instructions than int5_tile's products take, it ran a
+ * one-row product from memory in 0.57-0.80x int5_tile's time, and engine
+ * decode steps of 1 / 2 / 4 rows in 0.85 / 0.80 / 0.73x. */
 #define INT8_VNNI_ROWS 2
 
 /* Whether the products take the VNNI kernels: the CPU's answer at load,
@@ -778,7 +781,7 @@ static void int5_product(const float *x, int64_t m, int64_t k, const uint8_t *ni
                 const uint16_t *tile_scales = scales + n0 * superblocks * 8;
                 float *tile_out = out + row0 * n + n0;
                 const float *tile_bias = bias ? bias + n0 : NULL;
-                if (rows >= INT5_MANY_ROWS && vnni && cols == INT5_COLS)
+                if (vnni && cols == INT5_COLS)
                     int5_many_rows_vnni(a, row_offsets, rows, tile_nibbles, tile_fifth, tile_scales, tile_out, k, n,
                                         row_scale + row0, tile_bias);
                 else

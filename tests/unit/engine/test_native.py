@@ -237,7 +237,7 @@ def _on_avx2_and_on_vnni(product) -> tuple[torch.Tensor, torch.Tensor]:
 
 @needs_vnni
 @pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("rows", [2, 5, 7, 16, 33, 70, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 33, 70, 130])
 @pytest.mark.parametrize("outputs", [36, 37])  # 37: the last tile has one weight row
 def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
     nibbles, fifth, scales = native.int5_pack(torch.randn(outputs, depth, generator=torch.Generator().manual_seed(9)))

@@ -57,6 +57,7 @@ from qwen_grpc_client import build_request, finish_reason_name  # noqa: E402
 from qwen_grpc_client.pb.qwen import qwen_service_pb2 as pb  # noqa: E402
 from qwen_grpc_client.pb.qwen import qwen_service_pb2_grpc as pb_grpc  # noqa: E402
 from service.config import default_cache_dir, default_model_path  # noqa: E402
+from service.engine.cpu import cpu_flags, cpu_info  # noqa: E402
 
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"  # as service/model_fetch.py names it
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -808,14 +809,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def machine_info() -> dict:
-    cpu: dict[str, str] = {}
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            cpu.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = set(cpu.get("flags", "").split())
+    cpu, flags = cpu_info(), cpu_flags()
 
     def git(*cmd: str) -> str:
         try:

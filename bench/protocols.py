@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import ServerProcess, free_port  # noqa: E402
 
+from service.engine.cpu import cpu_info  # noqa: E402
+
 PROMPTS = [
     "Write a Python class implementing an LRU cache with get and put methods, with docstrings and type hints.",
     "Explain step by step how a binary search works, then implement it in Python with tests.",
@@ -552,15 +554,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _machine() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     return {
         "cpus": os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_info().get("model name", "unknown"),
         "python": platform.python_version(),
         "loadavg_at_start": os.getloadavg(),
     }

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..cpu import cpu_flags
+
 _LOG = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("int8_matmul.c")
@@ -60,13 +62,7 @@ def _x86_64() -> bool:
 
 
 def cpu_has_avx2() -> bool:
-    if not _x86_64():
-        return False
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags and " f16c" in flags
+    return _x86_64() and {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:

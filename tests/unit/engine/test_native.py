@@ -6,7 +6,6 @@ Where the CPU has AVX512-VNNI, its kernels are used and give the AVX2 bits."""
 
 from __future__ import annotations
 
-import pathlib
 import shutil
 
 import pytest
@@ -14,21 +13,15 @@ import torch
 from torch import nn
 
 from service.engine import native
+from service.engine.cpu import cpu_flags
 from service.engine.model_runner import Int5Linear, RowwiseInt8Linear
 
 CAN_BUILD = native.cpu_has_avx2() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no AVX2 kernels on this machine")
 
 
-def _cpu_flags() -> set[str]:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 # What the VNNI kernels are compiled for (int8_matmul.c: AVX512_VNNI), as /proc/cpuinfo names it.
-CPU_HAS_VNNI = native.cpu_has_avx2() and {"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= _cpu_flags()
+CPU_HAS_VNNI = native.cpu_has_avx2() and {"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= cpu_flags()
 needs_vnni = pytest.mark.skipif(not (native.available() and CPU_HAS_VNNI), reason="no AVX512-VNNI on this CPU")
 
 

@@ -138,20 +138,20 @@ static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *s
  *
  * Where the CPU has AVX512-VNNI (vpdpbusd: a 32-bit lane's four products
  * of unsigned and signed bytes added to it, one instruction for vpmaddubsw
- * + vpmaddwd + an add) and with it AVX-512's 32 registers, products of
- * several rows take the kernels marked AVX512_VNNI. The library is built
+ * + vpmaddwd + an add) and with it AVX-512's 32 registers, the products
+ * take the kernels marked AVX512_VNNI. The library is built
  * for AVX2, to load on any AVX2 CPU: only those functions are compiled for
  * AVX-512, and they run only where detect_vnni found it. Their integer sums
  * are the same integers and their float operations the same, in the same
  * order: the results are bit for bit the AVX2 kernels'. */
 #define AVX512_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
-/* From this many rows, int8 products take the VNNI kernel (measured: 0.6-0.7x
- * the AVX2 kernel's time at 2 rows, 0.3x at 16; alike at 1, bound by reading
- * the weights). int5 takes it at every row count, for whole tiles: its codes
- * decoded with fewer instructions than int5_tile's products take, it ran a
- * one-row product from memory in 0.57-0.80x int5_tile's time, and engine
- * decode steps of 1 / 2 / 4 rows in 0.85 / 0.80 / 0.73x. */
-#define INT8_VNNI_ROWS 2
+/* Products of any row count take the VNNI kernels. int8 (k a multiple of
+ * 32, n of 4): 0.3x the AVX2 kernel's time at 16 rows, 0.6-0.7x at 2, and
+ * 0.88x at one row streamed from memory, its weight rows' sums included.
+ * int5 (its whole tiles): with the codes decoded in fewer instructions than
+ * int5_tile's products take, a one-row product from memory ran in
+ * 0.57-0.80x int5_tile's time, and engine decode steps of 1 / 2 / 4 rows in
+ * 0.85 / 0.80 / 0.73x. */
 
 /* Whether the products take the VNNI kernels: the CPU's answer at load,
  * unless qwen_set_vnni turned it off (to compare the two). */
@@ -250,7 +250,7 @@ static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, 
     const int threads = omp_get_num_threads();
     const int64_t tiles = (n + COLS - 1) / COLS, row_blocks = row_block_count(m);
     /* The VNNI kernel's activations are bytes: `quantized` (2 bytes a value) holds them. */
-    const int use_vnni = vnni && m >= INT8_VNNI_ROWS && k % 32 == 0 && n % COLS == 0;
+    const int use_vnni = vnni && k % 32 == 0 && n % COLS == 0;
     uint8_t *plus_128 = (uint8_t *)quantized;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; ++i) {

@@ -242,7 +242,7 @@ def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
 
 @needs_vnni
 @pytest.mark.parametrize("depth", [32, 224, 896, 4864, 70])  # 70: not a multiple of 32, stays on AVX2
-@pytest.mark.parametrize("rows", [2, 3, 5, 16, 33, 70, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 33, 70, 130])
 @pytest.mark.parametrize("outputs", [36, 37])  # 37: not a multiple of 4, stays on AVX2
 def test_int8_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
     layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=rows % 2 == 1))

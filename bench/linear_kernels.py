@@ -7,21 +7,29 @@ M = 1, 4, 16 rows (--rows): the median time of one product, the methods alternat
 (a busy machine hits them alike), over --rounds rounds; the table gives the median of the
 per-round medians, the spread (min-max of the rounds) and the ratio to int8. Then batch
 invariance, bitwise: a row's output computed alone (M=1) and inside M = 2..16 with other rows.
-Weights are random (N(0, 0.02)); speed does not depend on their values.
+Weights are random (N(0, 0.02)); speed does not depend on their values. Each method gets enough
+copies of each product's weights to fill --working-set-mib (default 256, eight times this host's
+32 MB L3), and the calls rotate through them: each call reads its weights from memory, as a decode
+step does. With one copy (--working-set-mib 0) a matrix that fits the L3 is read from there, and
+one-row figures flatter the kernels that are slow from memory (session 15 found "int5 on VNNI below
+5 rows: nothing" that way; from memory it took 0.57-0.80x the time).
 
     python bench/linear_kernels.py [--rounds 5] [--threads 2] [--methods int8,int5,int8-weight-only] [--rows 1,16,128]
+        [--working-set-mib 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
+import math
 import os
 import pathlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -62,6 +70,21 @@ def _median_s(run: Callable[[], object], seconds: float) -> float:
     return statistics.median(times)
 
 
+def _packed_bytes(module: nn.Module) -> int:
+    return sum(tensor.nbytes for tensor in module.state_dict().values())
+
+
+def _copies(make: Callable[[], nn.Module], working_set_bytes: int) -> list[nn.Module]:
+    """Modules made by `make` until their weights fill working_set_bytes (at least one)."""
+    modules = [make()]
+    count = math.ceil(working_set_bytes / max(1, _packed_bytes(modules[0])))
+    return modules + [make() for _ in range(count - 1)]
+
+
+def _next_call(rotation: Iterator[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return next(rotation)(x)
+
+
 def _invariant(module: nn.Module, k: int) -> bool:
     """Every row of a 16-row input, computed alone and inside M = 2, 3, 4, 7, 16: bitwise equal."""
     x = torch.randn(16, k)  # float32, as the engine's int8 and int4 runners call them
@@ -78,18 +101,23 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--shapes", default=",".join([*SHAPES, *HEAD]))
     parser.add_argument("--rows", default="1,4,16", help="activation rows M of the products timed")
+    parser.add_argument(
+        "--working-set-mib", type=int, default=256, help="weights per method and shape, in copies called in turn"
+    )
     args = parser.parse_args()
     ms = [int(m) for m in args.rows.split(",")]
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     shapes = {name: {**SHAPES, **HEAD}[name] for name in args.shapes.split(",")}
     torch.manual_seed(0)
-    modules: dict[tuple[str, str], nn.Module] = {}
+    copies: dict[tuple[str, str], list[nn.Module]] = {}
     for shape, (k, n, bias) in shapes.items():
         linear = nn.Linear(k, n, bias=bias)
         nn.init.normal_(linear.weight, std=0.02)
         for method in methods:
-            modules[shape, method] = METHODS[method](linear)
+            copies[shape, method] = _copies(functools.partial(METHODS[method], linear), args.working_set_mib << 20)
+    modules = {key: module_copies[0] for key, module_copies in copies.items()}
+    rotations = {key: itertools.cycle(module_copies) for key, module_copies in copies.items()}
     times: dict[tuple[str, str, int], list[float]] = {key + (m,): [] for key in modules for m in ms}
     loads = []
     with torch.inference_mode():
@@ -100,10 +128,14 @@ def main() -> None:
             for shape in shapes:
                 for m in ms:
                     for method in order:
-                        module, x = modules[shape, method], inputs[shape, m]
-                        times[shape, method, m].append(_median_s(functools.partial(module, x), args.seconds))
+                        call = functools.partial(_next_call, rotations[shape, method], inputs[shape, m])
+                        times[shape, method, m].append(_median_s(call, args.seconds))
         invariant = {key: _invariant(module, shapes[key[0]][0]) for key, module in modules.items()}
-    print(f"threads {args.threads}, {args.rounds} rounds, load average (1 min) {min(loads):.1f}-{max(loads):.1f}")
+    print(
+        f"threads {args.threads}, {args.rounds} rounds, load average (1 min) {min(loads):.1f}-{max(loads):.1f}, "
+        f"{min(map(len, copies.values()))}-{max(map(len, copies.values()))} copies of each product's weights "
+        f"(>= {args.working_set_mib} MiB) called in turn"
+    )
     print(
         "| shape | method | "
         + " | ".join(f"M={m} µs (spread)" for m in ms)

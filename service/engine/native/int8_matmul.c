@@ -329,8 +329,10 @@ int qwen_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, cons
 #define INT5_COLS 4
 /* Activation rows per tile: a weight vector's codes, once decoded, serve this many rows. */
 #define INT5_ROWS 4
-/* From this many rows in a row block, int5_many_rows: measured, decoding
- * once per block pays from 5 rows (a 4-row tile then leaves a row alone). */
+/* Without VNNI, from this many rows in a row block int5_many_rows, fewer
+ * int5_tile: measured, decoding once per block pays from 5 rows (a 4-row
+ * tile then leaves a row alone). With VNNI every whole tile takes
+ * int5_many_rows_vnni. */
 #define INT5_MANY_ROWS 5
 
 /* Blocks in superblock s of a row of `blocks` blocks (8, then 4, 2, 1). */

@@ -1,6 +1,6 @@
-"""int8 (the engine's RowwiseInt8Linear: its AVX2 kernel where built, else torch._int_mm; int8-torch
-forces torch._int_mm) vs int5 (the engine's AVX2 5-bit kernel), int8-weight-only and 4-bit weights
-(torch's CPU int4 kernel) per Linear shape.
+"""int8 (the engine's RowwiseInt8Linear: its native kernel where built, AVX2 or AVX512-VNNI as the CPU
+has, else torch._int_mm; int8-torch forces torch._int_mm) vs int5 (the engine's native 5-bit kernel),
+int8-weight-only and 4-bit weights (torch's CPU int4 kernel) per Linear shape.
 
 For each of Qwen2.5-0.5B's Linear shapes (fused qkv, o, fused gate_up, down, output layer) and
 M = 1, 4, 16 rows (--rows): the median time of one product, the methods alternated within every round

@@ -297,13 +297,17 @@ async def _serve(settings: Settings) -> None:
         server = Server(settings)  # binds every listener; reads nothing of the model yet
     except OSError as exc:
         raise ListenError(str(exc)) from exc
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in stop_signals:
         loop.add_signal_handler(signum, server.request_stop)
+    _exit_at_signals_while_loading(stop_signals)
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server.wait_for_stop())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
     if start not in done:
         _exit_during_load()
+    for signum in stop_signals:  # loaded: a stop signal drains from now on
+        loop.add_signal_handler(signum, server.request_stop)
     try:
         start.result()  # a failed start (e.g. missing model) raises here
         await stop
@@ -311,13 +315,30 @@ async def _serve(settings: Settings) -> None:
         await server.drain_and_stop()
 
 
+_STOPPED_WHILE_LOADING = "stopped while loading the model"
+
+
+def _exit_at_signals_while_loading(signals: tuple[int, ...]) -> None:
+    """A stop signal before the model is loaded ends the process at once (see
+    _exit_during_load), from the signal handler of the native library where
+    it is available: the load's tokenizer and llguidance calls hold the GIL
+    for up to a second each, which the event loop would need several times
+    over to get to _exit_during_load (a SIGTERM took 4.3 s on a busy CI
+    machine). The handler writes _exit_during_load's log line itself (main's
+    format) and exits 0."""
+    from .engine import native
+
+    line = f" INFO {_LOG.name}: {_STOPPED_WHILE_LOADING}\n" if _LOG.isEnabledFor(logging.INFO) else ""
+    native.exit_at_signals(signals, line)
+
+
 def _exit_during_load() -> None:
     """SIGTERM/SIGINT before the model is loaded: nothing to drain (every
     call is refused until then), but the load cannot be interrupted (it is
-    inside torch and safetensors calls, ~20 s), it holds the GIL most of the
-    time (a graceful stop of the listeners took seconds), and the
+    inside torch, tokenizers and llguidance calls, ~20 s), it holds the GIL
+    much of the time (a graceful stop of the listeners took seconds), and the
     interpreter's exit would wait for it. So end the process now."""
-    _LOG.info("stopped while loading the model")
+    _LOG.info(_STOPPED_WHILE_LOADING)
     logging.shutdown()
     os._exit(0)
 

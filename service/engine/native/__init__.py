@@ -1,6 +1,7 @@
 """The engine's own CPU kernels on AVX2, and AVX512-VNNI where the CPU has it
 (int8_matmul.c): the int8 and int5 Linears, and the decoder stack of a
-forward pass in one call (DecoderStack).
+forward pass in one call (DecoderStack); and an exit at SIGTERM that needs
+no GIL, for the model's load (exit_at_signals).
 
 `int8_matmul.c` is compiled once into `_int8_matmul.so` next to it by
 `python -m service.engine.native` (`make setup` does it; the Docker image
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 import torch
@@ -103,6 +105,9 @@ def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
         ctypes.POINTER(ctypes.c_float),
     ]
     function.restype = ctypes.c_int
+    function = lib.qwen_exit_at_signals
+    function.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_char_p, ctypes.c_int64]
+    function.restype = ctypes.c_int
     return lib
 
 
@@ -133,6 +138,21 @@ def instruction_set() -> str:
     if lib is None:
         return "none"
     return "avx512-vnni" if lib.qwen_uses_vnni() else "avx2"
+
+
+def exit_at_signals(signals: Sequence[int], line: str) -> bool:
+    """Have these signals end the process in their handler, without the GIL:
+    write `line` to stderr after the time (logging's asctime, local time; ""
+    writes nothing), then exit 0. For the model's load, whose calls hold the
+    GIL for a second at a time (int8_matmul.c); signal.signal takes a signal
+    back. False where the library is not available (nothing changed)."""
+    lib = _library()
+    if lib is None:
+        return False
+    numbers = (ctypes.c_int * len(signals))(*signals)
+    if lib.qwen_exit_at_signals(numbers, len(signals), line.encode(), time.localtime().tm_gmtoff):
+        raise ValueError(f"cannot exit at signals {list(signals)} with a line of {len(line.encode())} bytes")
+    return True
 
 
 def _product(

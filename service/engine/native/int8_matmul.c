@@ -20,9 +20,12 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Weight rows per tile (contiguous in memory: COLS * k bytes). */
 #define COLS 4
@@ -114,6 +117,63 @@ static void rows_times_tile(const int16_t *a, int64_t rows, const int8_t *w, int
 /* The SHA-256 of the source this library was built from (-DSOURCE_SHA256=...):
  * the loader uses a library only if it matches the source beside it. */
 const char *qwen_source_sha256(void) { return SOURCE_SHA256; }
+
+/* ---- Stop signals while the model loads (service/cli.py) ----
+ *
+ * Python runs a signal's handler only once its main thread holds the GIL,
+ * and the load holds it for up to ~1.2 s per call (llguidance's token trie,
+ * the tokenizer's JSON), several calls in a row while asyncio's loop takes
+ * the GIL again at each step: a SIGTERM took seconds to act on a busy
+ * machine. This handler needs no GIL: it writes the log line, with the time
+ * as logging's asctime in local time, and exits 0. Async-signal-safe calls
+ * only (gmtime_r is arithmetic in glibc; localtime_r would read the zone). */
+static char exit_line[256];
+static size_t exit_line_length;
+static time_t exit_utc_offset;
+
+static char *decimal(char *out, long value, int digits) {
+    for (int i = digits - 1; i >= 0; --i, value /= 10) out[i] = (char)('0' + value % 10);
+    return out + digits;
+}
+
+static void exit_at_signal(int signum) {
+    (void)signum;
+    if (exit_line_length) {
+        struct timespec now;
+        struct tm t;
+        clock_gettime(CLOCK_REALTIME, &now);
+        const time_t local = now.tv_sec + exit_utc_offset;
+        gmtime_r(&local, &t);
+        char text[24 + sizeof exit_line], *p = text; /* 2026-12-03 13:47:28,714 */
+        p = decimal(p, t.tm_year + 1900, 4), *p++ = '-', p = decimal(p, t.tm_mon + 1, 2), *p++ = '-';
+        p = decimal(p, t.tm_mday, 2), *p++ = ' ', p = decimal(p, t.tm_hour, 2), *p++ = ':';
+        p = decimal(p, t.tm_min, 2), *p++ = ':', p = decimal(p, t.tm_sec, 2), *p++ = ',';
+        p = decimal(p, now.tv_nsec / 1000000, 3);
+        memcpy(p, exit_line, exit_line_length);
+        /* A failed write changes nothing: the process exits all the same. */
+        (void)!write(STDERR_FILENO, text, (size_t)(p - text) + exit_line_length);
+    }
+    _exit(0);
+}
+
+/* Exit 0 at each of the signals (count of them), first writing `line` (what
+ * follows the time; "" for none) with the time shifted by utc_offset seconds
+ * (the local zone's). Until Python's signal.signal takes them back. Returns
+ * 0, or -1 if the line is too long or a signal cannot be handled. */
+int qwen_exit_at_signals(const int *signals, int count, const char *line, int64_t utc_offset) {
+    const size_t length = strlen(line);
+    if (length > sizeof exit_line) return -1;
+    memcpy(exit_line, line, length);
+    exit_line_length = length;
+    exit_utc_offset = (time_t)utc_offset;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = exit_at_signal;
+    sigfillset(&action.sa_mask);
+    for (int i = 0; i < count; ++i)
+        if (sigaction(signals[i], &action, NULL)) return -1;
+    return 0;
+}
 
 /* torch: scale = x.abs().amax(dim=1).clamp(min=1e-8) / 127; torch.round(x / scale)
  * (round half to even: rintf in the default rounding mode). */

@@ -2,11 +2,18 @@
 int8 bit for bit the torch path; int5 GGUF Q5_0's rounding in the layout
 int8_matmul.c describes and the product of exactly those weights; both
 batch- and thread-invariant, and never used when built from another source.
-Where the CPU has AVX512-VNNI, its kernels are used and give the AVX2 bits."""
+Where the CPU has AVX512-VNNI, its kernels are used and give the AVX2 bits.
+Its signal handler exits at SIGTERM while Python's code cannot run."""
 
 from __future__ import annotations
 
+import datetime
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -92,6 +99,54 @@ def test_a_library_built_from_another_source_is_not_used(tmp_path):
     assert native._load(library, edited) is not None
     assert native._load(library, native.SOURCE) is None
     assert native._load(tmp_path / "missing.so", native.SOURCE) is None
+
+
+# A server's first steps: Python's handler for SIGTERM (asyncio's), then the
+# native one. sum() of a long range is one C call holding the GIL, during
+# which Python runs no signal handler.
+EXIT_AT_SIGTERM = """
+import signal, sys
+from service.engine import native
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+assert native.exit_at_signals([signal.SIGTERM], " INFO qwen_grpc: gone\\n")
+"""
+
+
+def _python(code: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True, **kwargs)
+
+
+@needs_kernel
+def test_sigterm_exits_0_at_once_while_a_call_holds_the_gil():
+    holding = EXIT_AT_SIGTERM + 'print("holding", flush=True)\nsum(range(10**12))\n'
+    process = _python(holding, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "holding\n"
+        time.sleep(0.2)  # into sum()
+        process.terminate()
+        sent = time.monotonic()
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        process.kill()
+    assert process.returncode == 0 and took < 1.0, (process.returncode, took, stderr)
+    # logging's line: local time with milliseconds, level, logger, message
+    line = re.fullmatch(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d{3} INFO qwen_grpc: gone\n", stderr)
+    assert line is not None, stderr
+    written = datetime.datetime.strptime(line.group(1), "%Y-%m-%d %H:%M:%S")
+    assert abs((written - datetime.datetime.now()).total_seconds()) < 60, line.group(1)
+
+
+@needs_kernel
+def test_signal_signal_takes_sigterm_back():
+    process = _python(
+        EXIT_AT_SIGTERM
+        + "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\nsignal.raise_signal(signal.SIGTERM)\n",
+        stderr=subprocess.PIPE,
+    )
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3 and stderr == "", (process.returncode, stderr)
 
 
 # Input sizes covering every superblock shape: 8 blocks, and tails of 4, 2 and 1.

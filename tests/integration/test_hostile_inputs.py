@@ -78,13 +78,24 @@ def test_a_damaged_weights_file_exits_2_naming_it(tiny_model_dir, tmp_path, dama
 def test_sigterm_while_the_model_loads_exits_promptly(real_model_dir):
     server = ServerProcess(real_model_dir, "--threads", "1")
     try:
-        server.wait_port_open()  # up, NOT_SERVING: the model is loading (~20 s)
-        time.sleep(1.0)
-        assert "SERVING" not in server.log.replace("NOT_SERVING", "")
+        server.wait_port_open()  # up, NOT_SERVING: the model is loading
+        # The weights are in; the tokenizer's vocabulary and llguidance's
+        # token trie are being built for seconds, in calls that hold the GIL
+        # up to a second each: where a SIGTERM handled in Python waited longest.
+        deadline = time.monotonic() + 120
+        while (
+            "service.engine.loader: loaded" not in server.log
+            and server.process.poll() is None
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert "SERVING" not in server.log.replace("NOT_SERVING", ""), server.log
         server.process.terminate()
         started = time.monotonic()
         code = server.process.wait(30)
-        assert time.monotonic() - started < 3.0, server.log
-        assert code == 0, server.log
+        # The exit itself (unmapping the model) takes ~0.1 s.
+        assert time.monotonic() - started < 1.5, server.log
+        assert code == 0 and "stopped while loading the model" in server.log, server.log
     finally:
         server.close()

@@ -421,8 +421,9 @@ static inline const int8_t *superblock_activations(const int8_t *block, int64_t 
 /* The 32 codes of vector v of a weight row (any superblock shape): bits
  * 0..3 from the nibbles, bit 4 from `high`, the row's fifth bits of v's
  * group of 8 vectors. The 16-bit shifts move bits across bytes too, but
- * never into bit 4. The one decoder of every kernel: called with a constant
- * v (from a full superblock's start), its branches and shifts fold away. */
+ * never into bit 4. The decoder of the AVX2 kernels (int5_pair_codes is the
+ * VNNI kernel's, for two rows at once): called with a constant v (from a
+ * full superblock's start), its branches and shifts fold away. */
 static inline __attribute__((always_inline)) __m256i int5_vector_codes(const uint8_t *nibbles, __m256i high, int64_t v) {
     const __m256i low_nibble = _mm256_set1_epi8(0x0F), fifth_bit = _mm256_set1_epi8(0x10);
     const int bit = (int)(v & 7);
@@ -695,8 +696,8 @@ static inline __attribute__((always_inline)) AVX512_VNNI __m256 upper_row(__m512
  * vectors (from vector `first`) of a tile of INT5_COLS weight rows, its codes
  * decoded in `code`, into the float accumulators. The integer sums of R
  * activation rows times the two pairs of weight rows (2R registers) advance
- * together: each activation vector is loaded once for four products, and
- * 2R independent chains of vpdpbusd cover its latency. They start at
+ * together: each activation vector is loaded once for the four weight rows,
+ * and 2R independent chains of vpdpbusd cover its latency. They start at
  * -16 * sum(a) (`offsets`), not at 0: the same exact integers, one
  * subtraction per row instead of one per product. */
 static inline __attribute__((always_inline)) AVX512_VNNI void int5_rows_times_superblock_vnni(
@@ -762,12 +763,14 @@ AVX512_VNNI static void int5_many_rows_vnni(const int8_t *a, const __m256i *offs
             const int j = 2 * p;
             for (int half = 0; half < 2; ++half)
                 prefetch_superblock(next_nibbles, next_fifth, nibble_row, fifth_row, j + half, first);
-            const uint8_t *pair_nibbles = nibbles + j * nibble_row, *pair_fifth = fifth + j * fifth_row + (first >> 3) * 32;
+            const uint8_t *pair_nibbles = nibbles + j * nibble_row;
+            const uint8_t *pair_fifth = fifth + j * fifth_row + (first >> 3) * 32;
             const __m512i high =
                 _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)pair_fifth)),
                                    _mm256_loadu_si256((const __m256i *)(pair_fifth + fifth_row)), 1);
             if (s < full) /* from a multiple of 8 vectors: constant shifts */
-                for (int u = 0; u < 8; ++u) code[u][p] = int5_pair_codes(pair_nibbles + first * 16, nibble_row, high, u);
+                for (int u = 0; u < 8; ++u)
+                    code[u][p] = int5_pair_codes(pair_nibbles + first * 16, nibble_row, high, u);
             else
                 for (int u = 0; u < g; ++u) code[u][p] = int5_pair_codes(pair_nibbles, nibble_row, high, first + u);
             const uint16_t *pair_scales = scales + j * scale_row + s * 8;

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .observability.metrics import MetricsServer
 
 _LOG = logging.getLogger("qwen_grpc")
+# The time first: the native exit at a stop signal during the load writes it itself (_exit_at_signals_while_loading).
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
 
@@ -300,14 +302,15 @@ async def _serve(settings: Settings) -> None:
     stop_signals = (signal.SIGTERM, signal.SIGINT)
     for signum in stop_signals:
         loop.add_signal_handler(signum, server.request_stop)
-    _exit_at_signals_while_loading(stop_signals)
+    exits_natively = _exit_at_signals_while_loading(stop_signals)
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server.wait_for_stop())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
     if start not in done:
         _exit_during_load()
-    for signum in stop_signals:  # loaded: a stop signal drains from now on
-        loop.add_signal_handler(signum, server.request_stop)
+    if exits_natively:  # loaded: a stop signal drains from now on
+        for signum in stop_signals:
+            loop.add_signal_handler(signum, server.request_stop)
     try:
         start.result()  # a failed start (e.g. missing model) raises here
         await stop
@@ -318,18 +321,22 @@ async def _serve(settings: Settings) -> None:
 _STOPPED_WHILE_LOADING = "stopped while loading the model"
 
 
-def _exit_at_signals_while_loading(signals: tuple[int, ...]) -> None:
+def _exit_at_signals_while_loading(signals: tuple[int, ...]) -> bool:
     """A stop signal before the model is loaded ends the process at once (see
     _exit_during_load), from the signal handler of the native library where
     it is available: the load's tokenizer and llguidance calls hold the GIL
     for up to a second each, which the event loop would need several times
     over to get to _exit_during_load (a SIGTERM took 4.3 s on a busy CI
-    machine). The handler writes _exit_during_load's log line itself (main's
-    format) and exits 0."""
+    machine). The handler writes _exit_during_load's log line itself, in
+    _LOG_FORMAT (the native side puts the time in front), and exits 0.
+    Whether the native handler took the signals."""
     from .engine import native
 
-    line = f" INFO {_LOG.name}: {_STOPPED_WHILE_LOADING}\n" if _LOG.isEnabledFor(logging.INFO) else ""
-    native.exit_at_signals(signals, line)
+    line = ""
+    if _LOG.isEnabledFor(logging.INFO):
+        record = _LOG.makeRecord(_LOG.name, logging.INFO, __file__, 0, _STOPPED_WHILE_LOADING, (), None)
+        line = logging.Formatter(_LOG_FORMAT.removeprefix("%(asctime)s")).format(record) + "\n"
+    return native.exit_at_signals(signals, line)
 
 
 def _exit_during_load() -> None:
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=_LOG_FORMAT,
         stream=sys.stderr,
     )
     from .observability import ObservabilityError

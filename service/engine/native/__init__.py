@@ -149,9 +149,9 @@ def exit_at_signals(signals: Sequence[int], line: str) -> bool:
     lib = _library()
     if lib is None:
         return False
-    numbers = (ctypes.c_int * len(signals))(*signals)
-    if lib.qwen_exit_at_signals(numbers, len(signals), line.encode(), time.localtime().tm_gmtoff):
-        raise ValueError(f"cannot exit at signals {list(signals)} with a line of {len(line.encode())} bytes")
+    numbers, text = (ctypes.c_int * len(signals))(*signals), line.encode()
+    if lib.qwen_exit_at_signals(numbers, len(signals), text, time.localtime().tm_gmtoff):
+        raise ValueError(f"cannot exit at signals {list(signals)} with a line of {len(text)} bytes")
     return True
 
 

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         "instead if a start-up probe finds it clearly faster on this CPU); "
         "int5 (5-bit weights with a scale per 32 inputs, GGUF Q5_0's rounding, int8 activations with one scale per "
         "token; the attention projections and the embedding table int8; batch-invariant; 21 % less memory than int8; "
-        "on an AVX2 CPU faster from two rows on, a prefill in ~0.75x the time; perplexity +0.5-0.9 % of bf16; "
+        "on an AVX2 CPU faster from two rows on, a prefill in ~0.75x the time; perplexity +0.7-1.1 % of bf16; "
         "needs the AVX2 kernels); "
         "int8 (int8 weights per output channel, int8 activations with one scale per token, so a request's output "
         "does not depend on the rest of the batch; perplexity within 3 % of bf16); int8-weight-only (int8 weights, --dtype activations); "

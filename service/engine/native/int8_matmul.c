@@ -682,11 +682,6 @@ static inline __attribute__((always_inline)) AVX512_VNNI __m512i int5_pair_codes
     return _mm512_or_si512(_mm512_and_si512(low, low_nibble), _mm512_and_si512(top, fifth_bit));
 }
 
-/* Weight row 2p + 1's half of a pair's register. */
-static inline __attribute__((always_inline)) AVX512_VNNI __m256 upper_row(__m512 pair) {
-    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pair), 1));
-}
-
 /* sum256 of each of the 16 8-lane halves of four rows' accumulators
  * (acc[r][p]: [weight row 2p's 8 lanes | 2p + 1's]) at once, the same
  * additions in the same order: lane l + lane l + 4, then 0 + 2 and 1 + 3
@@ -798,25 +793,27 @@ AVX512_VNNI static void int5_many_rows_vnni(const int8_t *a, const __m256i *offs
             int5_superblock_rows_vnni(a, offsets, rows, superblocks, s, first, g, code, scale, acc);
         first += g;
     }
-    /* Four rows' 16 outputs at once (sum16_of_8), then the rows left one at a time. */
+    /* Four rows' 16 outputs at once (sum16_of_8); the last 1-3 rows with zero rows beside them. */
     const __m512 tile_bias = bias ? _mm512_broadcast_f32x4(_mm_loadu_ps(bias)) : _mm512_setzero_ps();
     const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        const __m512 scales =
-            _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(_mm_loadu_ps(row_scale + i)));
-        __m512 value = _mm512_mul_ps(sum16_of_8(acc + i), scales);
+    for (int64_t i = 0; i < rows; i += 4) {
+        const int count = rows - i < 4 ? (int)(rows - i) : 4;
+        __m512 last[4][INT5_PAIRS];
+        const __m512(*four)[INT5_PAIRS] = acc + i;
+        if (count < 4) {
+            for (int r = 0; r < 4; ++r)
+                for (int p = 0; p < INT5_PAIRS; ++p) last[r][p] = r < count ? acc[i + r][p] : _mm512_setzero_ps();
+            four = last;
+        }
+        const __m128 row_scales = _mm_maskz_loadu_ps((__mmask8)((1 << count) - 1), row_scale + i);
+        const __m512 scales = _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(row_scales));
+        __m512 value = _mm512_mul_ps(sum16_of_8(four), scales);
         if (bias) value = _mm512_add_ps(value, tile_bias);
         _mm_storeu_ps(out + i * n, _mm512_castps512_ps128(value));
-        _mm_storeu_ps(out + (i + 1) * n, _mm512_extractf32x4_ps(value, 1));
-        _mm_storeu_ps(out + (i + 2) * n, _mm512_extractf32x4_ps(value, 2));
-        _mm_storeu_ps(out + (i + 3) * n, _mm512_extractf32x4_ps(value, 3));
+        if (count > 1) _mm_storeu_ps(out + (i + 1) * n, _mm512_extractf32x4_ps(value, 1));
+        if (count > 2) _mm_storeu_ps(out + (i + 2) * n, _mm512_extractf32x4_ps(value, 2));
+        if (count > 3) _mm_storeu_ps(out + (i + 3) * n, _mm512_extractf32x4_ps(value, 3));
     }
-    for (; i < rows; ++i)
-        for (int p = 0; p < INT5_PAIRS; ++p) {
-            out[i * n + 2 * p] = int5_output(_mm512_castps512_ps256(acc[i][p]), row_scale[i], bias, 2 * p);
-            out[i * n + 2 * p + 1] = int5_output(upper_row(acc[i][p]), row_scale[i], bias, 2 * p + 1);
-        }
 }
 
 /* 32 floats divided by scale, rounded half to even (rintf) and stored as int8, in order. */

@@ -457,7 +457,8 @@ def build() -> dict:
                 "(qwen_engine_info). --quantization auto is decided per node, so one deployment may mix them; native "
                 "layers false is the torch path, several times slower on x86-64 (the image's native build did not "
                 "load) and the only path on ARM64; kernels avx512-vnni run prompts and batches about 1.5x faster "
-                "than avx2 (nodes of mixed CPU generations serve at different speeds).",
+                "than avx2, avx512-amx prompts ~1.1x faster again (nodes of mixed CPU generations serve at "
+                "different speeds).",
                 "short",
                 [
                     query(

@@ -441,7 +441,7 @@ class ModelRunner:
     @property
     def kernels(self) -> str:
         """What the Linears' products run on: the native kernels' instruction
-        set (avx512-vnni, avx2), or torch."""
+        set (avx512-amx, avx512-vnni, avx2), or torch."""
         if self.quantization in ("int8", "int5") and native.available():
             return native.instruction_set()
         return "torch"

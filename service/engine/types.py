@@ -258,7 +258,7 @@ class EngineSetup:
     requested_quantization: str  # --quantization as given, e.g. auto
     native_layers: bool  # the decoder layers in one native call per pass (the fast CPU path)
     kv_cache_dtype: str  # float32, bfloat16, ...
-    kernels: str  # what the products run on: avx512-vnni, avx2 (the native kernels) or torch
+    kernels: str  # what the products run on: avx512-amx, avx512-vnni, avx2 (the native kernels) or torch
 
 
 @dataclasses.dataclass(frozen=True)

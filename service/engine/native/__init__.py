@@ -1,5 +1,5 @@
-"""The engine's own CPU kernels on AVX2, and AVX512-VNNI where the CPU has it
-(int8_matmul.c): the int8 and int5 Linears, and the decoder stack of a
+"""The engine's own CPU kernels on AVX2, and AVX512-VNNI and AMX where the CPU
+has them (int8_matmul.c): the int8 and int5 Linears, and the decoder stack of a
 forward pass in one call (DecoderStack); and an exit at SIGTERM that needs
 no GIL, for the model's load (exit_at_signals).
 
@@ -94,6 +94,9 @@ def _load(library: pathlib.Path, source: pathlib.Path) -> ctypes.CDLL | None:
     lib.qwen_set_vnni.argtypes = [ctypes.c_int]
     lib.qwen_set_vnni.restype = ctypes.c_int
     lib.qwen_uses_vnni.restype = ctypes.c_int
+    lib.qwen_set_amx.argtypes = [ctypes.c_int]
+    lib.qwen_set_amx.restype = ctypes.c_int
+    lib.qwen_uses_amx.restype = ctypes.c_int
     function = lib.qwen_forward
     function.argtypes = [
         ctypes.POINTER(_Model),
@@ -130,13 +133,24 @@ def use_vnni(wanted: bool = True) -> bool:
     return lib is not None and bool(lib.qwen_set_vnni(int(wanted)))
 
 
+def use_amx(wanted: bool = True) -> bool:
+    """Let int8 products of 16 rows or more run on the AMX tile kernel (the
+    default where the CPU and the OS have AMX, while the VNNI kernels are
+    used) or keep them on VNNI; returns whether they do. The same bits
+    either way; not for a running engine (as use_vnni)."""
+    lib = _library()
+    return lib is not None and bool(lib.qwen_set_amx(int(wanted)))
+
+
 def instruction_set() -> str:
-    """What the int8 and int5 products run on: "avx512-vnni" (products of
-    several rows: int8 from 2, int5 from 5; fewer stay on AVX2, bound by
-    reading the weights), "avx2", or "none" (no native kernels: torch's)."""
+    """What the int8 and int5 products run on: "avx512-amx" (as
+    avx512-vnni, and int8 products of 16 rows or more on AMX tiles),
+    "avx512-vnni", "avx2", or "none" (no native kernels: torch's)."""
     lib = _library()
     if lib is None:
         return "none"
+    if lib.qwen_uses_amx():
+        return "avx512-amx"
     return "avx512-vnni" if lib.qwen_uses_vnni() else "avx2"
 
 

@@ -17,6 +17,7 @@
  * Threads share torch's OpenMP runtime (the same libgomp.so.1 is already
  * loaded in the process).
  */
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -24,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -313,12 +315,224 @@ AVX512_VNNI static void int8_many_rows_vnni(const uint8_t *a, int64_t rows, cons
     }
 }
 
+/* ---- int8 on AMX ----
+ *
+ * Where the CPU has AMX (Sapphire Rapids and later) a tile instruction
+ * multiplies 16 x 64 signed bytes by 64 x 16 into 16 x 16 int32 sums: 16384
+ * products, about as many per cycle as 16 vpdpbusd (a loop of them reached
+ * 3.6 T products/s on one core here, one of vpdpbusd 0.18 T). An int8
+ * Linear has one scale per weight row, so a tile's sums stay in the tile
+ * over all k and are scaled once. The weight rows are tile A as they are
+ * stored (16 rows, k bytes apart); the activations, quantized to int8 as
+ * for the other kernels (signed: tdpbssd), are tile B, laid out as tiles
+ * take it: per 16-row block, 4 inputs of 16 rows a line. The sums are the
+ * same integers as torch._int_mm's; each output is then scaled with the same
+ * float operations as tile() (product of the two scales, times the sum,
+ * plus the bias): bit for bit the other kernels' results.
+ *
+ * (An int5 kernel on AMX was measured too and not taken: bench/README.md.) */
+#define AMX __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,amx-tile,amx-int8")))
+/* Activation rows and weight rows of a tile product. */
+#define AMX_ROWS 16
+/* From this many rows an int8 product takes AMX (where the CPU has it),
+ * with k a multiple of 64 and n of 16. */
+#define AMX_MIN_ROWS 16
+
+static int amx_usable, amx;
+
+/* Linux hands AMX's 8 KB of tile registers to a process only on request. */
+__attribute__((constructor)) static void detect_amx(void) {
+    unsigned eax, ebx, ecx, edx;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512dq") || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+        return;
+    const unsigned amx_tile = 1u << 24, amx_int8 = 1u << 25;
+    const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    amx_usable = (edx & amx_tile) && (edx & amx_int8) &&
+                 syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+    amx = amx_usable;
+}
+
+/* Use the AMX kernel if `wanted` and the CPU and OS have it; returns whether it is used. */
+int qwen_set_amx(int wanted) {
+    amx = wanted && amx_usable;
+    return amx;
+}
+
+/* AMX takes products only while the VNNI kernels do (qwen_set_vnni(0) keeps every product on AVX2). */
+int qwen_uses_amx(void) { return amx && vnni; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} amx_tile_config;
+
+/* Tiles 0, 1: sums of two row blocks (16 x 16 int32); 2: 16 weight rows'
+ * 64 bytes; 3, 4: the two row blocks' 64 inputs (16 lines of 16 rows x 4). */
+AMX static void amx_configure(void) {
+    amx_tile_config config = {.palette = 1};
+    for (int t = 0; t < 5; ++t) {
+        config.rows[t] = AMX_ROWS;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Tile loads and stores as GCC's intrinsics, but naming the memory they read
+ * or write (the intrinsics' asm names none), so the compiler orders them
+ * with the C code around them. */
+#define TILE_LOAD(T, base, stride, bytes)                                              \
+    __asm__ volatile("tileloadd (%1,%2,1), %%tmm" #T                                 \
+                     :                                                               \
+                     : "m"(*(const int8_t(*)[bytes])(const void *)(base)), "r"(base), \
+                       "r"((long)(stride)))
+#define TILE_STORE(T, base)                                                             \
+    __asm__ volatile("tilestored %%tmm" #T ", (%1,%2,1)"                               \
+                     : "=m"(*(int32_t(*)[256])(void *)(base))                          \
+                     : "r"(base), "r"((long)64))
+
+/* Bytes of the activations in tile layout: rows padded to whole blocks. */
+static inline int64_t amx_activation_bytes(int64_t m, int64_t k) {
+    return (m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * k;
+}
+
+/* Row i of the activations quantized as quantize_row does, as int8, into
+ * the tile layout: its 4 inputs from 4q at line q of its row block. */
+static void quantize_row_amx(const float *x, int64_t k, int8_t *blocks, int64_t i, float *scale) {
+    const float row_scale = row_quantization_scale(x, k);
+    int8_t *row = blocks + i / AMX_ROWS * AMX_ROWS * k + i % AMX_ROWS * 4;
+    for (int64_t t = 0; t < k; t += 64) {
+        int8_t quantized[64];
+        for (int u = 0; u < 64; ++u) quantized[u] = (int8_t)rintf(x[t + u] / row_scale);
+        for (int q = 0; q < 16; ++q) memcpy(row + (t / 4 + q) * 64, quantized + 4 * q, 4);
+    }
+    *scale = row_scale;
+}
+
+/* r[j] holds the 16 values of item j; afterwards r[i] holds value i of items 0..15. */
+static inline __attribute__((always_inline)) AMX void transpose16x16_ps(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    /* u[4g + e] holds, in each 128-bit lane L, value 4L + e of items 4g..4g+3 */
+    for (int e = 0; e < 4; ++e) {
+        const __m512 lo01 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88), hi01 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+        const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+        const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+        r[e] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+        r[8 + e] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+        r[4 + e] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+        r[12 + e] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+    }
+}
+
+/* A tile's stored sums (16 weight rows x 16 activation rows) scaled as in
+ * tile() and stored to the first `rows` rows of out. */
+static inline __attribute__((always_inline)) AMX void int8_amx_outputs(const int32_t *sums, int rows, float *out,
+                                                                       int64_t n, const float *row_scale,
+                                                                       const float *weight_scale, const float *bias) {
+    const __m512 row_scales = _mm512_maskz_loadu_ps((__mmask16)((1u << rows) - 1), row_scale);
+    __m512 value[16];
+    for (int j = 0; j < 16; ++j) {
+        /* torch: _int_mm(...).float() * (row_scale * weight_scale) + bias */
+        value[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + 16 * j)),
+                                 _mm512_mul_ps(row_scales, _mm512_set1_ps(weight_scale[j])));
+        if (bias) value[j] = _mm512_add_ps(value[j], _mm512_set1_ps(bias[j]));
+    }
+    transpose16x16_ps(value);
+    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(out + r * n, value[r]);
+}
+
+/* int8_product on AMX (m >= AMX_MIN_ROWS, k % 64 == 0, n % 16 == 0): rows
+ * quantized into `activations` (amx_activation_bytes), row_scale padded to
+ * whole blocks. Threads split the weight rows; each tile of 16 weight rows
+ * takes the row blocks two at a time, sharing its weight loads. */
+AMX static void int8_product_amx(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
+                                 const float *bias, int64_t n, float *out, int8_t *activations, float *row_scale) {
+    const int threads = omp_get_num_threads();
+    const int64_t blocks = (m + AMX_ROWS - 1) / AMX_ROWS, tiles = n / AMX_ROWS, block_bytes = AMX_ROWS * k;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < blocks * AMX_ROWS; ++i) {
+        if (i < m) {
+            quantize_row_amx(x + i * k, k, activations, i, row_scale + i);
+        } else {
+            int8_t *row = activations + i / AMX_ROWS * block_bytes + i % AMX_ROWS * 4;
+            for (int64_t q = 0; q < k / 4; ++q) memset(row + q * 64, 0, 4);
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t part = 0; part < threads; ++part) {
+        int32_t sums[2][256] __attribute__((aligned(64)));
+        amx_configure();
+        for (int64_t tile = tiles * part / threads; tile < tiles * (part + 1) / threads; ++tile) {
+            const int64_t n0 = tile * AMX_ROWS;
+            const int8_t *weights = w + n0 * k;
+            for (int64_t block = 0; block < blocks; block += 2) {
+                const int pair = block + 1 < blocks;
+                const int8_t *a0 = activations + block * block_bytes, *a1 = a0 + block_bytes;
+                _tile_zero(0);
+                _tile_zero(1);
+                if (pair) {
+                    for (int64_t t = 0; t < k; t += 64) {
+                        TILE_LOAD(2, weights + t, k, 64 * AMX_ROWS); /* 64 bytes of each of 16 rows */
+                        TILE_LOAD(3, a0 + t * AMX_ROWS, 64, 1024);
+                        _tile_dpbssd(0, 2, 3);
+                        TILE_LOAD(4, a1 + t * AMX_ROWS, 64, 1024);
+                        _tile_dpbssd(1, 2, 4);
+                    }
+                } else {
+                    /* One block: its even and odd 64 inputs into two tiles, two chains of
+                     * products instead of one (0.6x the time at 16 rows), added at the end. */
+                    for (int64_t t = 0; t < k; t += 64) {
+                        TILE_LOAD(2, weights + t, k, 64 * AMX_ROWS);
+                        TILE_LOAD(3, a0 + t * AMX_ROWS, 64, 1024);
+                        if (t / 64 % 2 == 0)
+                            _tile_dpbssd(0, 2, 3);
+                        else
+                            _tile_dpbssd(1, 2, 3);
+                    }
+                }
+                TILE_STORE(0, sums[0]);
+                TILE_STORE(1, sums[1]);
+                if (!pair)
+                    for (int j = 0; j < 16; ++j)
+                        _mm512_storeu_si512(sums[0] + 16 * j, _mm512_add_epi32(_mm512_loadu_si512(sums[0] + 16 * j),
+                                                                              _mm512_loadu_si512(sums[1] + 16 * j)));
+                for (int half = 0; half <= pair; ++half) {
+                    const int64_t row0 = (block + half) * AMX_ROWS;
+                    const int rows = m - row0 < AMX_ROWS ? (int)(m - row0) : AMX_ROWS;
+                    int8_amx_outputs(sums[half], rows, out + row0 * n + n0, n, row_scale + row0, weight_scale + n0,
+                                     bias ? bias + n0 : NULL);
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+
 /* x: [m, k] float32; w: [n, k] int8; weight_scale: [n]; bias: [n] or NULL;
  * out: [m, n] float32; quantized: m * k, row_scale: m, scratch. Work-shared
  * by the threads of the enclosing parallel region (one thread outside one):
  * every thread of the team must call it. */
 static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
                          const float *bias, int64_t n, float *out, int16_t *quantized, float *row_scale) {
+    /* m >= 16 rows: m * k int16 hold the padded blocks' bytes */
+    if (qwen_uses_amx() && m >= AMX_MIN_ROWS && k % 64 == 0 && n % AMX_ROWS == 0) {
+        int8_product_amx(x, m, k, w, weight_scale, bias, n, out, (int8_t *)quantized, row_scale);
+        return;
+    }
     const int threads = omp_get_num_threads();
     const int64_t tiles = (n + COLS - 1) / COLS, row_blocks = row_block_count(m);
     /* The VNNI kernel's activations are bytes: `quantized` (2 bytes a value) holds them. */

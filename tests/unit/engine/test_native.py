@@ -30,6 +30,9 @@ needs_kernel = pytest.mark.skipif(not native.available(), reason="no AVX2 kernel
 # What the VNNI kernels are compiled for (int8_matmul.c: AVX512_VNNI), as /proc/cpuinfo names it.
 CPU_HAS_VNNI = native.cpu_has_avx2() and {"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= cpu_flags()
 needs_vnni = pytest.mark.skipif(not (native.available() and CPU_HAS_VNNI), reason="no AVX512-VNNI on this CPU")
+# AMX's tile registers and int8 tile products (Linux grants them to any process that asks).
+CPU_HAS_AMX = CPU_HAS_VNNI and {"avx512dq", "amx_tile", "amx_int8"} <= cpu_flags()
+needs_amx = pytest.mark.skipif(not (native.available() and CPU_HAS_AMX), reason="no AMX on this CPU")
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 with AVX2 and a C compiler")
@@ -266,11 +269,22 @@ def test_int5_refuses_operands_it_cannot_multiply():
 def test_the_vnni_kernels_run_exactly_where_the_cpu_has_them():
     try:
         assert native.use_vnni(True) is CPU_HAS_VNNI
-        assert native.instruction_set() == ("avx512-vnni" if CPU_HAS_VNNI else "avx2")
+        assert native.instruction_set() == ("avx512-amx" if CPU_HAS_AMX else "avx512-vnni" if CPU_HAS_VNNI else "avx2")
         assert native.use_vnni(False) is False
-        assert native.instruction_set() == "avx2"
+        assert native.instruction_set() == "avx2"  # AMX too goes with VNNI off
     finally:
         native.use_vnni(True)
+
+
+@needs_kernel
+def test_the_amx_kernel_runs_exactly_where_the_cpu_has_it():
+    try:
+        assert native.use_amx(True) is CPU_HAS_AMX
+        assert native.instruction_set() == ("avx512-amx" if CPU_HAS_AMX else "avx512-vnni" if CPU_HAS_VNNI else "avx2")
+        assert native.use_amx(False) is False
+        assert native.instruction_set() == ("avx512-vnni" if CPU_HAS_VNNI else "avx2")
+    finally:
+        native.use_amx(True)
 
 
 def _on_avx2_and_on_vnni(product) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,9 +292,11 @@ def _on_avx2_and_on_vnni(product) -> tuple[torch.Tensor, torch.Tensor]:
         native.use_vnni(False)
         avx2 = product()
         assert native.use_vnni(True)
+        native.use_amx(False)
         return avx2, product()
     finally:
         native.use_vnni(True)
+        native.use_amx(True)
 
 
 @needs_vnni
@@ -293,6 +309,26 @@ def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
     x = _inputs(rows, depth, seed=depth + rows)
     avx2, vnni = _on_avx2_and_on_vnni(lambda: native.int5_linear(x, nibbles, fifth, scales, bias))
     assert torch.equal(vnni, avx2)
+
+
+@needs_amx
+@pytest.mark.parametrize("depth", [64, 896, 4864, 96])  # 96: not a multiple of 64, stays on VNNI
+@pytest.mark.parametrize("rows", [15, 16, 17, 32, 33, 130])  # 15: fewer than a tile's rows, stays on VNNI
+@pytest.mark.parametrize("outputs", [32, 1152, 36])  # 36: not a multiple of 16, stays on VNNI
+def test_int8_on_amx_gives_the_vnni_bits(depth, rows, outputs):
+    # Two row blocks share each weight tile, one alone splits its inputs over two tiles (17, 33, 130
+    # rows end with a block alone, padded); every output then takes the 16 x 16 transposition.
+    layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=rows % 2 == 1))
+    x = _inputs(rows, depth, seed=depth + rows)
+    try:
+        native.use_amx(False)
+        vnni = native.int8_linear(x, layer.weight, layer.float_scale, layer.bias)
+        assert native.use_amx(True)
+        amx = native.int8_linear(x, layer.weight, layer.float_scale, layer.bias)
+    finally:
+        native.use_amx(True)
+    assert torch.equal(amx, vnni)
+    assert torch.equal(amx, layer.torch_forward(x))
 
 
 @needs_vnni

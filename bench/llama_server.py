@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.config import default_cache_dir  # noqa: E402
+from service.engine.cpu import cpu_flags  # noqa: E402
 
 LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 CMAKE_FLAGS = [
@@ -38,8 +39,46 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_NATIVE=ON",
 ]
+# On a CPU with AMX, -march=native builds ggml's AMX backend, and this llama.cpp's
+# llama-server then dies of a segmentation fault in ggml_backend_amx_mul_mat at the
+# first forward pass of this Q4_K_M model (2026-12-03, Intel Xeon with AMX-INT8). There
+# it is built for the CPU's other instruction sets, named one by one (-march=native
+# without AMX); everywhere else natively.
+NATIVE_WITHOUT_AMX = {  # /proc/cpuinfo flag: ggml's option
+    "sse4_2": "GGML_SSE42",
+    "f16c": "GGML_F16C",
+    "fma": "GGML_FMA",
+    "bmi2": "GGML_BMI2",
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512bw": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+
+
+def _without_amx() -> bool:
+    return "amx_int8" in cpu_flags()
+
+
+def cmake_flags() -> list[str]:
+    if not _without_amx():
+        return [*CMAKE_FLAGS, "-DGGML_NATIVE=ON"]
+    flags = cpu_flags()
+    return [
+        *CMAKE_FLAGS,
+        "-DGGML_NATIVE=OFF",
+        *(f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in NATIVE_WITHOUT_AMX.items()),
+    ]
+
+
+def _variant() -> str:
+    """Names the build directory and the cached binary: a native build and one
+    without AMX never stand in for each other."""
+    return "-no-amx" if _without_amx() else ""
 
 
 def llama_cache_dir() -> pathlib.Path:
@@ -47,11 +86,11 @@ def llama_cache_dir() -> pathlib.Path:
 
 
 def cached_binary() -> pathlib.Path:
-    return llama_cache_dir() / "bin" / "llama-server"
+    return llama_cache_dir() / "bin" / f"llama-server{_variant()}"
 
 
 def _build_dirs() -> list[pathlib.Path]:
-    return sorted(llama_cache_dir().glob("llama_cpp_python-*/vendor/llama.cpp/build"))
+    return sorted(llama_cache_dir().glob(f"llama_cpp_python-*/vendor/llama.cpp/build{_variant()}"))
 
 
 def _works(binary: pathlib.Path) -> bool:
@@ -89,7 +128,7 @@ def _install(binary: pathlib.Path) -> pathlib.Path:
     tmp = target.with_suffix(".tmp")
     shutil.copy2(binary, tmp)
     os.replace(tmp, target)
-    (target.parent / "llama-server.source").write_text(str(binary) + "\n")
+    (target.parent / f"{target.name}.source").write_text(str(binary) + "\n")
     return target
 
 
@@ -152,8 +191,8 @@ def build_binary(jobs: int | None = None) -> pathlib.Path:
             with tarfile.open(sdist) as tar:
                 tar.extractall(cache, filter="data")
         llama_cpp = source / "vendor" / "llama.cpp"
-        build = llama_cpp / "build"
-        _run(["cmake", "-S", str(llama_cpp), "-B", str(build), *CMAKE_FLAGS], cache / "cmake.log")
+        build = llama_cpp / f"build{_variant()}"
+        _run(["cmake", "-S", str(llama_cpp), "-B", str(build), *cmake_flags()], cache / "cmake.log")
         jobs = jobs or len(os.sched_getaffinity(0))
         _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)], cache / "build.log")
         binary = build / "bin" / "llama-server"

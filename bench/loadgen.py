@@ -959,7 +959,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     if preflight > args.noise_threshold:
         log(f"WARNING: the machine is not quiet: {preflight:.2f} cores busy elsewhere before the run")
     sides: list[Any] = [OursServer(args)]
-    llama_version = None
+    llama_version = llama_binary = None
     if args.compare_llamacpp:
         from bench import llama_server
 
@@ -970,7 +970,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             )
         if not args.gguf.is_file():
             raise SystemExit(f"GGUF missing at {args.gguf}: run `make model`")
-        llama_version = llama_server.version(binary)
+        llama_version, llama_binary = llama_server.version(binary), str(binary)
         sides.append(LlamaServer(args, binary))
         if args.target:
             log("note: --target server keeps running (idle) while llama-server is measured")
@@ -1051,6 +1051,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             "gguf": str(args.gguf) if args.compare_llamacpp else None,
             "llama_args": args.llama_args,
             "llama_server_version": llama_version,
+            "llama_server_binary": llama_binary,  # llama-server-no-amx: built without AMX (bench/llama_server.py)
             "noise_threshold_cores": args.noise_threshold,
             "alternations": args.alternations,
             "co_runner_mib": args.co_runner_mib if args.co_runner else None,

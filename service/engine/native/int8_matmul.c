@@ -319,8 +319,8 @@ AVX512_VNNI static void int8_many_rows_vnni(const uint8_t *a, int64_t rows, cons
  *
  * Where the CPU has AMX (Sapphire Rapids and later) a tile instruction
  * multiplies 16 x 64 signed bytes by 64 x 16 into 16 x 16 int32 sums: 16384
- * products, about as many per cycle as 16 vpdpbusd (a loop of them reached
- * 3.6 T products/s on one core here, one of vpdpbusd 0.18 T). An int8
+ * products (a loop of them reached 3.6 T products/s on one core of an Intel
+ * host, where the VNNI int8 kernel does ~0.17 T). An int8
  * Linear has one scale per weight row, so a tile's sums stay in the tile
  * over all k and are scaled once. The weight rows are tile A as they are
  * stored (16 rows, k bytes apart); the activations, quantized to int8 as
@@ -393,11 +393,6 @@ AMX static void amx_configure(void) {
                      : "=m"(*(int32_t(*)[256])(void *)(base))                          \
                      : "r"(base), "r"((long)64))
 
-/* Bytes of the activations in tile layout: rows padded to whole blocks. */
-static inline int64_t amx_activation_bytes(int64_t m, int64_t k) {
-    return (m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * k;
-}
-
 /* Row i of the activations quantized as quantize_row does, as int8, into
  * the tile layout: its 4 inputs from 4q at line q of its row block. */
 static void quantize_row_amx(const float *x, int64_t k, int8_t *blocks, int64_t i, float *scale) {
@@ -456,9 +451,10 @@ static inline __attribute__((always_inline)) AMX void int8_amx_outputs(const int
 }
 
 /* int8_product on AMX (m >= AMX_MIN_ROWS, k % 64 == 0, n % 16 == 0): rows
- * quantized into `activations` (amx_activation_bytes), row_scale padded to
- * whole blocks. Threads split the weight rows; each tile of 16 weight rows
- * takes the row blocks two at a time, sharing its weight loads. */
+ * quantized into `activations` (rows padded to whole blocks of 16, k bytes
+ * each: no more than the m * k int16 of int8_product's `quantized` from 16
+ * rows; the rows past m are zeros). Threads split the weight rows; each tile of 16
+ * weight rows takes the row blocks two at a time, sharing its weight loads. */
 AMX static void int8_product_amx(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
                                  const float *bias, int64_t n, float *out, int8_t *activations, float *row_scale) {
     const int threads = omp_get_num_threads();
@@ -494,7 +490,7 @@ AMX static void int8_product_amx(const float *x, int64_t m, int64_t k, const int
                     }
                 } else {
                     /* One block: its even and odd 64 inputs into two tiles, two chains of
-                     * products instead of one (0.6x the time at 16 rows), added at the end. */
+                     * products instead of one (~0.9x the time at 16 rows), added at the end. */
                     for (int64_t t = 0; t < k; t += 64) {
                         TILE_LOAD(2, weights + t, k, 64 * AMX_ROWS);
                         TILE_LOAD(3, a0 + t * AMX_ROWS, 64, 1024);
@@ -528,7 +524,6 @@ AMX static void int8_product_amx(const float *x, int64_t m, int64_t k, const int
  * every thread of the team must call it. */
 static void int8_product(const float *x, int64_t m, int64_t k, const int8_t *w, const float *weight_scale,
                          const float *bias, int64_t n, float *out, int16_t *quantized, float *row_scale) {
-    /* m >= 16 rows: m * k int16 hold the padded blocks' bytes */
     if (qwen_uses_amx() && m >= AMX_MIN_ROWS && k % 64 == 0 && n % AMX_ROWS == 0) {
         int8_product_amx(x, m, k, w, weight_scale, bias, n, out, (int8_t *)quantized, row_scale);
         return;

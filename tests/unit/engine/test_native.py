@@ -316,8 +316,9 @@ def test_int5_on_vnni_gives_the_avx2_bits(depth, rows, outputs):
 @pytest.mark.parametrize("rows", [15, 16, 17, 32, 33, 130])  # 15: fewer than a tile's rows, stays on VNNI
 @pytest.mark.parametrize("outputs", [32, 1152, 36])  # 36: not a multiple of 16, stays on VNNI
 def test_int8_on_amx_gives_the_vnni_bits(depth, rows, outputs):
-    # Two row blocks share each weight tile, one alone splits its inputs over two tiles (17, 33, 130
-    # rows end with a block alone, padded); every output then takes the 16 x 16 transposition.
+    # Two row blocks share each weight tile, one alone splits its inputs over two tiles (16, 33 and
+    # 130 rows end with a block alone; 17, 33 and 130 with a padded one); every output then takes
+    # the 16 x 16 transposition.
     layer = RowwiseInt8Linear(nn.Linear(depth, outputs, bias=rows % 2 == 1))
     x = _inputs(rows, depth, seed=depth + rows)
     try:

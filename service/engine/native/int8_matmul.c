@@ -203,7 +203,7 @@ static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *s
  * + vpmaddwd + an add) and with it AVX-512's 32 registers, the products
  * take the kernels marked AVX512_VNNI. The library is built
  * for AVX2, to load on any AVX2 CPU: only those functions are compiled for
- * AVX-512, and they run only where detect_vnni found it. Their integer sums
+ * AVX-512, and they run only where detect_vnni_and_amx found it. Their integer sums
  * are the same integers and their float operations the same, in the same
  * order: the results are bit for bit the AVX2 kernels'. */
 #define AVX512_VNNI __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
@@ -218,13 +218,18 @@ static void quantize_row(const float *x, int64_t k, int16_t *quantized, float *s
 /* Whether the products take the VNNI kernels: the CPU's answer at load,
  * unless qwen_set_vnni turned it off (to compare the two). */
 static int vnni_usable, vnni;
+/* The same for the AMX kernel (below). */
+static int amx_usable, amx;
+static int amx_granted(void);
 
-__attribute__((constructor)) static void detect_vnni(void) {
+__attribute__((constructor)) static void detect_vnni_and_amx(void) {
     __builtin_cpu_init();
     /* libgcc reports AVX-512 features only where the OS saves their registers. */
     vnni_usable = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
     vnni = vnni_usable;
+    amx_usable = vnni_usable && __builtin_cpu_supports("avx512dq") && amx_granted();
+    amx = amx_usable;
 }
 
 /* Use the VNNI kernels if `wanted` and the CPU has them; returns whether they are used. */
@@ -338,20 +343,14 @@ AVX512_VNNI static void int8_many_rows_vnni(const uint8_t *a, int64_t rows, cons
  * with k a multiple of 64 and n of 16. */
 #define AMX_MIN_ROWS 16
 
-static int amx_usable, amx;
-
-/* Linux hands AMX's 8 KB of tile registers to a process only on request. */
-__attribute__((constructor)) static void detect_amx(void) {
+/* Whether the CPU has AMX-TILE and AMX-INT8 and Linux grants the process
+ * their 8 KB of tile registers (handed out only on request). */
+static int amx_granted(void) {
     unsigned eax, ebx, ecx, edx;
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512dq") || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
-        return;
     const unsigned amx_tile = 1u << 24, amx_int8 = 1u << 25;
     const long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
-    amx_usable = (edx & amx_tile) && (edx & amx_int8) &&
-                 syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
-    amx = amx_usable;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & amx_tile) && (edx & amx_int8) &&
+           syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
 }
 
 /* Use the AMX kernel if `wanted` and the CPU and OS have it; returns whether it is used. */
